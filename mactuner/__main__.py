@@ -1,0 +1,7 @@
+"""``python -m mactuner …``: see :mod:`mactuner.cli`."""
+
+import sys
+
+from mactuner.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``python -m mactuner`` command (see :mod:`mactuner.cli`)."""
