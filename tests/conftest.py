@@ -22,3 +22,40 @@ def mactuner_home(tmp_path, monkeypatch):
     home = tmp_path / "mactuner-home"
     monkeypatch.setenv("MACTUNER_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real default model, converted once into the shared model cache."""
+    from mactuner.models import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_path) -> Path:
+    """A tiny Llama (2 layers, hidden 64) with SmolLM2's real tokenizer and chat
+    template, saved as a local folder: fast unit tests of everything model-shaped."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
