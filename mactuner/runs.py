@@ -242,6 +242,18 @@ class MetricsTail:
         """Eval records, one per step, by step."""
         return [self._eval[s] for s in sorted(self._eval)]
 
+    def series(self, name: str, kind: str = "train") -> tuple[list[int], list[float]]:
+        """Steps and values of one metric (``loss``, ``lr``, ``val_loss`` with kind ``eval``…), where recorded."""
+        records = self.train if kind == "train" else self.eval
+        pairs = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def memory_series(self) -> tuple[list[float], list[float]]:
+        """Seconds since the first record and the run's memory then, in MiB."""
+        records = [r for r in self.train if isinstance(r.get("memory_bytes"), (int, float)) and "time" in r]
+        start = records[0]["time"] if records else 0.0
+        return [r["time"] - start for r in records], [r["memory_bytes"] / 2**20 for r in records]
+
 
 def eta_seconds(records: list[dict[str, Any]], total_steps: int | None, window: int = 20) -> float | None:
     """Seconds left, from the pace of the last ``window`` train records of the current session.
@@ -579,10 +591,12 @@ def delete_checkpoint(run: str | os.PathLike, step: int) -> None:
     info = get_run(run)
     if info.is_running:
         raise RunError(f"Run {info.id} is training; cancel it before deleting checkpoints.")
+    from mactuner.checkpoints import delete_checkpoint as delete_folder
+
     match = [c for c in checkpoints(info.path) if c.step == step]
     if not match:
         raise RunError(f"Run {info.id} has no checkpoint at step {step}.")
-    shutil.rmtree(match[0].path)
+    delete_folder(match[0].path)
 
 
 def resume_run(run: str | os.PathLike, *, force: bool = False) -> RunInfo:
