@@ -241,7 +241,12 @@ def memory_snapshot(device: str | torch.device, *, init: bool = True) -> MemoryS
 
 
 def memory_summary(snapshot: MemorySnapshot) -> dict[str, Any]:
-    """Bring any snapshot onto the original API's axes, in GB.
+    """:func:`memory_axes` in GB (the original API's unit)."""
+    return {name: to_gb(value) for name, value in memory_axes(snapshot).items()}
+
+
+def memory_axes(snapshot: MemorySnapshot) -> dict[str, int | None]:
+    """Bring any snapshot onto the original API's axes, in bytes.
 
     ``allocated``: this process's live memory (CPU: its RSS). ``reserved``: what
     this process's allocator holds (MPS: the driver's share). ``used``: the
@@ -278,7 +283,7 @@ def memory_summary(snapshot: MemorySnapshot) -> dict[str, Any]:
             "total": snapshot.system_total,
             "available": snapshot.system_available,
         }
-    return {name: to_gb(value) for name, value in values.items()}
+    return values
 
 
 def memory_json(device: str | torch.device, snapshot: MemorySnapshot) -> dict[str, Any]:
