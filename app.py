@@ -6,6 +6,7 @@ from pages.common import device_picker
 
 st.set_page_config(page_title="MacTuner", page_icon="🛠️", layout="wide")
 
+# one st.Page per page; the dashboard is the default ("/" and "/dashboard")
 pg = st.navigation(
     [
         st.Page("pages/dashboard.py", title="Dashboard", icon="📊", url_path="dashboard", default=True),

@@ -1,2 +1,95 @@
+"""Dashboard: the devices as cards, live memory over time, clear cache, health."""
+
+import time
+
+import pandas as pd
 import streamlit as st
+
+from mactuner.devices import DeviceInfo, dtype_name, format_bytes, get_optimal_dtype
+from mactuner.monitor import DeviceSample, memory_figure
+from pages.common import device_manager, memory_monitor, selected_device
+
+CHART_WINDOW_S = 600  # the chart shows the last ten minutes
+REFRESH_S = 1.0  # cards and chart redraw this often; the monitor samples on its own clock
+ICONS = {"cpu": "🧮", "cuda": "🟩", "mps": "🍎"}
+
 st.title("Dashboard")
+manager, monitor = device_manager(), memory_monitor()
+try:
+    device = selected_device()
+except RuntimeError as exc:
+    st.error(f"{exc} Pick another device in the sidebar.")
+    st.stop()
+st.caption(
+    f"This session computes on **{device}** in **{dtype_name(get_optimal_dtype(device))}**. "
+    "Choose another device in the sidebar."
+)
+
+
+def device_card(info: DeviceInfo, sample: DeviceSample | None, selected: bool) -> None:
+    """One bordered card: type, name, memory total/used/free, capability, status."""
+    with st.container(border=True):
+        badge = " · :green-badge[selected]" if selected else ""
+        st.markdown(f"**{ICONS.get(info.type, '')} {info.type.upper()}** `{info.key}`{badge}")
+        st.markdown(info.name)
+        if not info.is_available:
+            st.error(f"Unavailable: {info.reason}")
+            return
+        total = sample.total if sample else info.memory_total
+        left, middle, right = st.columns(3)
+        left.metric("Total", format_bytes(total))
+        middle.metric("Used", format_bytes(sample.used if sample else None))
+        right.metric("Free", format_bytes(sample.available if sample else None))
+        facts = [f"this app: {format_bytes(sample.allocated if sample else None)}"]
+        if info.compute_capability:
+            facts.append(f"compute capability {info.compute_capability}")
+        if info.type == "cpu":
+            facts.append(f"{info.details.get('logical_cores')} threads")
+        facts.append(f"dtype {dtype_name(get_optimal_dtype(info.key))}")
+        st.caption(" · ".join(facts))
+
+
+@st.fragment(run_every=REFRESH_S)
+def live_memory() -> None:
+    """Cards and chart, redrawn every second from the monitor's history (no new readings here)."""
+    devices = manager.get_available_devices()
+    for column, info in zip(st.columns(len(devices)), devices):
+        with column:
+            device_card(info, monitor.latest(info.key), info.key == str(device))
+    history = monitor.history(str(device), since=time.time() - CHART_WINDOW_S)
+    processes = {pid: rows for pid, rows in monitor.process_history().items() if rows[-1].time > time.time() - CHART_WINDOW_S}
+    st.plotly_chart(memory_figure(history, processes, title=f"Memory of {device} over time"), key="memory_chart")
+    st.caption(f"{len(history)} samples, one every {monitor.interval:g} s")
+    if monitor.last_error:
+        st.warning(f"The memory monitor could not read everything: {monitor.last_error}")
+
+
+live_memory()
+
+st.subheader("Cache")
+if st.button("Clear cache", key="clear_cache", help="Garbage-collect and give cached memory back to the system"):
+    try:
+        result = manager.clear_cache(device)
+    except Exception as exc:  # noqa: BLE001 - show any failure in plain words instead of a traceback
+        st.error(f"Could not clear the cache on {device}: {exc}")
+    else:
+        st.success(result.message)
+
+st.subheader("Health")
+again = st.button("Run the health check again", key="health_again")
+if again or "health_report" not in st.session_state:
+    with st.spinner("Testing each device with a small matrix product…"):
+        st.session_state["health_report"] = manager.health()
+report = st.session_state["health_report"]
+(st.success if report["status"] == "ok" else st.error)(
+    "All devices passed their test." if report["status"] == "ok" else "A device failed its test: see the advice below."
+)
+probes = pd.DataFrame(report["devices"]).drop(columns=["name"], errors="ignore")
+st.dataframe(probes, hide_index=True)
+for advice in report["advice"]:
+    st.warning(advice)
+with st.expander("Troubleshooting"):
+    for tip in report["tips"]:
+        st.markdown(f"- {tip}")
+with st.expander("Versions, backends and environment"):
+    st.json({key: report[key] for key in ("versions", "backends", "environment")}, expanded=True)
