@@ -1,0 +1,272 @@
+"""The device manager on three faked machines (CPU-only, two CUDA GPUs, an MPS
+Mac) and on the real CPU of the test machine."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from fake_hardware import GiB, cpu_only, mps_mac, two_cuda_gpus  # noqa: F401 - fixtures
+
+import mactuner.devices as devices
+from mactuner.devices import (
+    CpuMemory,
+    CudaMemory,
+    DeviceManager,
+    DeviceUnavailableError,
+    MpsMemory,
+    get_optimal_dtype,
+    memory_json,
+    resolve_device,
+)
+from mactuner.settings import remember_device
+
+DEVICE_INFO_KEYS = {
+    "type", "name", "is_available", "memory_total", "memory_allocated",
+    "memory_reserved", "compute_capability", "index",
+}  # fmt: skip
+
+
+def keys(found) -> list[str]:
+    return [info.key for info in found]
+
+
+# --------------------------------------------------------------------------- #
+# a CPU-only box
+# --------------------------------------------------------------------------- #
+
+
+def test_cpu_only_box(cpu_only):
+    manager = DeviceManager()
+    found = manager.get_available_devices()
+    assert keys(found) == ["cpu"]
+    cpu = found[0]
+    assert cpu.is_available and cpu.memory_total > 1 * GiB
+    assert cpu.details["logical_cores"] >= 1
+    # the real model name from /proc/cpuinfo, not a placeholder
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert cpu.details["cpu_name"] in cpuinfo
+    assert manager.auto_select_device() == torch.device("cpu")
+    assert manager.get_current_device() == torch.device("cpu")
+
+    data = cpu.to_json()
+    assert DEVICE_INFO_KEYS <= data.keys()
+    assert data["type"] == "cpu" and data["index"] is None and data["compute_capability"] is None
+    assert data["memory_total"] == round(cpu.memory_total / GiB, 2)
+    json.dumps(data)  # serialisable as is
+
+    with pytest.raises(DeviceUnavailableError, match=r"cuda:5 is not available.*Available: cpu"):
+        manager.select_device("cuda:5")
+    with pytest.raises(DeviceUnavailableError, match="mps is not available"):
+        manager.select_device("mps")
+    with pytest.raises(DeviceUnavailableError, match="Unknown device 'tpu'"):
+        manager.select_device("tpu")
+    # a refused selection leaves the current device alone
+    assert manager.get_current_device() == torch.device("cpu")
+
+
+def test_cpu_dtype_follows_the_cpu_capability(cpu_only, monkeypatch):
+    flags = Path("/proc/cpuinfo").read_text()
+    native = any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+    assert devices.cpu_supports_bfloat16() is native
+    assert get_optimal_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setattr(devices, "cpu_supports_bfloat16", lambda: False)
+    assert get_optimal_dtype("cpu") == torch.float32
+
+
+def test_bfloat16_detection_on_macos_uses_sysctl(monkeypatch):
+    # no /proc/cpuinfo on macOS: the Arm feature flag from sysctl decides
+    real_read_text = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self) == "/proc/cpuinfo":
+            raise FileNotFoundError(self)
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    devices.cpu_supports_bfloat16.cache_clear()
+    try:
+        monkeypatch.setattr(devices, "_sysctl", {"hw.optional.arm.FEAT_BF16": "1"}.get)
+        assert devices.cpu_supports_bfloat16() is True
+        devices.cpu_supports_bfloat16.cache_clear()
+        monkeypatch.setattr(devices, "_sysctl", {"hw.optional.arm.FEAT_BF16": "0"}.get)
+        assert devices.cpu_supports_bfloat16() is False
+    finally:
+        devices.cpu_supports_bfloat16.cache_clear()
+
+
+# --------------------------------------------------------------------------- #
+# two CUDA GPUs of different capability
+# --------------------------------------------------------------------------- #
+
+
+def test_two_cuda_gpus(two_cuda_gpus):
+    manager = DeviceManager()
+    found = manager.get_available_devices()
+    assert keys(found) == ["cuda:0", "cuda:1", "cpu"]
+    ampere, turing = found[0], found[1]
+    assert ampere.to_json() | {"details": None, "reason": None} == {
+        "type": "cuda",
+        "name": "NVIDIA RTX 3090 (ID: 0)",
+        "is_available": True,
+        "memory_total": 24.0,
+        "memory_allocated": None,
+        "memory_reserved": None,
+        "compute_capability": "8.6",
+        "index": 0,
+        "device": "cuda:0",
+        "details": None,
+        "reason": None,
+    }
+    assert turing.compute_capability == "7.5" and turing.to_json()["memory_total"] == 15.0
+
+    assert manager.auto_select_device() == torch.device("cuda:0")
+    assert get_optimal_dtype("cuda:0") == torch.bfloat16
+    assert get_optimal_dtype("cuda:1") == torch.float16
+    assert manager.select_device("cuda") == torch.device("cuda:0")
+    assert manager.select_device("cuda:1") == torch.device("cuda:1")
+    assert manager.get_optimal_dtype() == torch.float16  # the current device is cuda:1 now
+    with pytest.raises(DeviceUnavailableError) as refused:
+        manager.select_device("cuda:5")
+    message = str(refused.value)
+    assert "cuda:5" in message and "2 CUDA GPUs" in message and "cuda:0, cuda:1, cpu" in message
+    assert manager.get_current_device() == torch.device("cuda:1")
+    # the priority can be overridden
+    assert manager.auto_select_device(["cpu", "cuda"]) == torch.device("cpu")
+    assert DeviceManager(priority=("cpu",)).auto_select_device() == torch.device("cpu")
+
+
+def test_cuda_memory_is_device_wide_and_in_bytes(two_cuda_gpus):
+    snapshot = DeviceManager().get_device_memory_info("cuda:1")
+    assert snapshot == CudaMemory(allocated=2 * GiB, reserved=3 * GiB, used=5 * GiB, free=10 * GiB, total=15 * GiB)
+    data = memory_json("cuda:1", snapshot)
+    assert {k: data[k] for k in ("device", "allocated", "reserved", "total", "available")} == {
+        "device": "cuda:1",
+        "allocated": 2.0,
+        "reserved": 3.0,
+        "total": 15.0,
+        "available": 10.0,
+    }
+
+
+def test_monitoring_reads_never_create_a_cuda_context(two_cuda_gpus):
+    # without NVML, mem_get_info would create a context (~300 MB) on an unused GPU
+    snapshot = devices.memory_snapshot("cuda:0", init=False)
+    assert two_cuda_gpus["mem_get_info"] == []
+    assert snapshot.total == 24 * GiB and snapshot.used is None and snapshot.allocated == 2 * GiB
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a real GPU would pass the compute test")
+def test_health_finds_devices_that_cannot_compute(two_cuda_gpus):
+    # the fake GPUs answer queries but cannot run a matrix product: health must say so
+    report = DeviceManager().health()
+    by_device = {probe["device"]: probe for probe in report["devices"]}
+    assert report["status"] == "degraded"
+    assert not by_device["cuda:0"]["ok"] and by_device["cuda:0"]["error"]
+    assert by_device["cpu"]["ok"]
+    assert any("cuda:0 failed its test" in advice for advice in report["advice"])
+
+
+def test_remembered_device_is_the_default(two_cuda_gpus):
+    assert resolve_device(None) == torch.device("cuda:0")  # nothing remembered: priority order
+    remember_device("cuda:1")
+    assert resolve_device(None) == torch.device("cuda:1")
+    remember_device("cuda:5")  # a GPU that went away: fall back instead of failing
+    assert resolve_device(None) == torch.device("cuda:0")
+
+
+def test_start_up_log_matches_the_original(two_cuda_gpus, caplog):
+    caplog.set_level(logging.INFO, logger="mactuner.devices")
+    manager = DeviceManager()
+    manager.detect_devices()
+    manager.auto_select_device()
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == "Detecting system devices..."
+    assert "CUDA GPU detected: NVIDIA RTX 3090 (ID: 0) (24.0GB)" in lines
+    assert "CUDA GPU detected: NVIDIA T4 (ID: 1) (15.0GB)" in lines
+    assert any(line.startswith("CPU detected: ") for line in lines)
+    assert "3 devices detected" in lines
+    assert lines[-2:] == ["Auto-selecting the best device...", "Device selected: cuda:0"]
+
+
+# --------------------------------------------------------------------------- #
+# an MPS Mac
+# --------------------------------------------------------------------------- #
+
+
+def test_mps_mac(mps_mac):
+    manager = DeviceManager()
+    found = manager.get_available_devices()
+    assert keys(found) == ["mps", "cpu"]
+    mps = found[0]
+    assert mps.name == "Apple M2 Pro GPU (MPS)"
+    assert mps.memory_total == 16 * GiB  # the recommended working set, not the RAM
+    assert mps.to_json()["type"] == "mps" and mps.to_json()["index"] is None
+    assert manager.auto_select_device() == torch.device("mps")
+    assert get_optimal_dtype("mps") == torch.float16
+    with pytest.raises(DeviceUnavailableError, match=r"cuda:5 is not available.*Available: mps, cpu"):
+        manager.select_device("cuda:5")
+    assert manager.auto_select_device(["cuda", "cpu"]) == torch.device("cpu")
+
+
+def test_mps_memory_uses_unified_memory_honestly(mps_mac):
+    snapshot = DeviceManager().get_device_memory_info("mps")
+    assert isinstance(snapshot, MpsMemory)
+    assert snapshot.allocated == 1 * GiB and snapshot.driver_allocated == 3 * GiB
+    assert snapshot.recommended_max == 16 * GiB and snapshot.system_total > 0
+    data = memory_json("mps", snapshot)
+    assert data["total"] == 16.0 and data["allocated"] == 1.0 and data["reserved"] == 3.0
+    # free is what is left, never what is used (LLaMA-Factory's mix-up)
+    expected_free = min(snapshot.system_available, 13 * GiB)
+    assert data["available"] == round(expected_free / GiB, 2)
+
+
+# --------------------------------------------------------------------------- #
+# the real CPU: memory, moving, clearing, health
+# --------------------------------------------------------------------------- #
+
+
+def test_cpu_memory_snapshot_adds_up():
+    snapshot = devices.cpu_memory()
+    assert isinstance(snapshot, CpuMemory)
+    assert 0 < snapshot.process_rss < snapshot.system_total
+    assert snapshot.system_used + snapshot.system_available == snapshot.system_total
+
+
+def test_move_model_and_tensor_to_the_selected_device(cpu_only):
+    manager = DeviceManager()
+    manager.select_device("cpu")
+    model = manager.move_model_to_device(torch.nn.Linear(4, 2))
+    tensor = manager.move_tensor_to_device(torch.ones(3))
+    assert next(model.parameters()).device == torch.device("cpu") and tensor.device == torch.device("cpu")
+
+
+def test_clear_cache_reports_the_memory_it_freed():
+    # ~120 MB in small heap blocks kept alive only by a reference cycle: only a
+    # garbage collection frees them, and only trimming the heap returns them to the OS
+    blocks = [bytearray(64 * 1024) for _ in range(1900)]
+    holder = {"blocks": blocks}
+    holder["self"] = holder
+    del blocks, holder
+    result = DeviceManager().clear_cache("cpu")
+    assert result.collected_objects >= 1
+    assert result.freed >= 60 * 1024**2, result.message
+    assert result.after.process_rss < result.before.process_rss
+    data = result.to_json()
+    assert data["success"] is True and data["device"] == "cpu" and data["freed"] > 0.05
+    assert data["message"].startswith("Freed ")
+
+
+def test_health_on_this_machine():
+    report = DeviceManager().health()
+    assert report["status"] == "ok"
+    assert report["versions"]["torch"] == torch.__version__
+    cpu = next(probe for probe in report["devices"] if probe["device"] == "cpu")
+    assert cpu["ok"] and cpu["float32_ms"] > 0
+    assert cpu["dtype"] == devices.dtype_name(get_optimal_dtype("cpu"))
+    assert "PYTORCH_ENABLE_MPS_FALLBACK" in report["environment"]
+    assert any("gradient checkpointing" in tip for tip in report["tips"])
+    json.dumps(report)
