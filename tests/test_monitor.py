@@ -1,0 +1,148 @@
+"""The memory monitor: live sampling, bounded history, watched processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from fake_hardware import two_cuda_gpus  # noqa: F401 - fixture
+
+from mactuner.devices import DeviceManager
+from mactuner.monitor import MemoryMonitor, memory_figure
+
+MB = 1024**2
+
+
+def wait_until(condition, timeout=10.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return False
+
+
+@pytest.fixture
+def monitor():
+    monitor = MemoryMonitor(DeviceManager(), interval=0.05, maxlen=50)
+    yield monitor
+    monitor.stop()
+
+
+def test_samples_the_cpu_in_the_background(monitor):
+    monitor.start()
+    assert monitor.running
+    assert wait_until(lambda: len(monitor.history("cpu")) >= 5)
+    samples = monitor.history("cpu")
+    times = [s.time for s in samples]
+    assert times == sorted(times) and len(set(times)) == len(times)
+    latest = monitor.latest("cpu")
+    assert latest.device == "cpu"
+    assert latest.used + latest.available == latest.total
+    assert 0 < latest.allocated < latest.total  # this process's RSS
+    assert monitor.cpu_seconds > 0
+    since = samples[-2].time
+    assert monitor.history("cpu", since=since) == [s for s in monitor.history("cpu") if s.time > since]
+    monitor.stop()
+    assert not monitor.running
+    count = monitor.samples_taken
+    time.sleep(0.2)
+    assert monitor.samples_taken == count  # really stopped
+
+
+def test_history_is_bounded(monitor):
+    for _ in range(80):
+        monitor.sample_once()
+    assert len(monitor.history("cpu")) == 50
+    assert monitor.samples_taken == 80
+
+
+def test_reading_while_sampling_is_safe(monitor):
+    monitor.start()
+    errors = []
+
+    def read():
+        try:
+            for _ in range(300):
+                rows = monitor.history("cpu")
+                assert all(row.device == "cpu" for row in rows)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert errors == []
+
+
+def test_interval_is_checked_and_changeable(monitor):
+    with pytest.raises(ValueError, match="interval must be at least"):
+        MemoryMonitor(DeviceManager(), interval=0)
+    with pytest.raises(ValueError, match="maxlen must be at least 1"):
+        MemoryMonitor(DeviceManager(), maxlen=0)
+    monitor.interval = 0.5
+    assert monitor.interval == 0.5
+
+
+def test_watches_a_training_like_process_until_it_ends(monitor):
+    # a child that holds ~80 MB, then exits when told to
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; x = bytearray(80 * 1024**2); x[::4096] = b'1' * len(x[::4096]); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        monitor.watch_process(child.pid, "run-1")
+        assert monitor.watched() == {child.pid: "run-1"}
+        monitor.start()
+        assert wait_until(lambda: any((s.rss or 0) > 80 * MB for s in monitor.process_history(child.pid)[child.pid]))
+        child.stdin.close()
+        child.wait(timeout=10)
+        assert wait_until(lambda: not monitor.watched())
+        rows = monitor.process_history(child.pid)[child.pid]
+        assert rows[-1].alive is False and rows[-1].rss is None
+        assert all(row.label == "run-1" for row in rows)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_watch_and_unwatch(monitor):
+    with pytest.raises(ValueError, match="no process with id"):
+        monitor.watch_process(2**22 + 12345, "ghost")
+    import os
+
+    monitor.watch_process(os.getpid(), "me")
+    monitor.sample_once()
+    monitor.unwatch_process(os.getpid())
+    monitor.sample_once()
+    rows = monitor.process_history(os.getpid())[os.getpid()]
+    assert len(rows) == 1 and rows[0].alive and rows[0].rss > 0
+
+
+def test_samples_every_gpu_without_touching_it(two_cuda_gpus):
+    monitor = MemoryMonitor(DeviceManager(), interval=1.0)
+    assert monitor.devices == ["cuda:0", "cuda:1", "cpu"]
+    monitor.sample_once()
+    assert monitor.latest("cuda:1").total == 15 * 1024**3
+    assert monitor.latest("cuda:0").allocated == 2 * 1024**3
+    assert two_cuda_gpus["mem_get_info"] == []  # no CUDA context created for watching
+
+
+def test_memory_figure_has_a_line_per_series(monitor):
+    import os
+
+    monitor.watch_process(os.getpid(), "me")
+    for _ in range(3):
+        monitor.sample_once()
+    figure = memory_figure(monitor.history("cpu"), monitor.process_history(), title="Memory")
+    names = [trace.name for trace in figure.data]
+    assert names == ["device used", "this app", "total", "me (RAM)"]
+    assert all(len(trace.x) == 3 for trace in figure.data)
+    assert figure.layout.yaxis.title.text == "GB"
+    assert 0 < max(figure.data[0].y) < max(figure.data[2].y)
