@@ -1,0 +1,199 @@
+"""The chat engine: streaming, greedy equivalence, stop strings, adapters, memory release."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import psutil
+import pytest
+import torch
+
+from mactuner.chat import (
+    GenerationSettings,
+    chat,
+    encode_prompt,
+    generation_threads,
+    load_chat_model,
+    release_model,
+    stream_chat,
+)
+
+QUESTION = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def varied_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama re-initialised with larger weights: its greedy answers are
+    varied text (the default init repeats one newline), so comparisons mean something."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("varied-llama")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(varied_model_dir):
+    return load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(varied_model_dir, tmp_path_factory):
+    """A LoRA adapter made with peft directly, with non-zero B so it changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    folder = tmp_path_factory.mktemp("tiny-adapter")
+    model.save_pretrained(folder)
+    return folder
+
+
+def _generate_greedy(loaded, messages, max_new_tokens):
+    settings = GenerationSettings(temperature=0, max_new_tokens=max_new_tokens)
+    ids = encode_prompt(loaded, messages, settings)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=loaded.tokenizer.eos_token_id,
+        )
+    return loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_settings_validate_and_round_trip():
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.3, top_p=0.5, stop=["\n\n"], system_prompt="Be brief.")
+    assert GenerationSettings.from_dict(settings.to_dict()) == settings
+    assert GenerationSettings(stop="END").stop == ["END"]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationSettings(max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationSettings(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationSettings(top_p=0)
+    with pytest.raises(ValueError, match="stop"):
+        GenerationSettings(stop=[""])
+    with pytest.raises(ValueError, match="unknown"):
+        GenerationSettings.from_dict({"temprature": 1})
+
+
+def test_streaming_equals_greedy_generate(tiny):
+    stream = stream_chat(tiny, QUESTION, GenerationSettings(temperature=0, max_new_tokens=40))
+    pieces = list(stream)
+    assert len(pieces) > 1  # it really streamed
+    assert "".join(pieces) == stream.text == _generate_greedy(tiny, QUESTION, 40)
+    stats = stream.stats
+    assert stats.new_tokens == 40 and stats.finish_reason == "length"
+    assert stats.prompt_tokens > 5
+    assert 0 < stats.time_to_first_token <= stats.total_seconds
+    assert stats.tokens_per_second > 0
+
+
+def test_system_prompt_goes_first_in_the_template(tiny):
+    ids = encode_prompt(tiny, QUESTION, GenerationSettings(system_prompt="You speak like a pirate."))
+    text = tiny.tokenizer.decode(ids[0])
+    assert text.index("You speak like a pirate.") < text.index("Tell me about the sea.")
+    # without one, SmolLM2's template inserts its default system prompt, not ours
+    assert "pirate" not in tiny.tokenizer.decode(encode_prompt(tiny, QUESTION, GenerationSettings())[0])
+
+
+def test_stop_string_ends_the_answer_before_it(tiny):
+    full, _ = chat(tiny, QUESTION, GenerationSettings(temperature=0, max_new_tokens=40))
+    # a 3-character piece of the answer, past its start, without whitespace
+    start = next(i for i in range(len(full) // 3, len(full) - 3) if not any(c.isspace() for c in full[i : i + 3]))
+    stop = full[start : start + 3]
+    text, stats = chat(tiny, QUESTION, GenerationSettings(temperature=0, max_new_tokens=40, stop=[stop]))
+    assert text == full[: full.index(stop)]
+    assert stats.finish_reason == "stop" and stats.new_tokens < 40
+
+
+def test_sampling_varies_and_is_seeded(tiny):
+    settings = GenerationSettings(temperature=1.0, top_p=1.0, max_new_tokens=20)
+    torch.manual_seed(0)
+    a, _ = chat(tiny, QUESTION, settings)
+    torch.manual_seed(0)
+    b, _ = chat(tiny, QUESTION, settings)
+    c, _ = chat(tiny, QUESTION, settings)
+    assert a == b and a != c
+
+
+def test_close_cancels_generation(tiny):
+    stream = stream_chat(tiny, QUESTION, GenerationSettings(temperature=0, max_new_tokens=200))
+    next(stream)
+    stream.close()
+    assert stream.stats.finish_reason == "cancelled"
+    assert stream.stats.new_tokens < 200
+
+
+def test_adapter_changes_answers(varied_model_dir, tiny_adapter, tiny):
+    tuned = load_chat_model(str(varied_model_dir), tiny_adapter, device="cpu", dtype=torch.float32)
+    assert "+" in tuned.source
+    settings = GenerationSettings(temperature=0, max_new_tokens=20)
+    assert chat(tuned, QUESTION, settings)[0] != chat(tiny, QUESTION, settings)[0]
+
+
+def test_adapter_is_merged_with_the_same_logits(varied_model_dir, tiny_adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(tiny_adapter)).eval()
+    merged = load_chat_model(str(varied_model_dir), tiny_adapter, device="cpu", dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.inference_mode():
+        torch.testing.assert_close(merged.model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+    assert not any("lora" in name for name, _ in merged.model.named_parameters())
+
+
+def test_bad_adapter_folder_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_chat_model(adapter=tmp_path)
+
+
+def test_invalid_message_is_refused(tiny):
+    with pytest.raises(ValueError, match="role"):
+        stream_chat(tiny, [{"role": "robot", "content": "hi"}])
+
+
+def test_thread_count_can_be_fixed(monkeypatch):
+    monkeypatch.setenv("MACTUNER_CPU_THREADS", "1")
+    assert generation_threads(torch.device("cpu")) == 1
+    monkeypatch.delenv("MACTUNER_CPU_THREADS")
+    assert 1 <= generation_threads(torch.device("cpu")) <= torch.get_num_threads()
+    assert generation_threads(torch.device("meta")) is None
+
+
+@pytest.mark.slow
+def test_real_model_answers_and_streams(smollm2_path):
+    loaded = load_chat_model(device="cpu")
+    assert loaded.dtype in (torch.bfloat16, torch.float32)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    stream = stream_chat(loaded, question, GenerationSettings(temperature=0, max_new_tokens=30))
+    assert "Paris" in "".join(stream)
+    assert stream.stats.time_to_first_token < 5
+
+
+@pytest.mark.slow
+def test_release_returns_memory(smollm2_path):
+    process = psutil.Process()
+    loaded = load_chat_model(device="cpu")
+    chat(loaded, QUESTION, GenerationSettings(temperature=0, max_new_tokens=4))
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    assert weight_bytes > 250e6  # 135M parameters in bfloat16
+    model = weakref.ref(loaded.model)
+    loaded_rss = process.memory_info().rss
+    release_model(loaded)
+    del loaded
+    release_model()
+    assert model() is None
+    # the weights' memory really went back to the system, not just to the allocator
+    assert loaded_rss - process.memory_info().rss > 0.8 * weight_bytes
