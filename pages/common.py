@@ -10,9 +10,12 @@ under ``st.session_state["device"]``, so two tabs may compute on different devic
 from __future__ import annotations
 
 import logging
+import types
+from pathlib import Path
 
 import streamlit as st
 import torch
+from streamlit.runtime.pages_manager import PagesManager  # internal, for ensure_frame()
 
 from mactuner.devices import DeviceManager, DeviceUnavailableError, format_bytes, resolve_device
 from mactuner.monitor import MemoryMonitor
@@ -22,9 +25,61 @@ DEVICE_KEY = "device"  # st.session_state key holding the chosen device, e.g. "c
 MONITOR_INTERVAL = 1.0  # seconds between memory samples; ~0.1 % of one core (bench/monitor_overhead.py)
 
 
-@st.cache_resource(show_spinner="Detecting devices…")
+def ensure_frame() -> None:
+    """Make sure this script run goes through ``app.py`` (the frame with the device picker).
+
+    Streamlit still honours the old ``pages/`` folder convention until
+    ``app.py`` has called ``st.navigation`` once in the process: when the
+    first request of a fresh server opens a page by URL (``/dashboard``),
+    Streamlit runs ``pages/dashboard.py`` alone, without the frame. Here we
+    switch that off and rerun the same page, this time through ``app.py``; the
+    page is found again when its ``url_path`` is its file's name. Pages get
+    this by calling :func:`device_manager`, :func:`memory_monitor` or
+    :func:`selected_device`.
+    """
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+def _always_run_app_script() -> None:
+    # AppTest re-reads the pages/ folder before *every* run, so a rerun as in
+    # ensure_frame() would cost each button click; instead make Streamlit's
+    # pages-folder runner run app.py itself (which then routes with
+    # st.navigation). Idempotent; skipped if Streamlit's internals change.
+    from streamlit.runtime.scriptrunner import script_runner
+
+    legacy = getattr(script_runner, "_mpa_v1", None)
+    if legacy is None or getattr(legacy, "runs_app_script", False):
+        return
+
+    def run_app_script(main_script_path: str) -> None:
+        # as Streamlit runs a script: a fresh "__main__" module, not the process's
+        module = types.ModuleType("__main__")
+        module.__file__ = main_script_path
+        exec(compile(Path(main_script_path).read_bytes(), main_script_path, "exec"), module.__dict__)  # noqa: S102
+
+    run_app_script.runs_app_script = True
+    script_runner._mpa_v1 = run_app_script
+
+
+_always_run_app_script()
+
+
 def device_manager() -> DeviceManager:
     """The app-wide :class:`DeviceManager`; detection is logged at start-up, as the original did."""
+    ensure_frame()
+    return _device_manager()
+
+
+def memory_monitor() -> MemoryMonitor:
+    """The app-wide :class:`MemoryMonitor`, already sampling."""
+    ensure_frame()
+    return _memory_monitor()
+
+
+@st.cache_resource(show_spinner="Detecting devices…")
+def _device_manager() -> DeviceManager:
     logger = logging.getLogger("mactuner")
     if not logger.handlers:  # streamlit configures only its own loggers
         handler = logging.StreamHandler()
@@ -37,10 +92,9 @@ def device_manager() -> DeviceManager:
     return manager
 
 
-@st.cache_resource(show_spinner=False)
-def memory_monitor() -> MemoryMonitor:
-    """The app-wide :class:`MemoryMonitor`, already sampling."""
-    return MemoryMonitor(device_manager(), interval=MONITOR_INTERVAL).start()
+@st.cache_resource(show_spinner=False, on_release=MemoryMonitor.stop)
+def _memory_monitor() -> MemoryMonitor:
+    return MemoryMonitor(_device_manager(), interval=MONITOR_INTERVAL).start()
 
 
 def available_devices() -> list[str]:
@@ -63,6 +117,7 @@ def selected_device() -> torch.device:
     Raises:
         RuntimeError: the device stopped working; pages show the message with ``st.error``.
     """
+    ensure_frame()
     if not st.session_state.get(DEVICE_KEY):
         st.session_state[DEVICE_KEY] = default_device(available_devices())
     return resolve_device(st.session_state[DEVICE_KEY])
