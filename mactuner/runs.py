@@ -206,7 +206,6 @@ class MetricsTail:
         self._train: dict[int, dict[str, Any]] = {}
         self._eval: dict[int, dict[str, Any]] = {}
         self.info: list[dict[str, Any]] = []
-        self.train_session: list[dict[str, Any]] = []  # train records since the last (re)start, for the ETA
 
     def update(self) -> int:
         """Read what was appended since the last call; returns the number of new records."""
@@ -222,9 +221,6 @@ class MetricsTail:
             kind = record.get("type")
             step = record.get("step")
             if kind == "train" and isinstance(step, int):
-                if self.train_session and step <= self.train_session[-1]["step"]:
-                    self.train_session = []  # resumed from an earlier checkpoint
-                self.train_session.append(record)
                 self._train[step] = record
             elif kind == "eval" and isinstance(step, int):
                 self._eval[step] = record
@@ -255,12 +251,22 @@ class MetricsTail:
         return [r["time"] - start for r in records], [r["memory_bytes"] / 2**20 for r in records]
 
 
-def eta_seconds(records: list[dict[str, Any]], total_steps: int | None, window: int = 20) -> float | None:
-    """Seconds left, from the pace of the last ``window`` train records of the current session.
+def eta_seconds(
+    records: list[dict[str, Any]], total_steps: int | None, since: float | None = None, window: int = 20
+) -> float | None:
+    """Seconds left, from the pace of the last ``window`` train records.
 
-    Returns None while there are fewer than two records or no total.
+    Args:
+        records: train records, by step.
+        total_steps: the run's total; None gives None.
+        since: only records written after this time count (the run's latest
+            ``started_at``), so the pause before a resume is not taken for slowness.
+
+    Returns None while fewer than two records qualify.
     """
     recent = [r for r in records[-window:] if isinstance(r.get("time"), (int, float))]
+    if since is not None:
+        recent = [r for r in recent if r["time"] >= since]
     if not total_steps or len(recent) < 2:
         return None
     steps = recent[-1]["step"] - recent[0]["step"]
@@ -433,7 +439,9 @@ def list_runs() -> list[RunInfo]:
                 runs.append(get_run(path))
             except RunError:
                 continue
-    runs.sort(key=lambda r: (r.started_at or 0.0, r.id), reverse=True)
+    # newest first by creation (config.yaml is written once, at the start), so a resumed run keeps its place
+    runs.sort(key=lambda r: ((r.path / "config.yaml").stat().st_mtime if (r.path / "config.yaml").exists() else 0.0, r.id),
+              reverse=True)  # fmt: skip
     return runs
 
 

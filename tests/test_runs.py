@@ -142,8 +142,8 @@ def test_metrics_tail_keeps_latest_record_per_step_across_a_resume():
     assert [r["loss"] for r in tail.train][3:] == [1.0, 1.0, 1.0, 1.0]
     assert [r["step"] for r in tail.eval] == [7]
     # the ETA uses the resumed session's pace (2 s a step), not the gap across the resume
-    assert [r["step"] for r in tail.train_session] == [4, 5, 6, 7]
-    assert runs.eta_seconds(tail.train_session, 10) == pytest.approx(6.0)
+    assert runs.eta_seconds(tail.train, 10, since=500.0) == pytest.approx(6.0)
+    assert runs.eta_seconds(tail.train, 10) == pytest.approx(3 * (514 - 101) / 6)
     assert tail.update() == 0
 
 
@@ -175,3 +175,83 @@ def test_export_adapter_zip_holds_the_adapter_folder():
     (path / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 100)
     with zipfile.ZipFile(runs.export_adapter_zip("z")) as archive:
         assert sorted(archive.namelist()) == ["z-adapter/adapter_config.json", "z-adapter/adapter_model.safetensors"]
+
+
+# --- real trainer processes ----------------------------------------------------
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def tiny_config(model_dir: Path, **changes):
+    from mactuner.config import TrainConfig
+    from mactuner.data import DEMO_DATASETS
+
+    values = dict(model=str(model_dir), dataset=str(DEMO_DATASETS["quenmark-alpaca"]), device="cpu",
+                  batch_size=4, max_length=128, save_every=0, eval_every=0, log_every=1)  # fmt: skip
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def test_start_cancel_resume_finish_with_a_real_trainer(tiny_model_dir):
+    started = time.monotonic()
+    run = runs.start_run(tiny_config(tiny_model_dir, max_steps=400), name="demo data")
+    assert time.monotonic() - started < 2, "start_run must return at once"
+    assert run.state == "running" and run.id.endswith("demo-data")
+    assert (run.path / "config.yaml").exists() and (run.path / "log.txt").exists()
+
+    # a second run on the same device is refused, naming the first
+    with pytest.raises(runs.RunConflict, match=run.id) as refused:
+        runs.start_run(tiny_config(tiny_model_dir, max_steps=2))
+    assert refused.value.running.id == run.id
+    assert len(runs.list_runs()) == 1
+
+    tail = runs.MetricsTail(run.id)
+    wait_until(lambda: tail.update() >= 0 and len(tail.train) >= 3, 90, "three train records")
+    cancelled = runs.cancel_run(run.id, timeout=60)
+    assert cancelled.state == "cancelled", cancelled.log_tail
+    [*_, checkpoint] = runs.checkpoints(run.id)
+    assert checkpoint.step == cancelled.step >= 3
+
+    with pytest.raises(runs.RunError, match="not running"):
+        runs.cancel_run(run.id)
+
+    resumed = runs.resume_run(run.id)
+    assert resumed.state == "running"
+    wait_until(lambda: tail.update() >= 0 and tail.train[-1]["step"] > checkpoint.step + 1, 90, "resumed steps")
+    runs.cancel_run(run.id, timeout=60)
+    final = runs.get_run(run.id)
+    assert final.state == "cancelled" and final.step > checkpoint.step
+    # the resumed process continued from the checkpoint, not from step 1
+    resumed_steps = [r["step"] for r in tail.train if r["time"] >= final.started_at]
+    assert resumed_steps[0] == checkpoint.step + 1
+    assert runs.eta_seconds(tail.train, final.total_steps, since=final.started_at) > 0
+
+
+def test_finished_run_exports_its_adapter(tiny_model_dir):
+    run = runs.start_run(tiny_config(tiny_model_dir, max_steps=3))
+    runs.wait_for_exit(run.pid, 120)
+    info = runs.get_run(run.id)
+    assert info.state == "finished", info.log_tail
+    assert info.step == info.total_steps == 3
+    with zipfile.ZipFile(runs.export_adapter_zip(run.id)) as archive:
+        names = archive.namelist()
+    assert f"{run.id}-adapter/adapter_config.json" in names
+    with pytest.raises(runs.RunError, match="only cancelled or failed"):
+        runs.resume_run(run.id)
+
+
+def test_force_starts_a_second_run_on_a_busy_device(tiny_model_dir, sleeper):
+    make_run("busy", "running", pid=sleeper.pid, create_time=psutil.Process(sleeper.pid).create_time())
+    with pytest.raises(runs.RunConflict, match="busy"):
+        runs.start_run(tiny_config(tiny_model_dir, max_steps=2))
+    second = runs.start_run(tiny_config(tiny_model_dir, max_steps=2), force=True)
+    assert runs.wait_for_exit(second.pid, 120)
+    assert runs.get_run(second.id).state == "finished"
