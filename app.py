@@ -6,10 +6,15 @@ from pages.common import device_picker
 
 st.set_page_config(page_title="MacTuner", page_icon="🛠️", layout="wide")
 
-# one st.Page per page; the dashboard is the default ("/" and "/dashboard")
+DASHBOARD = "pages/dashboard.py"
+
+# one st.Page per page, url_path = the file's name (so a page opens by its URL)
 pg = st.navigation(
     [
-        st.Page("pages/dashboard.py", title="Dashboard", icon="📊", url_path="dashboard", default=True),
+        st.Page(DASHBOARD, title="Dashboard", icon=":material/monitoring:", url_path="home", default=True),
+        # the default page is served at "/" only; this hidden twin makes "/dashboard" work too
+        st.Page(DASHBOARD, title="Dashboard", url_path="dashboard", visibility="hidden"),
+        st.Page("pages/finetune.py", title="Fine-tune", icon=":material/model_training:", url_path="finetune"),
     ]
 )
 

@@ -11,7 +11,7 @@ from pages.common import device_manager, memory_monitor, selected_device
 
 CHART_WINDOW_S = 600  # the chart shows the last ten minutes
 REFRESH_S = 1.0  # cards and chart redraw this often; the monitor samples on its own clock
-ICONS = {"cpu": "🧮", "cuda": "🟩", "mps": "🍎"}
+ICONS = {"cpu": ":material/memory:", "cuda": ":material/developer_board:", "mps": ":material/laptop_mac:"}
 
 st.title("Dashboard")
 manager, monitor = device_manager(), memory_monitor()

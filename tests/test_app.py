@@ -15,7 +15,7 @@ from mactuner.settings import load_settings, remember_device
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 # every page app.py registers (others add theirs as their issues land)
-PAGES = re.findall(r'st\.Page\(\s*"([^"]+)"', (ROOT / "app.py").read_text())
+PAGES = list(dict.fromkeys(re.findall(r'"(pages/\w+\.py)"', (ROOT / "app.py").read_text())))
 
 
 @pytest.fixture(autouse=True)
