@@ -235,23 +235,17 @@ def test_start_cancel_resume_finish_with_a_real_trainer(tiny_model_dir):
     assert runs.eta_seconds(tail.train, final.total_steps, since=final.started_at) > 0
 
 
-def test_finished_run_exports_its_adapter(tiny_model_dir):
-    run = runs.start_run(tiny_config(tiny_model_dir, max_steps=3))
-    runs.wait_for_exit(run.pid, 120)
-    info = runs.get_run(run.id)
-    assert info.state == "finished", info.log_tail
-    assert info.step == info.total_steps == 3
-    with zipfile.ZipFile(runs.export_adapter_zip(run.id)) as archive:
-        names = archive.namelist()
-    assert f"{run.id}-adapter/adapter_config.json" in names
-    with pytest.raises(runs.RunError, match="only cancelled or failed"):
-        runs.resume_run(run.id)
-
-
-def test_force_starts_a_second_run_on_a_busy_device(tiny_model_dir, sleeper):
+def test_force_starts_a_second_run_on_a_busy_device_which_finishes_and_exports(tiny_model_dir, sleeper):
     make_run("busy", "running", pid=sleeper.pid, create_time=psutil.Process(sleeper.pid).create_time())
     with pytest.raises(runs.RunConflict, match="busy"):
         runs.start_run(tiny_config(tiny_model_dir, max_steps=2))
     second = runs.start_run(tiny_config(tiny_model_dir, max_steps=2), force=True)
     assert runs.wait_for_exit(second.pid, 120)
-    assert runs.get_run(second.id).state == "finished"
+    info = runs.get_run(second.id)
+    assert info.state == "finished", info.log_tail
+    assert info.step == info.total_steps == 2
+    # its final adapter downloads as a zip; a finished run does not resume
+    with zipfile.ZipFile(runs.export_adapter_zip(second.id)) as archive:
+        assert f"{second.id}-adapter/adapter_config.json" in archive.namelist()
+    with pytest.raises(runs.RunError, match="only cancelled or failed"):
+        runs.resume_run(second.id)

@@ -1,0 +1,123 @@
+"""UI-only part of the fine-tune page: the runs list and the live view of one run.
+
+Kept apart from ``pages/finetune.py`` (the set-up) so each stays short; all the
+logic is in :mod:`mactuner.runs`. Not a page itself.
+"""
+
+import contextlib
+from datetime import datetime
+from pathlib import Path
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from mactuner import runs
+from pages.common import memory_monitor
+
+STATE_ICONS = {"running": "⏳", "finished": "✅", "failed": "❌", "cancelled": "⏹️"}
+
+
+def chart(title: str, traces: dict[str, tuple[list, list]], key: str, x_title: str = "step") -> None:
+    """One small plotly line chart; ``traces`` maps a name to (xs, ys)."""
+    figure = go.Figure([go.Scatter(x=x, y=y, name=name, mode="lines+markers") for name, (x, y) in traces.items()])
+    figure.update_layout(title=title, height=260, margin=dict(t=40, b=30), xaxis_title=x_title, showlegend=len(traces) > 1)
+    st.plotly_chart(figure, key=key)
+
+
+def charts_ui(tail: runs.MetricsTail) -> None:
+    """Loss and validation loss, learning rate, gradient norm, tokens/s and memory of one run."""
+    chart("Loss", {"train": tail.series("loss"), "validation": tail.series("val_loss", "eval")}, "finetune_chart_loss")
+    left, right = st.columns(2)
+    with left:
+        chart("Learning rate", {"lr": tail.series("lr")}, "finetune_chart_lr")
+        chart("Tokens / s", {"tokens/s": tail.series("tokens_per_second")}, "finetune_chart_tps")
+    with right:
+        chart("Gradient norm", {"grad norm": tail.series("grad_norm")}, "finetune_chart_grad")
+        chart("Memory (MiB)", {"memory": tail.memory_series()}, "finetune_chart_mem", "seconds")
+
+
+def actions_ui(run: runs.RunInfo) -> None:
+    """Cancel, resume, delete, download, as the run's state allows."""
+    cols = st.columns(4)
+    try:
+        if run.is_running and cols[0].button("Cancel (saves a checkpoint)", key="finetune_cancel"):
+            runs.cancel_run(run.id)
+            st.toast(f"Asked {run.id} to stop; it saves a checkpoint first.")
+        if run.state in ("cancelled", "failed") and cols[0].button("Resume", key="finetune_resume"):
+            runs.resume_run(run.id, force=st.session_state.get("finetune_force", False))
+            st.toast(f"Resuming {run.id}.")
+        if not run.is_running:
+            with cols[1].popover("Delete run"):
+                if st.button(f"Delete {run.id} and its checkpoints", key="finetune_delete"):
+                    runs.delete_run(run.id)
+                    st.rerun(scope="fragment")
+    except runs.RunError as exc:
+        st.warning(str(exc))
+    if (run.path / "adapter").is_dir():
+        cols[2].download_button("Download adapter (.zip)", lambda: runs.export_adapter_zip(run.id).read_bytes(),
+                                file_name=f"{run.id}-adapter.zip", mime="application/zip", on_click="ignore")  # fmt: skip
+
+
+def checkpoints_ui(run: runs.RunInfo) -> None:
+    """The run's complete checkpoints: step, loss, size and time; deletable once the run stopped."""
+    found = runs.checkpoints(run.id)
+    if not found:
+        st.caption("No checkpoint yet.")
+        return
+    rows = [{"step": c.step, "loss": c.loss, "val loss": c.val_loss, "size (MB)": round(c.size_bytes / 1e6, 1),
+             "saved": datetime.fromtimestamp(c.created)} for c in found]  # fmt: skip
+    st.dataframe(rows, hide_index=True, key="finetune_checkpoints")
+    if not run.is_running:
+        left, right = st.columns([1, 3])
+        step = left.selectbox("Checkpoint", [c.step for c in found], key="finetune_ckpt", label_visibility="collapsed")
+        if right.button("Delete checkpoint", key="finetune_ckpt_delete"):
+            runs.delete_checkpoint(run.id, step)
+            st.rerun(scope="fragment")
+
+
+def run_ui(run: runs.RunInfo) -> None:
+    """Progress, state and charts of the selected run."""
+    tail = st.session_state.setdefault(f"finetune_tail_{run.id}", runs.MetricsTail(run.path))
+    tail.update()
+    eta = runs.format_duration(runs.eta_seconds(tail.train, run.total_steps, since=run.started_at)) if run.is_running else "–"
+    st.progress(run.progress, text=f"{run.state} · step {run.step}/{run.total_steps or '?'} · ETA {eta}")
+    if run.message:
+        (st.error if run.state == "failed" else st.caption)(run.message)
+    if run.state == "failed" and run.log_tail:
+        st.code(run.log_tail, language=None)
+    actions_ui(run)
+    charts_ui(tail)
+    checkpoints_ui(run)
+
+
+def track_memory(all_runs: list[runs.RunInfo]) -> None:
+    """Have the dashboard's memory monitor sample running runs' processes, and stop when they end."""
+    monitor = memory_monitor()
+    watched = monitor.watched()
+    for run in all_runs:
+        if run.is_running and run.pid and run.pid not in watched:
+            with contextlib.suppress(ValueError):  # ended in the meantime
+                monitor.watch_process(run.pid, f"run {run.id}")
+        elif not run.is_running and run.pid in watched:
+            monitor.unwatch_process(run.pid)
+
+
+@st.fragment(run_every=1)
+def runs_ui() -> None:
+    """Every run and the live view of the selected one, refreshed each second."""
+    all_runs = runs.list_runs()
+    track_memory(all_runs)
+    if not all_runs:
+        st.info("No runs yet: set one up above and start it.")
+        return
+    by_id = {r.id: r for r in all_runs}
+    st.dataframe([{"run": r.id, "state": f"{STATE_ICONS[r.state]} {r.state}", "step": f"{r.step}/{r.total_steps or '?'}",
+                   "loss": (r.last_metrics or {}).get("loss"), "val loss": (r.last_eval or {}).get("val_loss"),
+                   "device": r.device, "model": Path(r.model or "?").name, "method": r.method,
+                   "started": datetime.fromtimestamp(r.started_at) if r.started_at else None}
+                  for r in all_runs], hide_index=True, key="finetune_runs_table")  # fmt: skip
+    label = lambda i: f"{STATE_ICONS[by_id[i].state]} {i} · {by_id[i].state} · step {by_id[i].step}/{by_id[i].total_steps or '?'}"  # noqa: E731
+    if st.session_state.get("finetune_select") in by_id:
+        st.session_state["finetune_run"] = st.session_state.pop("finetune_select")
+    run_id = st.selectbox("Runs", list(by_id), key="finetune_run", format_func=label)
+    run_ui(by_id[run_id])

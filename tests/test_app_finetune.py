@@ -1,0 +1,140 @@
+"""The fine-tune page in AppTest: empty, with a running, a finished and a failed
+run (folders made here from one real tiny training), and starting a run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from mactuner import paths, runs
+from mactuner.config import TrainConfig
+from mactuner.data import DEMO_DATASETS
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(DEMO_DATASETS["quenmark-alpaca"])
+
+
+def tiny_config(model_dir: Path, **changes) -> TrainConfig:
+    """A run of a few seconds: the tiny model on the demo data, a checkpoint every 2 steps."""
+    values = dict(model=str(model_dir), dataset=DEMO, device="cpu", max_steps=4, batch_size=4, max_length=128,
+                  save_every=2, eval_every=2, log_every=1)  # fmt: skip
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """One real, finished run folder of the tiny model (trained once per session)."""
+    run_dir = tmp_path_factory.mktemp("finished-run") / "run"
+    run_dir.mkdir()
+    tiny_config(tiny_model_dir).save(run_dir / "config.yaml")
+    command = [sys.executable, "-m", "mactuner", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return run_dir
+
+
+def copy_run(template: Path, run_id: str, **status) -> Path:
+    """A copy of the trained run under this test's runs folder, its status changed."""
+    path = paths.runs_dir() / run_id
+    shutil.copytree(template, path)
+    data = json.loads((path / "status.json").read_text())
+    data.update(status)
+    (path / "status.json").write_text(json.dumps(data))
+    (path / "process.json").unlink(missing_ok=True)
+    return path
+
+
+def open_page() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/finetune.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def by_label(widgets, label: str):
+    """The widget whose label starts with ``label``."""
+    return next(w for w in widgets if w.label.startswith(label))
+
+
+def select_run(at: AppTest, run_id: str) -> AppTest:
+    at.selectbox(key="finetune_run").set_value(run_id).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_page_renders_with_no_runs():
+    at = open_page()
+    assert any("No runs yet" in info.value for info in at.info)
+    # the default set-up (built-in model, demo data) shows the dataset summary
+    assert {m.label: m.value for m in at.metric}["Format"] == "alpaca"
+    assert at.button(key="finetune_start")
+
+
+def test_page_shows_running_finished_and_failed_runs(trained_run):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        copy_run(trained_run, "a-finished")
+        running = copy_run(trained_run, "b-running", state="running", pid=sleeper.pid, step=2,
+                           started_at=time.time(), message="Step 2/4")  # fmt: skip
+        (running / "adapter").rename(running / "adapter-not-yet")
+        (running / "process.json").write_text(
+            json.dumps({"pid": sleeper.pid, "create_time": psutil.Process(sleeper.pid).create_time()})
+        )
+        failed = copy_run(trained_run, "c-failed", state="running", pid=dead.pid, started_at=time.time())
+        (failed / "log.txt").write_text("loading…\nRuntimeError: the trainer broke\n")
+
+        at = open_page()
+        options = at.selectbox(key="finetune_run").options
+        assert len(options) == 3
+        assert any("b-running" in o and "running" in o for o in options)
+        assert any("c-failed" in o and "failed" in o for o in options)
+
+        at = select_run(at, "b-running")
+        assert at.button(key="finetune_cancel")  # a running run can be cancelled…
+        assert not at.get("download_button")  # …and has no final adapter yet
+
+        at = select_run(at, "a-finished")
+        [checkpoints] = [d.value for d in at.dataframe if "size (MB)" in d.value.columns]
+        assert list(checkpoints["step"]) == [c.step for c in runs.checkpoints("a-finished")]
+        assert at.get("download_button")
+
+        at = select_run(at, "c-failed")
+        assert any("stopped without finishing" in e.value for e in at.error)
+        assert any("RuntimeError: the trainer broke" in c.value for c in at.code)
+        assert at.button(key="finetune_resume")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_start_creates_a_run_folder_that_trains(tiny_model_dir):
+    at = open_page()
+    at.radio(key="finetune_model_kind").set_value("Local folder or .gguf file").run()
+    at.text_input(key="finetune_model_path").set_value(str(tiny_model_dir)).run()
+    by_label(at.number_input, "Max steps").set_value(4).run()
+    by_label(at.number_input, "Max length").set_value(128).run()
+    at.button(key="finetune_start").click().run()
+    assert not at.exception, at.exception
+    [run_dir] = list(paths.runs_dir().iterdir())
+    assert TrainConfig.load(run_dir / "config.yaml").model == str(tiny_model_dir)
+    runs.wait_for_exit(json.loads((run_dir / "process.json").read_text())["pid"], 120)
+    info = runs.get_run(run_dir.name)
+    assert info.state == "finished", info.log_tail
+    assert info.step == 4 and (run_dir / "adapter").is_dir()
+    # a second start on the same device while one trains is refused with its name
+    # (checked in test_runs); the page lists the finished run
+    at.run()
+    assert any(run_dir.name in o for o in at.selectbox(key="finetune_run").options)
