@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_INTERVAL = 0.05  # seconds; faster sampling only burns CPU without showing more
+CHILDREN_REFRESH_S = 10.0  # how often a watched process's children are listed again
 
 
 class DeviceSample(NamedTuple):
@@ -82,6 +83,7 @@ class MemoryMonitor:
         }
         self._process_history: dict[int, collections.deque[ProcessSample]] = {}
         self._watched: dict[int, tuple[str, psutil.Process]] = {}
+        self._children_cache: dict[int, tuple[float, list[psutil.Process]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.samples_taken = 0
@@ -178,7 +180,7 @@ class MemoryMonitor:
                         # exited, not yet reaped by its parent: it holds no memory any more
                         raise psutil.NoSuchProcess(pid)
                     rss = process.memory_info().rss
-                    family = [process, *process.children(recursive=True)]
+                family = [process, *self._children(pid, process, now)]
                 for child in family[1:]:
                     try:
                         rss += child.memory_info().rss
@@ -193,6 +195,18 @@ class MemoryMonitor:
                     self._watched.pop(pid, None)
                 log.info("Watched process %s (%s) ended", pid, label)
         return samples
+
+    def _children(self, pid: int, process: psutil.Process, now: float) -> list[psutil.Process]:
+        # listing children scans every process on the machine (~ms), so refresh
+        # the list only every CHILDREN_REFRESH_S; their memory is read every sample
+        cached = self._children_cache.get(pid)
+        if cached is None or now - cached[0] >= CHILDREN_REFRESH_S:
+            try:
+                cached = (now, process.children(recursive=True))
+            except psutil.Error:
+                cached = (now, [])
+            self._children_cache[pid] = cached
+        return cached[1]
 
     # -- watched processes ------------------------------------------------- #
 
