@@ -312,8 +312,8 @@ def memory_figure(
         yaxis_title="GB",
         yaxis_rangemode="tozero",
         height=340,
-        margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
-        legend={"orientation": "h", "y": -0.15},
+        margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 40},
+        legend={"orientation": "h", "y": -0.25},
         uirevision="memory",  # keep zoom and hidden series across live updates
     )
     return figure

@@ -71,6 +71,7 @@ def test_dashboard_live_memory_pages_by_url_and_clear_cache():
 
         if os.environ.get("MACTUNER_SCREENSHOT"):
             page.set_viewport_size({"width": 1400, "height": 1050})
+            page.mouse.move(5, 5)  # no tooltip in the picture
             page.wait_for_timeout(2500)  # a few more points on the chart
             page.screenshot(path=os.environ["MACTUNER_SCREENSHOT"])
 
