@@ -1,0 +1,142 @@
+"""RAG: collections of documents, indexing with progress, questions answered with their sources."""
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from mactuner import paths, rag
+from mactuner.chat import GenerationSettings, load_chat_model
+from mactuner.models import DEFAULT_MODEL
+from pages.common import selected_device
+
+UPLOAD_TYPES = sorted(suffix.lstrip(".") for suffix in rag.SUPPORTED_SUFFIXES)
+
+
+@st.cache_resource(show_spinner="Loading the embedding model…", max_entries=2)
+def embedder(model: str, device: str) -> rag.Embedder:
+    return rag.load_embedder(model, device=device)
+
+
+@st.cache_resource(show_spinner="Loading the chat model…", max_entries=1)  # one at a time: they are large
+def chat_model(model: str, adapter: str, device: str):
+    return load_chat_model(model or None, adapter or None, device=device)
+
+
+def collection_ui() -> rag.Collection | None:
+    """Pick a collection, or create one with its chunking settings."""
+    names = rag.list_collections()
+    with st.expander("New collection", expanded=not names):
+        name = st.text_input("Name", key="rag_new_name", placeholder="e.g. handbook")
+        left, right = st.columns(2)
+        size = left.number_input("Chunk size (characters)", 100, 4000, 800, 50, key="rag_chunk_size")
+        overlap = right.number_input("Overlap (characters)", 0, 2000, 120, 10, key="rag_overlap")
+        if st.button("Create collection", key="rag_create") and name:
+            created = rag.Collection.create(name, rag.IndexSettings(chunk_size=int(size), chunk_overlap=int(overlap)))
+            st.session_state["rag_collection"] = created.name
+            names = rag.list_collections()
+    if not names:
+        st.info("Create a collection to start.")
+        return None
+    chosen = st.selectbox("Collection", names, key="rag_collection")
+    return rag.Collection.open(chosen)
+
+
+def index_ui(collection: rag.Collection, device) -> None:
+    """Upload files or name a folder, then index them with a progress bar."""
+    uploads = st.file_uploader("Upload documents", type=UPLOAD_TYPES, accept_multiple_files=True, key="rag_uploads")
+    folder = st.text_input("…or a folder on this machine", key="rag_folder", placeholder="/path/to/docs")
+    if not st.button("Index", key="rag_index", type="primary"):
+        return
+    if not uploads and not folder:
+        st.warning("Choose files to upload or name a folder first.")
+        return
+    sources = [(f.name, f.getvalue()) for f in uploads or []]
+    if folder:
+        if not Path(folder).expanduser().is_dir():
+            st.error(f"No folder at {folder}.")
+            st.stop()
+        sources.append(Path(folder))
+    bar = st.progress(0.0, text="Starting…")
+    report = collection.add(sources, embedder(collection.settings.embedding_model, str(device)),
+                            progress=lambda message, fraction: bar.progress(fraction or 0.0, text=message))
+    if report.added:
+        st.success(f"Indexed {len(report.added)} document(s), {report.chunks_embedded} chunks.")
+    for _, reason in report.skipped:
+        st.warning(f"Skipped {reason}")
+
+
+def documents_ui(collection: rag.Collection) -> None:
+    """The collection's documents, and removing one."""
+    docs = collection.documents()
+    st.caption(f"{len(docs)} documents · {sum(d.chunks for d in docs)} chunks · chunks of "
+               f"{collection.settings.chunk_size} characters, overlap {collection.settings.chunk_overlap}")
+    if not docs:
+        return
+    st.dataframe(pd.DataFrame([{"document": d.original_name, "type": d.kind, "chunks": d.chunks,
+                                "KB": round(d.size / 1024, 1), "id": d.id} for d in docs]),
+                 hide_index=True, width="stretch")
+    left, right = st.columns([3, 1])
+    doomed = left.selectbox("Remove a document", [d.id for d in docs], key="rag_remove_choice",
+                            format_func=lambda i: next(d.original_name for d in docs if d.id == i))
+    if right.button("Remove", key="rag_remove"):
+        collection.remove(doomed)
+        st.rerun()
+
+
+def answer_settings_ui() -> tuple[str, str, int, int]:
+    """Model, adapter, top-k and answer length."""
+    with st.expander("Answer settings"):
+        adapters = sorted(str(p.parent) for p in paths.runs_dir().glob("*/adapter/adapter_config.json"))
+        model = st.text_input("Base model", DEFAULT_MODEL, key="rag_model", help="built-in, a hub id or a folder")
+        adapter = st.selectbox("Fine-tuned adapter", [""] + adapters, key="rag_adapter",
+                               format_func=lambda a: Path(a).parent.name if a else "none (base model)")
+        top_k = st.slider("Chunks retrieved (top-k)", 1, 10, 4, key="rag_top_k")
+        max_new = st.slider("Max new tokens", 16, 512, 200, 16, key="rag_max_new_tokens")
+    return model, adapter, top_k, max_new
+
+
+def show_sources(sources: list[dict]) -> None:
+    st.markdown("**Sources**")
+    for number, hit in enumerate(sources, start=1):
+        with st.expander(f"[{number}] {hit['file']} · {hit['position']} · score {hit['score']:.3f}"):
+            st.text(hit["text"])
+
+
+st.title("Ask your documents")
+try:
+    device = selected_device()
+except RuntimeError as exc:
+    st.error(f"{exc} Pick another device in the sidebar.")
+    st.stop()
+st.caption(f"Embeddings and answers run on **{device}**.")
+
+try:
+    collection = collection_ui()
+    if collection is None:
+        st.stop()
+    index_tab, docs_tab = st.tabs(["Add documents", "Documents"])
+    with index_tab:
+        index_ui(collection, device)
+    with docs_tab:
+        documents_ui(collection)
+    st.subheader("Ask")
+    model, adapter, top_k, max_new = answer_settings_ui()
+    question = st.text_input("Question", key="rag_question", placeholder="What does the handbook say about…?")
+    asked = st.button("Ask", key="rag_ask", type="primary")
+    if asked and not (question.strip() and collection.chunk_count):
+        st.warning("Add documents and type a question first.")
+    elif asked:
+        answer = rag.ask(collection, question, embedder(collection.settings.embedding_model, str(device)),
+                         chat_model(model, adapter, str(device)), top_k=top_k,
+                         settings=GenerationSettings(max_new_tokens=max_new, temperature=0.0))
+        st.write_stream(answer)
+        st.session_state["rag_last"] = {"question": question, "answer": answer.text,
+                                        "sources": [hit.to_dict() for hit in answer.sources]}
+        show_sources(st.session_state["rag_last"]["sources"])
+    elif last := st.session_state.get("rag_last"):
+        st.markdown(f"**{last['question']}**\n\n{last['answer']}")
+        show_sources(last["sources"])
+except (rag.RagError, ValueError, RuntimeError, OSError) as exc:
+    st.error(str(exc))
+    st.stop()
