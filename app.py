@@ -15,6 +15,7 @@ pg = st.navigation(
         # the default page is served at "/" only; this hidden twin makes "/dashboard" work too
         st.Page(DASHBOARD, title="Dashboard", url_path="dashboard", visibility="hidden"),
         st.Page("pages/finetune.py", title="Fine-tune", icon=":material/model_training:", url_path="finetune"),
+        st.Page("pages/rag.py", title="Ask documents", icon=":material/find_in_page:", url_path="rag"),
     ]
 )
 
