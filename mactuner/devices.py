@@ -717,20 +717,29 @@ def probe_compute(device: torch.device, size: int = 256) -> dict[str, Any]:
     return result
 
 
-def health(devices: list[DeviceInfo] | None = None) -> dict[str, Any]:
+def health(devices: list[DeviceInfo] | None = None, *, probe: bool = True) -> dict[str, Any]:
     """Diagnose the machine: versions, backends, a timed probe per device, environment, advice.
+
+    Args:
+        devices: the detected devices (default: detect now).
+        probe: run the timed matrix products. Without them the report is
+            instant and touches no GPU (probing a CUDA GPU creates a context of
+            a few hundred MB on it), but a broken device goes unnoticed.
 
     Returns:
         A JSON-ready dict with ``status`` (``"ok"`` or ``"degraded"``),
-        ``versions``, ``backends``, ``devices`` (probe results), ``environment``,
-        ``advice`` (what to do about problems found) and ``tips`` (the
-        original's troubleshooting that always applies).
+        ``tested`` (whether devices were probed), ``versions``, ``backends``,
+        ``devices`` (probe results), ``environment``, ``advice`` (what to do
+        about problems found) and ``tips`` (the original's troubleshooting that
+        always applies).
     """
     devices = detect_devices() if devices is None else devices
     probes = []
     for info in devices:
-        if info.is_available:
+        if info.is_available and probe:
             probes.append({"name": info.name, **probe_compute(info.torch_device)})
+        elif info.is_available:
+            probes.append({"name": info.name, "device": info.key, "ok": True, "error": None})
         else:
             probes.append({"name": info.name, "device": info.key, "ok": False, "error": info.reason})
     cuda_ok = bool(_safe(torch.cuda.is_available))
@@ -752,9 +761,9 @@ def health(devices: list[DeviceInfo] | None = None) -> dict[str, Any]:
         },
     }
     advice = []
-    for probe in probes:
-        if not probe["ok"]:
-            advice.append(f"{probe['device']} failed its test ({probe['error']}); choose another device.")
+    for result in probes:
+        if not result["ok"]:
+            advice.append(f"{result['device']} failed its test ({result['error']}); choose another device.")
     if not cuda_ok and torch.version.cuda is None and shutil.which("nvidia-smi"):
         advice.append(
             f"An NVIDIA driver is installed but torch {torch.__version__} was built without CUDA: "
@@ -784,6 +793,7 @@ def health(devices: list[DeviceInfo] | None = None) -> dict[str, Any]:
         )
     return {
         "status": "ok" if all(p["ok"] for p in probes) else "degraded",
+        "tested": probe,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -920,6 +930,6 @@ class DeviceManager:
         """Garbage-collect and empty ``device``'s cache; see :func:`clear_cache`."""
         return clear_cache(self._target(device))
 
-    def health(self) -> dict[str, Any]:
+    def health(self, *, probe: bool = True) -> dict[str, Any]:
         """See :func:`health`."""
-        return health(self.get_available_devices())
+        return health(self.get_available_devices(), probe=probe)

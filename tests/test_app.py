@@ -44,8 +44,22 @@ def test_dashboard_shows_the_cpu_card_chart_and_health(cpu_only):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Total"].endswith("GB") and metrics["Free"].endswith("GB")
     assert at.get("plotly_chart"), "the memory chart is missing"
-    assert any("All devices passed their test" in s.value for s in at.success)
+    assert any("Devices not tested yet" in i.value for i in at.info)
     assert not at.error
+    at.button(key="health_test").click().run()
+    assert any("All devices passed their test" in s.value for s in at.success)
+    probes = at.dataframe[0].value
+    assert list(probes["device"]) == ["cpu"] and bool(probes["ok"][0]) and probes["float32_ms"][0] > 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a real GPU would pass the compute test")
+def test_a_broken_device_is_reported_in_plain_words(two_cuda_gpus):
+    # the faked GPUs answer queries but cannot compute: the device test must say so, not crash
+    at = start()
+    at.button(key="health_test").click().run()
+    assert not at.exception
+    assert any("A device failed its test" in e.value for e in at.error)
+    assert any("cuda:0 failed its test" in w.value for w in at.warning)
 
 
 def test_clear_cache_button_reports_what_it_freed(cpu_only):

@@ -270,3 +270,11 @@ def test_health_on_this_machine():
     assert "PYTORCH_ENABLE_MPS_FALLBACK" in report["environment"]
     assert any("gradient checkpointing" in tip for tip in report["tips"])
     json.dumps(report)
+
+
+def test_quick_health_touches_no_device(two_cuda_gpus):
+    report = DeviceManager().health(probe=False)
+    assert report["tested"] is False and report["status"] == "ok"
+    assert [p["device"] for p in report["devices"]] == ["cuda:0", "cuda:1", "cpu"]
+    assert all("float32_ms" not in p for p in report["devices"])
+    assert two_cuda_gpus["mem_get_info"] == []
