@@ -14,7 +14,6 @@ import streamlit as st
 from mactuner import runs
 from pages.common import memory_monitor
 
-STATE_ICONS = {"running": "⏳", "finished": "✅", "failed": "❌", "cancelled": "⏹️"}
 
 
 def chart(title: str, traces: dict[str, tuple[list, list]], key: str, x_title: str = "step") -> None:
@@ -69,7 +68,8 @@ def checkpoints_ui(run: runs.RunInfo) -> None:
     st.dataframe(rows, hide_index=True, key="finetune_checkpoints")
     if not run.is_running:
         left, right = st.columns([1, 3])
-        step = left.selectbox("Checkpoint", [c.step for c in found], key="finetune_ckpt", label_visibility="collapsed")
+        step = left.selectbox("Checkpoint", [c.step for c in found], index=len(found) - 1, key="finetune_ckpt",
+                              format_func=lambda s: f"step {s}", label_visibility="collapsed")  # fmt: skip
         if right.button("Delete checkpoint", key="finetune_ckpt_delete"):
             runs.delete_checkpoint(run.id, step)
             st.rerun(scope="fragment")
@@ -111,12 +111,12 @@ def runs_ui() -> None:
         st.info("No runs yet: set one up above and start it.")
         return
     by_id = {r.id: r for r in all_runs}
-    st.dataframe([{"run": r.id, "state": f"{STATE_ICONS[r.state]} {r.state}", "step": f"{r.step}/{r.total_steps or '?'}",
+    st.dataframe([{"run": r.id, "state": r.state, "step": f"{r.step}/{r.total_steps or '?'}",
                    "loss": (r.last_metrics or {}).get("loss"), "val loss": (r.last_eval or {}).get("val_loss"),
                    "device": r.device, "model": Path(r.model or "?").name, "method": r.method,
                    "started": datetime.fromtimestamp(r.started_at) if r.started_at else None}
                   for r in all_runs], hide_index=True, key="finetune_runs_table")  # fmt: skip
-    label = lambda i: f"{STATE_ICONS[by_id[i].state]} {i} · {by_id[i].state} · step {by_id[i].step}/{by_id[i].total_steps or '?'}"  # noqa: E731
+    label = lambda i: f"{i} · {by_id[i].state} · step {by_id[i].step}/{by_id[i].total_steps or '?'}"  # noqa: E731
     if st.session_state.get("finetune_select") in by_id:
         st.session_state["finetune_run"] = st.session_state.pop("finetune_select")
     run_id = st.selectbox("Runs", list(by_id), key="finetune_run", format_func=label)

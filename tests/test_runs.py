@@ -200,52 +200,45 @@ def tiny_config(model_dir: Path, **changes):
     return TrainConfig(**values)
 
 
-def test_start_cancel_resume_finish_with_a_real_trainer(tiny_model_dir):
+def test_background_runs_with_a_real_trainer(tiny_model_dir):
     started = time.monotonic()
     run = runs.start_run(tiny_config(tiny_model_dir, max_steps=400), name="demo data")
     assert time.monotonic() - started < 2, "start_run must return at once"
     assert run.state == "running" and run.id.endswith("demo-data")
     assert (run.path / "config.yaml").exists() and (run.path / "log.txt").exists()
 
-    # a second run on the same device is refused, naming the first
+    # a second run on the same device is refused, naming the first…
     with pytest.raises(runs.RunConflict, match=run.id) as refused:
         runs.start_run(tiny_config(tiny_model_dir, max_steps=2))
     assert refused.value.running.id == run.id
     assert len(runs.list_runs()) == 1
+    # …unless confirmed; that one finishes beside the first, with a downloadable adapter
+    second = runs.start_run(tiny_config(tiny_model_dir, max_steps=2), force=True)
+    assert runs.wait_for_exit(second.pid, 120)
+    done = runs.get_run(second.id)
+    assert done.state == "finished" and done.step == done.total_steps == 2, done.log_tail
+    with zipfile.ZipFile(runs.export_adapter_zip(second.id)) as archive:
+        assert f"{second.id}-adapter/adapter_config.json" in archive.namelist()
+    with pytest.raises(runs.RunError, match="only cancelled or failed"):
+        runs.resume_run(second.id)
 
+    # cancel: the trainer saves a checkpoint at the step it stopped at
     tail = runs.MetricsTail(run.id)
     wait_until(lambda: tail.update() >= 0 and len(tail.train) >= 3, 90, "three train records")
     cancelled = runs.cancel_run(run.id, timeout=60)
     assert cancelled.state == "cancelled", cancelled.log_tail
     [*_, checkpoint] = runs.checkpoints(run.id)
     assert checkpoint.step == cancelled.step >= 3
-
     with pytest.raises(runs.RunError, match="not running"):
         runs.cancel_run(run.id)
 
+    # resume continues from that checkpoint, not from step 1
     resumed = runs.resume_run(run.id)
     assert resumed.state == "running"
     wait_until(lambda: tail.update() >= 0 and tail.train[-1]["step"] > checkpoint.step + 1, 90, "resumed steps")
     runs.cancel_run(run.id, timeout=60)
     final = runs.get_run(run.id)
     assert final.state == "cancelled" and final.step > checkpoint.step
-    # the resumed process continued from the checkpoint, not from step 1
     resumed_steps = [r["step"] for r in tail.train if r["time"] >= final.started_at]
     assert resumed_steps[0] == checkpoint.step + 1
     assert runs.eta_seconds(tail.train, final.total_steps, since=final.started_at) > 0
-
-
-def test_force_starts_a_second_run_on_a_busy_device_which_finishes_and_exports(tiny_model_dir, sleeper):
-    make_run("busy", "running", pid=sleeper.pid, create_time=psutil.Process(sleeper.pid).create_time())
-    with pytest.raises(runs.RunConflict, match="busy"):
-        runs.start_run(tiny_config(tiny_model_dir, max_steps=2))
-    second = runs.start_run(tiny_config(tiny_model_dir, max_steps=2), force=True)
-    assert runs.wait_for_exit(second.pid, 120)
-    info = runs.get_run(second.id)
-    assert info.state == "finished", info.log_tail
-    assert info.step == info.total_steps == 2
-    # its final adapter downloads as a zip; a finished run does not resume
-    with zipfile.ZipFile(runs.export_adapter_zip(second.id)) as archive:
-        assert f"{second.id}-adapter/adapter_config.json" in archive.namelist()
-    with pytest.raises(runs.RunError, match="only cancelled or failed"):
-        runs.resume_run(second.id)
