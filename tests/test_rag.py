@@ -219,6 +219,32 @@ def test_folder_with_pdf_and_html_gives_pages_and_lines(tiny_embedder, tiny_sett
     assert next(h for h in hits if h.file == "faq.html").page is None
 
 
+def test_command_line_index_list_search_remove(tiny_embedder_dir, tmp_path, capsys):
+    from mactuner.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "owls.txt").write_text("Owls are nocturnal birds of prey.")
+    (docs / "data.bin.txt").write_bytes(bytes(range(256)) * 8)
+    assert main(["rag", "index", "birds", str(docs), "--device", "cpu", "--chunk-size", "300", "--overlap", "30",
+                 "--embedding-model", str(tiny_embedder_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "added    owls.txt: 1 chunks" in out and "skipped  data.bin.txt: this looks like a binary file" in out
+    assert main(["rag", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"collections": [{"name": "birds", "documents": 1, "chunks": 1}],
+                                                   "count": 1}
+    assert main(["rag", "search", "birds", "Owls are nocturnal birds of prey.", "--json"]) == 0
+    hit = json.loads(capsys.readouterr().out)["sources"][0]
+    assert hit["file"] == "owls.txt" and hit["position"] == "line 1, chunk 0" and hit["score"] > 0.99
+    # settings are fixed per collection; a missing collection is a one-line error
+    assert main(["rag", "index", "birds", str(docs), "--chunk-size", "500"]) == 1
+    assert "fixed per collection" in capsys.readouterr().err
+    assert main(["rag", "search", "fish", "q"]) == 1
+    assert "no collection named 'fish'" in capsys.readouterr().err
+    assert main(["rag", "remove", "birds", "owls.txt"]) == 0
+    assert Collection.open("birds").documents() == []
+
+
 def test_ivf_index_matches_exact_search_on_clustered_vectors():
     generator = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(200, 64, generator=generator), dim=1)
@@ -318,8 +344,7 @@ def wiki_collection(tmp_path_factory, minilm):
         heads = [line[: line.rfind(". ", 0, 2000) + 1] if len(line) > 2000 else line for line in lines]
         source = folder / "wiki_demo.txt"
         source.write_text("\n".join(heads), encoding="utf-8")
-    root = folder / "rag"
-    collection = Collection.create("wiki", root=root)
+    collection = Collection.create("wiki", root=folder / "home" / "rag")
     report = collection.add([source], minilm)
     assert not report.skipped
     return collection
@@ -339,19 +364,18 @@ def test_retrieves_the_right_article(wiki_collection, minilm):
 
 @pytest.mark.slow
 def test_index_survives_a_restart(wiki_collection, minilm):
-    """A new process opens the collection from disk and answers the same search."""
+    """A new process (the command line) opens the collection from disk and finds the same chunks."""
     question = WIKI_QUESTIONS[1][0]
     expected = [(h.line, h.chunk) for h in wiki_collection.search(question, minilm, top_k=3)]
-    script = (
-        "import json, sys; from mactuner.rag import Collection, load_embedder\n"
-        "c = Collection.open('wiki', root=sys.argv[1]); e = load_embedder(device='cpu')\n"
-        "print(json.dumps([(h.line, h.chunk) for h in c.search(sys.argv[2], e, top_k=3)]))\n"
-    )
-    before = wiki_collection.folder.joinpath("collection.json").stat().st_mtime
-    result = subprocess.run([sys.executable, "-c", script, str(wiki_collection.folder.parent), question],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
-    assert [tuple(x) for x in json.loads(result.stdout.strip().splitlines()[-1])] == expected
-    assert wiki_collection.folder.joinpath("collection.json").stat().st_mtime == before
+    before = {p: p.stat().st_mtime_ns for p in wiki_collection.folder.rglob("*")}
+    env = {**os.environ, "MACTUNER_HOME": str(wiki_collection.folder.parent.parent)}
+    result = subprocess.run([sys.executable, "-m", "mactuner", "rag", "search", "wiki", question, "--top-k", "3",
+                             "--device", "cpu", "--json"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [(s["line"], s["chunk"]) for s in json.loads(result.stdout)["sources"]] == expected
+    # searching wrote nothing: the index on disk is what was saved at indexing time
+    assert {p: p.stat().st_mtime_ns for p in wiki_collection.folder.rglob("*")} == before
 
 
 @pytest.mark.slow
