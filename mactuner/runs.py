@@ -395,7 +395,12 @@ def get_run(run: str | os.PathLike) -> RunInfo:
         if not launching and not _process_alive(pid, create_time, started_at):
             # read again: the trainer may have written its final state just before exiting
             status = _read_json(status_file)
-            if status.get("state") == "running":
+            if status.get("state") == "running" and launch.get("cancel_requested") and launch.get("pid") == pid:
+                # SIGTERM arrived before the trainer was listening for it (still starting up)
+                status.update(state="cancelled", updated_at=time.time(),
+                              message="Cancelled before the first checkpoint; start it again to train.")  # fmt: skip
+                _write_json_atomic(status_file, status)
+            elif status.get("state") == "running":
                 log_tail = tail_lines(path / "log.txt")
                 last_line = next((ln for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
                 message = f"The training process (pid {pid}) stopped without finishing." + (
@@ -555,6 +560,12 @@ def cancel_run(run: str | os.PathLike, timeout: float | None = None) -> RunInfo:
     info = get_run(run)
     if not info.is_running:
         raise RunError(f"Run {info.id} is not running (it is {info.state}).")
+    launch = _read_json(info.path / "process.json")
+    if launch.get("pid") == info.pid:
+        # remembered so that a trainer killed by the signal while still starting
+        # up is reported as cancelled, not failed
+        launch["cancel_requested"] = time.time()
+        _write_json_atomic(info.path / "process.json", launch)
     if info.pid:
         try:
             os.kill(info.pid, signal.SIGTERM)

@@ -242,3 +242,12 @@ def test_background_runs_with_a_real_trainer(tiny_model_dir):
     resumed_steps = [r["step"] for r in tail.train if r["time"] >= final.started_at]
     assert resumed_steps[0] == checkpoint.step + 1
     assert runs.eta_seconds(tail.train, final.total_steps, since=final.started_at) > 0
+
+
+def test_cancel_while_the_trainer_starts_up_is_cancelled_not_failed(tiny_model_dir):
+    run = runs.start_run(tiny_config(tiny_model_dir, max_steps=400))
+    cancelled = runs.cancel_run(run.id, timeout=60)  # long before the first step
+    assert cancelled.state == "cancelled", (cancelled.message, cancelled.log_tail)
+    assert runs.checkpoints(run.id) == []
+    with pytest.raises(runs.RunError, match="no complete checkpoint"):
+        runs.resume_run(run.id)
