@@ -10,6 +10,7 @@ from mactuner.monitor import DeviceSample, memory_figure
 from pages.common import device_manager, memory_monitor, selected_device
 
 CHART_WINDOW_S = 600  # the chart shows the last ten minutes
+CARDS_PER_ROW = 3
 REFRESH_S = 1.0  # cards and chart redraw this often; the monitor samples on its own clock
 ICONS = {"cpu": ":material/memory:", "cuda": ":material/developer_board:", "mps": ":material/laptop_mac:"}
 
@@ -53,9 +54,10 @@ def device_card(info: DeviceInfo, sample: DeviceSample | None, selected: bool) -
 def live_memory() -> None:
     """Cards and chart, redrawn every second from the monitor's history (no new readings here)."""
     devices = manager.get_available_devices()
-    for column, info in zip(st.columns(len(devices)), devices):
-        with column:
-            device_card(info, monitor.latest(info.key), info.key == str(device))
+    for row in range(0, len(devices), CARDS_PER_ROW):  # an 8-GPU server gets rows, not slivers
+        for column, info in zip(st.columns(CARDS_PER_ROW if len(devices) > 1 else 1), devices[row : row + CARDS_PER_ROW]):
+            with column:
+                device_card(info, monitor.latest(info.key), info.key == str(device))
     history = monitor.history(str(device), since=time.time() - CHART_WINDOW_S)
     processes = {pid: rows for pid, rows in monitor.process_history().items() if rows[-1].time > time.time() - CHART_WINDOW_S}
     st.plotly_chart(memory_figure(history, processes, title=f"Memory of {device} over time"), key="memory_chart")
