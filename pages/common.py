@@ -22,7 +22,7 @@ from mactuner.monitor import MemoryMonitor
 from mactuner.settings import load_settings, remember_device
 
 DEVICE_KEY = "device"  # st.session_state key holding the chosen device, e.g. "cpu", "cuda:0"
-MONITOR_INTERVAL = 1.0  # seconds between memory samples; ~0.1 % of one core (bench/monitor_overhead.py)
+MONITOR_INTERVAL = 1.0  # seconds between memory samples; ~0.05 % of one core (bench/monitor_overhead.py)
 
 
 def ensure_frame() -> None:
