@@ -204,6 +204,8 @@ class MetricsTail:
     def _reset(self) -> None:
         self.offset = 0
         self._train: dict[int, dict[str, Any]] = {}
+        self._train_sorted: list[dict[str, Any]] = []
+        self._dirty = False  # a step was recorded again (resume): re-sort
         self._eval: dict[int, dict[str, Any]] = {}
         self.info: list[dict[str, Any]] = []
 
@@ -221,6 +223,7 @@ class MetricsTail:
             kind = record.get("type")
             step = record.get("step")
             if kind == "train" and isinstance(step, int):
+                self._dirty = self._dirty or step in self._train
                 self._train[step] = record
             elif kind == "eval" and isinstance(step, int):
                 self._eval[step] = record
@@ -231,24 +234,45 @@ class MetricsTail:
     @property
     def train(self) -> list[dict[str, Any]]:
         """Train records, one per step, by step."""
-        return [self._train[s] for s in sorted(self._train)]
+        if len(self._train_sorted) != len(self._train) or self._dirty:
+            self._train_sorted = [self._train[s] for s in sorted(self._train)]
+            self._dirty = False
+        return self._train_sorted
 
     @property
     def eval(self) -> list[dict[str, Any]]:
         """Eval records, one per step, by step."""
         return [self._eval[s] for s in sorted(self._eval)]
 
-    def series(self, name: str, kind: str = "train") -> tuple[list[int], list[float]]:
-        """Steps and values of one metric (``loss``, ``lr``, ``val_loss`` with kind ``eval``…), where recorded."""
+    def series(self, name: str, kind: str = "train", max_points: int | None = None) -> tuple[list[int], list[float]]:
+        """Steps and values of one metric (``loss``, ``lr``, ``val_loss`` with kind ``eval``…), where recorded.
+
+        Args:
+            name: the record field.
+            kind: ``train`` or ``eval`` records.
+            max_points: keep about this many points, evenly spaced, plus the latest
+                (a chart redrawn every second need not carry every step of a long run).
+        """
         records = self.train if kind == "train" else self.eval
         pairs = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
+        pairs = _thin(pairs, max_points)
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    def memory_series(self) -> tuple[list[float], list[float]]:
+    def memory_series(self, max_points: int | None = None) -> tuple[list[float], list[float]]:
         """Seconds since the first record and the run's memory then, in MiB."""
         records = [r for r in self.train if isinstance(r.get("memory_bytes"), (int, float)) and "time" in r]
         start = records[0]["time"] if records else 0.0
-        return [r["time"] - start for r in records], [r["memory_bytes"] / 2**20 for r in records]
+        pairs = _thin([(r["time"] - start, r["memory_bytes"] / 2**20) for r in records], max_points)
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _thin(items: list, max_points: int | None) -> list:
+    """Every k-th item so that about ``max_points`` remain, always ending with the last."""
+    if not max_points or len(items) <= max_points:
+        return items
+    stride = -(-len(items) // max_points)
+    thinned = items[::stride]
+    return thinned if thinned[-1] is items[-1] else [*thinned, items[-1]]
 
 
 def eta_seconds(
@@ -337,17 +361,30 @@ def run_path(run: str | os.PathLike) -> Path:
     return paths.runs_dir() / str(run)
 
 
+_config_cache: dict[Path, tuple[float, dict[str, Any]]] = {}
+
+
 def _load_config_dict(path: Path) -> dict[str, Any]:
+    # parsed once per change: the runs list is read every second
+    file = path / "config.yaml"
     try:
-        data = yaml.safe_load((path / "config.yaml").read_text())
+        mtime = file.stat().st_mtime
+        cached = _config_cache.get(file)
+        if cached and cached[0] == mtime:
+            return cached[1]
+        data = yaml.safe_load(file.read_text())
     except (OSError, yaml.YAMLError):
         return {}
-    return data if isinstance(data, dict) else {}
+    data = data if isinstance(data, dict) else {}
+    _config_cache[file] = (mtime, data)
+    return data
 
 
 def _last_records(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Latest train and eval records, from the end of metrics.jsonl only."""
-    text = tail_lines(path / "metrics.jsonl", lines=400, max_bytes=128_000)
+    # the end of the file is enough: a run shows its latest loss, and an eval
+    # record further back than this is shown in the live view, not the list
+    text = tail_lines(path / "metrics.jsonl", lines=100, max_bytes=32_000)
     train = evaluation = None
     for line in reversed(text.splitlines()):
         try:

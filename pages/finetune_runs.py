@@ -14,6 +14,8 @@ import streamlit as st
 from mactuner import runs
 from pages.common import memory_monitor
 
+MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
+
 
 
 def chart(title: str, traces: dict[str, tuple[list, list]], key: str, x_title: str = "step") -> None:
@@ -25,14 +27,15 @@ def chart(title: str, traces: dict[str, tuple[list, list]], key: str, x_title: s
 
 def charts_ui(tail: runs.MetricsTail) -> None:
     """Loss and validation loss, learning rate, gradient norm, tokens/s and memory of one run."""
-    chart("Loss", {"train": tail.series("loss"), "validation": tail.series("val_loss", "eval")}, "finetune_chart_loss")
+    series = lambda name, kind="train": tail.series(name, kind, max_points=MAX_POINTS)  # noqa: E731
+    chart("Loss", {"train": series("loss"), "validation": series("val_loss", "eval")}, "finetune_chart_loss")
     left, right = st.columns(2)
     with left:
-        chart("Learning rate", {"lr": tail.series("lr")}, "finetune_chart_lr")
-        chart("Tokens / s", {"tokens/s": tail.series("tokens_per_second")}, "finetune_chart_tps")
+        chart("Learning rate", {"lr": series("lr")}, "finetune_chart_lr")
+        chart("Tokens / s", {"tokens/s": series("tokens_per_second")}, "finetune_chart_tps")
     with right:
-        chart("Gradient norm", {"grad norm": tail.series("grad_norm")}, "finetune_chart_grad")
-        chart("Memory (MiB)", {"memory": tail.memory_series()}, "finetune_chart_mem", "seconds")
+        chart("Gradient norm", {"grad norm": series("grad_norm")}, "finetune_chart_grad")
+        chart("Memory (MiB)", {"memory": tail.memory_series(MAX_POINTS)}, "finetune_chart_mem", "seconds")
 
 
 def actions_ui(run: runs.RunInfo) -> None:

@@ -251,3 +251,15 @@ def test_cancel_while_the_trainer_starts_up_is_cancelled_not_failed(tiny_model_d
     assert runs.checkpoints(run.id) == []
     with pytest.raises(runs.RunError, match="no complete checkpoint"):
         runs.resume_run(run.id)
+
+
+def test_series_are_thinned_for_charts_but_keep_the_latest_point():
+    make_run("long", "running", metrics=[train_record(s, 1.0 / s, float(s)) for s in range(1, 2501)])
+    tail = runs.MetricsTail("long")
+    tail.update()
+    steps, losses = tail.series("loss", max_points=1000)
+    assert 800 <= len(steps) <= 1001 and steps[0] == 1 and steps[-1] == 2500
+    assert losses[-1] == pytest.approx(1 / 2500)
+    assert len(tail.series("loss")[0]) == 2500
+    seconds, mib = tail.memory_series(max_points=100)
+    assert seconds[0] == 0.0 and seconds[-1] == 2499.0 and len(seconds) <= 101
