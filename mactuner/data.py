@@ -419,6 +419,8 @@ def _row_to_example(value: Any, fmt: str) -> Example:
     if not isinstance(value, dict):
         raise _RowError(f"expected an object with columns, got {type(value).__name__}")
     missing = [c for c in _REQUIRED[fmt] if c not in value]
+    if fmt == "sharegpt" and "messages" in value:
+        missing = []  # ShareGPT turns under a "messages" column
     if missing:
         raise _RowError(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}")
     if fmt == "text":
@@ -595,6 +597,12 @@ def render_example(example: Example, tokenizer: Any) -> tuple[str, list[tuple[in
         upto = _render(tokenizer, messages[: i + 1], tools, False)
         if full.startswith(upto) and upto.startswith(before) and len(upto) > len(before):
             start, end = len(before), len(upto)
+            # templates that ignore add_generation_prompt leave the role header in
+            # the span: start at the reply itself where it can be found
+            content = message["content"].strip()
+            found = full.rfind(content, start, end) if content else -1
+            if found > start:
+                start = found
         else:
             # a template that renders a prefix differently from the whole: find the reply itself
             start = full.find(message["content"], search_from)
@@ -647,9 +655,10 @@ def _encode_all(examples: Sequence[Example], tokenizer: Any, assistant_only_loss
             for t, (a, b) in enumerate(offsets):
                 if b <= a:
                     continue
-                # a token belongs to the reply it starts in
+                # a token that holds any character of a reply is trained (a
+                # word piece such as " a" can start just before the reply)
                 for s, e in example_spans:
-                    if s <= a < e:
+                    if a < e and b > s:
                         labels[t] = ids[t]
                         break
         else:
