@@ -1,0 +1,113 @@
+"""Merge and quantization: refusals with reasons, merged logits, every variant loads and answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mactuner.chat import GenerationSettings, chat, load_chat_model
+from mactuner.quantize import (
+    METHODS,
+    VARIANT_FILE,
+    compare_variants,
+    load_variant,
+    merge_adapter,
+    model_memory_bytes,
+    perplexity,
+    quantize,
+    supported_methods,
+    unsupported_reason,
+)
+from test_chat import tiny_adapter, varied_model_dir  # noqa: F401 - shared fixtures (pytest adds tests/ to sys.path)
+
+TEXT = (
+    "The Nile is a major north-flowing river in northeastern Africa. It flows into the Mediterranean Sea. "
+    "The Nile is among the longest rivers in the world, about 6,650 kilometres long."
+)
+QUESTION = [{"role": "user", "content": "Where does the Nile flow?"}]
+CPU_METHODS = ["int8-dynamic", "int8-weight-only", "int4-weight-only"]
+
+
+def test_methods_refused_with_reasons():
+    assert supported_methods("cpu") == CPU_METHODS
+    assert "CUDA" in unsupported_reason("bnb-4bit", "cpu")
+    assert "MPS" in unsupported_reason("int8-weight-only", "mps")
+    assert "unknown method" in unsupported_reason("gptq", "cpu")
+    assert set(METHODS) >= set(CPU_METHODS) | {"bnb-8bit", "bnb-4bit"}
+    with pytest.raises(ValueError, match="CUDA"):
+        quantize(None, "bnb-8bit", device="cpu")
+
+
+def test_merged_model_logits_equal_base_plus_adapter(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = merge_adapter(tiny_adapter, base=str(varied_model_dir))
+    assert folder.parent == mactuner_home / "exports"
+    assert (folder / "model.safetensors").exists() and not (folder / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # plain transformers, no peft
+    base = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(tiny_adapter)).eval()
+    ids = torch.tensor([[1, 20, 300, 4000, 5, 60]])
+    with torch.inference_mode():
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
+def test_each_variant_is_saved_reloads_and_answers(varied_model_dir, method, tmp_path):  # noqa: F811
+    folder = quantize(str(varied_model_dir), method, tmp_path / method, device="cpu")
+    assert json.loads((folder / VARIANT_FILE).read_text())["method"] == method
+    variant = load_variant(folder, device="cpu")
+    text, stats = chat(variant, QUESTION, GenerationSettings(temperature=0, max_new_tokens=12))
+    assert stats.new_tokens == 12 and text.strip()
+    # the quantized model still computes (nearly) the same function as the original
+    original = load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.float32)
+    ids = torch.tensor([[1, 20, 300, 4000, 5, 60]])
+    with torch.inference_mode():
+        a = variant.model(ids).logits.float().flatten()
+        b = original.model(ids).logits.float().flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.9
+    ppl, tokens = perplexity(variant, TEXT)
+    assert math.isfinite(ppl) and tokens > 20
+    if method != "int8-dynamic":
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(folder)  # a standard transformers folder
+
+
+def test_compare_variants_reports_every_method(varied_model_dir, tiny_adapter, tmp_path):  # noqa: F811
+    report = compare_variants(
+        str(varied_model_dir), ["int8-weight-only", "bnb-4bit"], adapter=tiny_adapter, device="cpu",
+        text=TEXT, out_dir=tmp_path / "variants",
+    )
+    names = [v.name for v in report.variants]
+    assert names == ["merged", "int8-weight-only", "bnb-4bit"]
+    merged, int8, bnb = report.variants
+    assert merged.error is None and int8.error is None
+    assert int8.size_bytes < merged.size_bytes
+    assert int8.memory_bytes < merged.memory_bytes
+    assert merged.tokens_per_second > 0 and math.isfinite(int8.perplexity)
+    assert "CUDA" in bnb.error
+    saved = json.loads((tmp_path / "variants" / "report.json").read_text())
+    assert [v["name"] for v in saved["variants"]] == names
+    assert report.table()[1]["variant"] == "int8-weight-only"
+
+
+def test_memory_counts_quantized_weights(varied_model_dir, tmp_path):  # noqa: F811
+    original = load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.float32)
+    folder = quantize(str(varied_model_dir), "int8-weight-only", tmp_path / "q", device="cpu")
+    fp32 = model_memory_bytes(original.model)
+    assert fp32 == pytest.approx(original.num_parameters * 4, rel=0.05)
+    assert model_memory_bytes(load_variant(folder, device="cpu").model) < fp32 / 2
+
+
+@pytest.mark.slow
+def test_real_model_int8_still_knows_paris(smollm2_path, tmp_path):
+    folder = quantize(None, "int8-weight-only", tmp_path / "int8", device="cpu")
+    variant = load_variant(folder, device="cpu")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    text, _ = chat(variant, question, GenerationSettings(temperature=0, max_new_tokens=20))
+    assert "Paris" in text
