@@ -20,8 +20,12 @@ def model_ui() -> str:
     if kind.startswith("Built-in"):
         st.caption(f"{DEFAULT_MODEL}: ships with MacTuner, no download.")
         return DEFAULT_MODEL
-    label = "Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)" if kind.startswith("Hugging") else "Path"
-    return st.text_input(label, key="finetune_model_path").strip()
+    local = kind.startswith("Local")
+    source = st.text_input("Path" if local else "Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)", key="finetune_model_path").strip()
+    if local and source and not Path(source).expanduser().exists():
+        st.error(f"There is no folder or file at {source}.")
+        return ""
+    return str(Path(source).expanduser()) if local and source else source
 
 
 def dataset_ui() -> Path | None:

@@ -84,7 +84,7 @@ def run_ui(run: runs.RunInfo) -> None:
     tail.update()
     eta = runs.format_duration(runs.eta_seconds(tail.train, run.total_steps, since=run.started_at)) if run.is_running else "–"
     st.progress(run.progress, text=f"{run.state} · step {run.step}/{run.total_steps or '?'} · ETA {eta}")
-    if run.message:
+    if run.message and not run.message.startswith("Step "):  # the progress bar already says which step
         (st.error if run.state == "failed" else st.caption)(run.message)
     if run.state == "failed" and run.log_tail:
         st.code(run.log_tail, language=None)
