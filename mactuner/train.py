@@ -434,7 +434,8 @@ class Trainer:
     def run(self) -> TrainResult:
         """setup → train → cleanup, with the run folder's status kept true on failure."""
         try:
-            self.setup()
+            if not self._set_up:
+                self.setup()
             return self.train()
         except BaseException as error:
             if self._writer is not None and self._writer.status.get("state") == "running":
@@ -576,10 +577,13 @@ class Trainer:
         return model, tokenizer
 
     def _prepare_data(self) -> None:
-        from mactuner.data import load_dataset_file, tokenize_examples, train_validation_split
+        from mactuner.data import DatasetError, load_dataset_file, tokenize_examples, train_validation_split
 
         config = self.config
-        load = load_dataset_file(config.dataset, config.dataset_format)
+        try:
+            load = load_dataset_file(config.dataset, config.dataset_format)
+        except DatasetError as error:
+            raise TrainingError(f"The dataset cannot be used: {error}") from error
         for problem in load.problems[:20]:
             self._info(f"Skipped a row: {problem}")
         if len(load.problems) > 20:
