@@ -197,3 +197,39 @@ def test_release_returns_memory(smollm2_path):
     assert model() is None
     # the weights' memory really went back to the system, not just to the allocator
     assert loaded_rss - process.memory_info().rss > 0.8 * weight_bytes
+
+
+def test_chat_command_answers_once_as_json(varied_model_dir, capsys):
+    import json
+
+    from mactuner.cli import main
+
+    code = main(["chat", "--model", str(varied_model_dir), "--device", "cpu", "--prompt", "Hello",
+                 "--temperature", "0", "--max-new-tokens", "6", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"] and out["stats"]["new_tokens"] == 6
+
+
+def test_chat_command_repl_keeps_history_and_clears(varied_model_dir, monkeypatch, capsys):
+    import io
+    import re
+
+    from mactuner.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nHello\n/clear\nHello\n/quit\n"))
+    code = main(["chat", "--model", str(varied_model_dir), "--device", "cpu", "--temperature", "0", "--max-new-tokens", "5"])
+    captured = capsys.readouterr()
+    assert code == 0
+    answers = re.findall(r"model> (.*?)\nyou> ", captured.out, flags=re.S)
+    assert len(answers) == 3 and answers[0].strip()
+    # the second question is answered with the first exchange as context; after /clear it is a fresh start again
+    assert answers[1] != answers[0] and answers[2] == answers[0]
+    assert "conversation cleared" in captured.err
+
+
+def test_chat_command_reports_a_bad_adapter(tmp_path, capsys):
+    from mactuner.cli import main
+
+    assert main(["chat", "--adapter", str(tmp_path), "--prompt", "hi", "--device", "cpu"]) == 1
+    assert "adapter_config.json" in capsys.readouterr().err

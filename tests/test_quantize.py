@@ -111,3 +111,21 @@ def test_real_model_int8_still_knows_paris(smollm2_path, tmp_path):
     question = [{"role": "user", "content": "What is the capital of France?"}]
     text, _ = chat(variant, question, GenerationSettings(temperature=0, max_new_tokens=20))
     assert "Paris" in text
+
+
+def test_merge_and_quantize_commands(varied_model_dir, tiny_adapter, tmp_path, capsys):  # noqa: F811
+    from mactuner.cli import main
+
+    assert main(["merge", "--adapter", str(tiny_adapter), "--model", str(varied_model_dir),
+                 "--out", str(tmp_path / "merged"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(tmp_path / "merged")
+    assert main(["quantize", "--list", "--json", "--device", "cpu"]) == 0
+    listed = {m["method"]: m["refused"] for m in json.loads(capsys.readouterr().out)["methods"]}
+    assert listed["int8-weight-only"] is None and "CUDA" in listed["bnb-8bit"]
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    assert main(["quantize", "--model", str(tmp_path / "merged"), "--method", "int8-dynamic", "--device", "cpu",
+                 "--text-file", str(text), "--out", str(tmp_path / "variants")]) == 0
+    out = capsys.readouterr().out
+    assert "int8-dynamic" in out and "perplexity" in out
+    assert main(["quantize", "--method", "gptq", "--device", "cpu"]) == 2
