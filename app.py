@@ -16,6 +16,7 @@ pg = st.navigation(
         st.Page(DASHBOARD, title="Dashboard", url_path="dashboard", visibility="hidden"),
         st.Page("pages/finetune.py", title="Fine-tune", icon=":material/model_training:", url_path="finetune"),
         st.Page("pages/rag.py", title="Ask documents", icon=":material/find_in_page:", url_path="rag"),
+        st.Page("pages/chat.py", title="Chat", icon=":material/chat:", url_path="chat"),
     ]
 )
 

@@ -188,6 +188,34 @@ def load_chat_model(
     return loaded
 
 
+@dataclass
+class AdapterChoice:
+    """An adapter a person can chat with: a finished run's final adapter or one of its checkpoints."""
+
+    label: str  # "run-id · final" or "run-id · step 50"
+    path: Path
+    run_id: str
+    base_model: str | None  # the run's configured model, if known
+    step: int | None  # None for the final adapter
+
+
+def list_adapters() -> list[AdapterChoice]:
+    """Adapters found under ``paths.runs_dir()``: each run's final ``adapter/`` (finished runs) then its checkpoints, newest run first."""
+    from mactuner.checkpoints import list_checkpoints
+    from mactuner.runs import list_runs
+
+    choices = []
+    for run in list_runs():
+        final = run.path / "adapter"
+        if run.state == "finished" and (final / "adapter_config.json").is_file():
+            choices.append(AdapterChoice(f"{run.id} · final", final, run.id, run.model, None))
+        for checkpoint in reversed(list_checkpoints(run.path)):
+            if (checkpoint.path / "adapter_config.json").is_file():
+                label = f"{run.id} · step {checkpoint.step}"
+                choices.append(AdapterChoice(label, checkpoint.path, run.id, run.model, checkpoint.step))
+    return choices
+
+
 def release_model(loaded: LoadedModel | None = None) -> None:
     """Free what a dropped model held: collect garbage and return cached device memory.
 

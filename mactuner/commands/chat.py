@@ -59,6 +59,7 @@ def _answer(loaded, messages, settings, as_json: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, then answer the prompt or run the REPL."""
+    from mactuner.models import ModelSourceError
     from mactuner.chat import GenerationSettings, load_chat_model
 
     try:
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.adapter, device=_device(args),
             progress=None if args.json else (lambda message, _fraction: print(message, file=sys.stderr)),
         )
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:

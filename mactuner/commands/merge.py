@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Merge and save."""
+    from mactuner.models import ModelSourceError
     from mactuner.quantize import merge_adapter
 
     quiet = args.json
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             args.adapter, args.out, base=args.model,
             progress=None if quiet else (lambda message, _fraction: print(message, file=sys.stderr)),
         )
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"path": str(folder)}) if args.json else folder)

@@ -45,6 +45,7 @@ def _device(args) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Quantize, measure and print the table (or JSON)."""
+    from mactuner.models import ModelSourceError
     from mactuner.devices import resolve_device
     from mactuner.quantize import METHODS, compare_variants, unsupported_reason
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.methods, adapter=args.adapter, device=device, text=text, out_dir=args.out,
             progress=None if args.json else (lambda message, _fraction: print(message, file=sys.stderr)),
         )
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
