@@ -17,6 +17,7 @@ pg = st.navigation(
         st.Page("pages/finetune.py", title="Fine-tune", icon=":material/model_training:", url_path="finetune"),
         st.Page("pages/rag.py", title="Ask documents", icon=":material/find_in_page:", url_path="rag"),
         st.Page("pages/chat.py", title="Chat", icon=":material/chat:", url_path="chat"),
+        st.Page("pages/quantize.py", title="Quantize", icon=":material/compress:", url_path="quantize"),
     ]
 )
 

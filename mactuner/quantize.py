@@ -524,3 +524,40 @@ def _tokenizer_for(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
+
+
+def load_report(path: str | os.PathLike) -> QuantizeReport:
+    """Read a ``report.json`` written by :func:`compare_variants`."""
+    data = json.loads(Path(path).read_text())
+    variants = [VariantResult(**v) for v in data.pop("variants", [])]
+    return QuantizeReport(**data, variants=variants)
+
+
+def saved_reports() -> list[Path]:
+    """``report.json`` files under ``exports_dir()``, newest first."""
+    found = list(paths.exports_dir().glob("*/report.json"))
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def report_figure(report: QuantizeReport):
+    """A plotly figure: one bar panel per measure (size, memory, tokens/s, perplexity), one bar per variant."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    rows = [v for v in report.variants if v.error is None]
+    names = [v.name for v in rows]
+    panels = [
+        ("size on disk (MB)", [v.size_bytes / 1e6 for v in rows]),
+        ("memory (MB)", [None if v.memory_bytes is None else v.memory_bytes / 1e6 for v in rows]),
+        ("tokens/s (higher is better)", [v.tokens_per_second for v in rows]),
+        ("perplexity (lower is better)", [v.perplexity for v in rows]),
+    ]
+    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=[title for title, _ in panels])
+    for column, (title, values) in enumerate(panels, start=1):
+        figure.add_trace(
+            go.Bar(x=names, y=values, name=title, text=[None if y is None else f"{y:.1f}" for y in values],
+                   textposition="auto", showlegend=False),
+            row=1, col=column,
+        )
+    figure.update_layout(height=360, margin=dict(l=20, r=20, t=40, b=20))
+    return figure
