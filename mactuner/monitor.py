@@ -280,40 +280,46 @@ def memory_figure(
     title: str | None = None,
 ):
     """A plotly figure of memory over time, in GB: the device's use, this app's
-    share, its capacity, and one line per watched process."""
-    import datetime
+    share, its capacity, and one line per watched process.
 
+    The dashboard redraws it every second, so it is built cheaply: numpy arrays
+    (sent as compact binary, not JSON number lists), times as epoch
+    milliseconds on a date axis, and data and layout passed to the constructor
+    (plotly's ``update_layout`` path validation cost ~5x more).
+    """
+    import numpy as np
     import plotly.graph_objects as go
 
     def times(rows):
-        return [datetime.datetime.fromtimestamp(row.time) for row in rows]
+        # a date axis shows milliseconds as UTC: shift them to local wall-clock time
+        offset = time.localtime(rows[-1].time).tm_gmtoff
+        return (np.array([row.time for row in rows], dtype=float) + offset) * 1000
 
     def gb(values):
-        return [None if v is None else v / GB for v in values]
+        return np.array([np.nan if v is None else v for v in values], dtype=float) / GB
 
-    figure = go.Figure()
+    data = []
     if samples:
         x = times(samples)
-        figure.add_scatter(x=x, y=gb(s.used for s in samples), name="device used", mode="lines", fill="tozeroy")
-        figure.add_scatter(x=x, y=gb(s.allocated for s in samples), name="this app", mode="lines")
+        data.append(go.Scatter(x=x, y=gb(s.used for s in samples), name="device used", mode="lines", fill="tozeroy"))
+        data.append(go.Scatter(x=x, y=gb(s.allocated for s in samples), name="this app", mode="lines"))
         if any(s.total for s in samples):
-            figure.add_scatter(
-                x=x, y=gb(s.total for s in samples), name="total", mode="lines", line={"dash": "dash", "width": 1}
-            )
-    for pid, rows in (processes or {}).items():
+            dashed = {"dash": "dash", "width": 1}
+            data.append(go.Scatter(x=x, y=gb(s.total for s in samples), name="total", mode="lines", line=dashed))
+    for rows in (processes or {}).values():
         rows = [row for row in rows if row.rss is not None]
         if rows:
-            figure.add_scatter(x=times(rows), y=gb(r.rss for r in rows), name=f"{rows[-1].label} (RAM)", mode="lines")
+            x = times(rows)
+            data.append(go.Scatter(x=x, y=gb(r.rss for r in rows), name=f"{rows[-1].label} (RAM)", mode="lines"))
             if any(r.gpu for r in rows):
-                figure.add_scatter(x=times(rows), y=gb(r.gpu for r in rows), name=f"{rows[-1].label} (GPU)", mode="lines")
-    figure.update_layout(
-        title=title,
-        xaxis_title=None,
-        yaxis_title="GB",
-        yaxis_rangemode="tozero",
-        height=340,
-        margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 40},
-        legend={"orientation": "h", "y": -0.25},
-        uirevision="memory",  # keep zoom and hidden series across live updates
-    )
-    return figure
+                data.append(go.Scatter(x=x, y=gb(r.gpu for r in rows), name=f"{rows[-1].label} (GPU)", mode="lines"))
+    layout = {
+        "title": {"text": title} if title else None,
+        "xaxis": {"type": "date"},
+        "yaxis": {"title": {"text": "GB"}, "rangemode": "tozero"},
+        "height": 340,
+        "margin": {"l": 10, "r": 10, "t": 40 if title else 10, "b": 40},
+        "legend": {"orientation": "h", "y": -0.25},
+        "uirevision": "memory",  # keep zoom and hidden series across live updates
+    }
+    return go.Figure(data=data, layout={key: value for key, value in layout.items() if value is not None})

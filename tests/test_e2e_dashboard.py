@@ -28,7 +28,8 @@ def chart_points(page) -> int:
     return page.evaluate(
         """() => {
             const plot = document.querySelector('.js-plotly-plot');
-            return plot && plot.data && plot.data.length ? plot.data[0].x.length : 0;
+            // _fullData holds the decoded arrays (data keeps the compact binary spec)
+            return plot && plot._fullData && plot._fullData.length ? plot._fullData[0].x.length : 0;
         }"""
     )
 

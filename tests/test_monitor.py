@@ -146,3 +146,16 @@ def test_memory_figure_has_a_line_per_series(monitor):
     assert all(len(trace.x) == 3 for trace in figure.data)
     assert figure.layout.yaxis.title.text == "GB"
     assert 0 < max(figure.data[0].y) < max(figure.data[2].y)
+
+
+def test_memory_figure_shows_local_wall_clock_time(monitor):
+    import datetime
+
+    monitor.sample_once()
+    sample = monitor.latest("cpu")
+    figure = memory_figure([sample])
+    assert figure.layout.xaxis.type == "date"
+    # the axis shows epoch milliseconds as UTC; they must read as local time, as a person reads a clock
+    shown = datetime.datetime(1970, 1, 1) + datetime.timedelta(milliseconds=float(figure.data[0].x[0]))
+    expected = datetime.datetime.fromtimestamp(sample.time)
+    assert abs(shown - expected) < datetime.timedelta(seconds=1)
