@@ -97,6 +97,26 @@ def fake_mps_mac(monkeypatch, recommended_max: int = 16 * GiB) -> None:
     monkeypatch.setattr(devices, "probe_device", _probe_only({"mps"}))
 
 
+class FakeNVML:
+    """NVML as the driver answers it: device-wide memory, including other processes."""
+
+    def __init__(self, used_by_pid: dict[int, int]):
+        self.used_by_pid = used_by_pid
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        total = [24, 15][handle] * GiB
+        used = sum(self.used_by_pid.values()) if handle == 0 else 0
+        return type("Memory", (), {"total": total, "used": used, "free": total - used})()
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        if handle != 0:
+            return []
+        return [type("Proc", (), {"pid": pid, "usedGpuMemory": used})() for pid, used in self.used_by_pid.items()]
+
+
 @pytest.fixture
 def cpu_only(monkeypatch):
     fake_cpu_only(monkeypatch)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_hardware import GiB, cpu_only, mps_mac, two_cuda_gpus  # noqa: F401 - fixtures
+from fake_hardware import FakeNVML, GiB, cpu_only, mps_mac, two_cuda_gpus  # noqa: F401 - fixtures
 
 import mactuner.devices as devices
 from mactuner.devices import (
@@ -278,3 +278,18 @@ def test_quick_health_touches_no_device(two_cuda_gpus):
     assert [p["device"] for p in report["devices"]] == ["cuda:0", "cuda:1", "cpu"]
     assert all("float32_ms" not in p for p in report["devices"])
     assert two_cuda_gpus["mem_get_info"] == []
+
+
+def test_nvml_shows_other_processes_use(two_cuda_gpus, monkeypatch):
+    # another program holds 6 GiB on cuda:0; torch in this process knows only its own 2 GiB
+    monkeypatch.setattr(devices, "_nvml", lambda: FakeNVML({4242: 6 * GiB, 4243: 3 * GiB}))
+    snapshot = devices.memory_snapshot("cuda:0", init=False)
+    assert snapshot.used == 9 * GiB and snapshot.free == 15 * GiB and snapshot.total == 24 * GiB
+    assert snapshot.allocated == 2 * GiB
+    assert two_cuda_gpus["mem_get_info"] == []  # NVML needs no CUDA context
+
+
+def test_mps_advice(mps_mac, monkeypatch):
+    monkeypatch.delenv("PYTORCH_ENABLE_MPS_FALLBACK", raising=False)
+    advice = " ".join(DeviceManager().health(probe=False)["advice"])
+    assert "PYTORCH_ENABLE_MPS_FALLBACK=1" in advice and "float32" in advice

@@ -159,3 +159,19 @@ def test_memory_figure_shows_local_wall_clock_time(monitor):
     shown = datetime.datetime(1970, 1, 1) + datetime.timedelta(milliseconds=float(figure.data[0].x[0]))
     expected = datetime.datetime.fromtimestamp(sample.time)
     assert abs(shown - expected) < datetime.timedelta(seconds=1)
+
+
+def test_watched_process_gpu_memory_comes_from_nvml(two_cuda_gpus, monkeypatch):
+    import os
+
+    import mactuner.devices as devices
+    from fake_hardware import FakeNVML
+
+    monkeypatch.setattr(devices, "_nvml", lambda: FakeNVML({os.getpid(): 5 * 1024**3}))
+    monkeypatch.setattr("mactuner.monitor._nvml", devices._nvml)
+    monitor = MemoryMonitor(DeviceManager(), interval=1.0)
+    monitor.watch_process(os.getpid(), "trainer")
+    monitor.sample_once()
+    (row,) = monitor.process_history(os.getpid())[os.getpid()]
+    assert row.gpu == 5 * 1024**3 and row.rss > 0
+    assert monitor.latest("cuda:0").used == 5 * 1024**3
