@@ -248,8 +248,8 @@ def test_command_line_index_list_search_remove(tiny_embedder_dir, tmp_path, caps
 def test_ivf_index_matches_exact_search_on_clustered_vectors():
     generator = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(200, 64, generator=generator), dim=1)
-    labels = torch.randint(0, 200, (30_000,), generator=generator)
-    vectors = torch.nn.functional.normalize(centres[labels] + 0.12 * torch.randn(30_000, 64, generator=generator), dim=1)
+    labels = torch.randint(0, 200, (12_000,), generator=generator)
+    vectors = torch.nn.functional.normalize(centres[labels] + 0.12 * torch.randn(12_000, 64, generator=generator), dim=1)
     queries = torch.nn.functional.normalize(centres[:50] + 0.12 * torch.randn(50, 64, generator=generator), dim=1)
     exact = VectorIndex(vectors, ivf_threshold=10**9)
     ivf = VectorIndex(vectors, ivf_threshold=10_000)
