@@ -245,6 +245,38 @@ def test_command_line_index_list_search_remove(tiny_embedder_dir, tmp_path, caps
     assert Collection.open("birds").documents() == []
 
 
+def test_large_collection_uses_ivf_and_keeps_its_centroids(tiny_embedder, tiny_embedder_dir):
+    settings = IndexSettings(chunk_size=60, chunk_overlap=0, embedding_model=str(tiny_embedder_dir), ivf_threshold=100)
+    collection = Collection.create("big", settings)
+    lines = [f"Fact number {i}: the {word} of item {i} is {i * 7 % 13}." for i, word in
+             zip(range(240), ["colour", "weight", "size", "price"] * 60)]
+    collection.add([("facts.txt", "\n".join(lines).encode())], tiny_embedder)
+    index = collection.index("cpu")
+    assert index.kind == "ivf" and (collection.folder / "ivf_centroids.npy").exists()
+    centroids = np.load(collection.folder / "ivf_centroids.npy")
+    query = lines[123]
+    hits = collection.search(query, tiny_embedder, top_k=3)
+    assert hits[0].text == query and hits[0].line == 124
+    # a fresh object reuses the saved partitions and finds the same
+    rag._INDEX_CACHE.clear()
+    reopened = Collection.open("big")
+    assert [h.text for h in reopened.search(query, tiny_embedder, top_k=3)] == [h.text for h in hits]
+    assert np.array_equal(reopened.index("cpu").centroids.numpy(), centroids)
+
+
+def test_command_line_ask_json(tiny_embedder_dir, tiny_model_dir, capsys):
+    from mactuner.cli import main
+
+    collection = Collection.create("facts", IndexSettings(embedding_model=str(tiny_embedder_dir)))
+    collection.add([("moon.txt", b"The Moon orbits the Earth every 27 days.")], load_embedder(
+        str(tiny_embedder_dir), device="cpu"))
+    assert main(["rag", "ask", "facts", "How long is the Moon's orbit?", "--model", str(tiny_model_dir),
+                 "--device", "cpu", "--max-new-tokens", "8", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["sources"][0]["file"] == "moon.txt" and answer["sources"][0]["position"] == "line 1, chunk 0"
+    assert answer["answer"] and answer["stats"]["new_tokens"] >= 1 and answer["device"] == "cpu"
+
+
 def test_ivf_index_matches_exact_search_on_clustered_vectors():
     generator = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(200, 64, generator=generator), dim=1)
