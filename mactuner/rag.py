@@ -627,6 +627,14 @@ _INDEX_CACHE_SIZE = 4
 _INDEX_LOCK = threading.Lock()
 
 
+def _size(nbytes: int) -> str:
+    for unit in ("bytes", "KB", "MB"):
+        if nbytes < 1024 or unit == "MB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} MB"
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -712,6 +720,8 @@ class Collection:
         """The documents, oldest first."""
         docs = []
         for meta in (self.folder / "documents").glob("*/document.json"):
+            if meta.parent.name.startswith("."):  # a document still being written (or left by a crash)
+                continue
             docs.append(DocumentInfo(**json.loads(meta.read_text(encoding="utf-8"))))
         return sorted(docs, key=lambda d: (d.added_at, d.id))
 
@@ -768,7 +778,7 @@ class Collection:
             def read() -> bytes:
                 size = path.stat().st_size
                 if size > limit:
-                    raise DocumentError(f"{display}: {size / 1e6:.1f} MB is over the {limit / 1e6:.1f} MB limit")
+                    raise DocumentError(f"{display}: {_size(size)} is over the {_size(limit)} limit")
                 try:
                     return path.read_bytes()
                 except OSError as exc:
@@ -781,7 +791,7 @@ class Collection:
 
                 def upload(d=data, n=upload_name) -> bytes:
                     if len(d) > limit:
-                        raise DocumentError(f"{n}: {len(d) / 1e6:.1f} MB is over the {limit / 1e6:.1f} MB limit")
+                        raise DocumentError(f"{n}: {_size(len(d))} is over the {_size(limit)} limit")
                     return bytes(d)
                 yield str(upload_name), upload
                 continue
@@ -803,7 +813,7 @@ class Collection:
     def _add_document(self, display: str, name: str, data: bytes, digest: str, embedder: Embedder,
                       progress: Progress) -> DocumentInfo:
         if len(data) > self.settings.max_file_bytes:
-            raise DocumentError(f"{display}: over the {self.settings.max_file_bytes / 1e6:.1f} MB limit")
+            raise DocumentError(f"{display}: {_size(len(data))} is over the {_size(self.settings.max_file_bytes)} limit")
         extracted = extract_text(data, display)
         text = extracted.text
         spans = split_text(text, self.settings.chunk_size, self.settings.chunk_overlap)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from mactuner import paths, rag
-from mactuner.chat import GenerationSettings, load_chat_model
+from mactuner import rag
+from mactuner.chat import GenerationSettings, list_adapters, load_chat_model, release_model
 from mactuner.models import DEFAULT_MODEL
 from pages.common import selected_device
 
@@ -18,7 +18,8 @@ def embedder(model: str, device: str) -> rag.Embedder:
     return rag.load_embedder(model, device=device)
 
 
-@st.cache_resource(show_spinner="Loading the chat model…", max_entries=1)  # one at a time: they are large
+# one at a time (they are large); a replaced model's memory goes back to the device
+@st.cache_resource(show_spinner="Loading the chat model…", max_entries=1, on_release=release_model)
 def chat_model(model: str, adapter: str, device: str):
     return load_chat_model(model or None, adapter or None, device=device)
 
@@ -87,10 +88,10 @@ def documents_ui(collection: rag.Collection) -> None:
 def answer_settings_ui() -> tuple[str, str, int, int]:
     """Model, adapter, top-k and answer length."""
     with st.expander("Answer settings"):
-        adapters = sorted(str(p.parent) for p in paths.runs_dir().glob("*/adapter/adapter_config.json"))
+        adapters = {str(choice.path): choice.label for choice in list_adapters()}
         model = st.text_input("Base model", DEFAULT_MODEL, key="rag_model", help="built-in, a hub id or a folder")
-        adapter = st.selectbox("Fine-tuned adapter", [""] + adapters, key="rag_adapter",
-                               format_func=lambda a: Path(a).parent.name if a else "none (base model)")
+        adapter = st.selectbox("Fine-tuned adapter", ["", *adapters], key="rag_adapter",
+                               format_func=lambda a: adapters.get(a, "none (base model)"))
         top_k = st.slider("Chunks retrieved (top-k)", 1, 10, 4, key="rag_top_k")
         max_new = st.slider("Max new tokens", 16, 512, 200, 16, key="rag_max_new_tokens")
     return model, adapter, top_k, max_new
