@@ -728,6 +728,7 @@ class DatasetSummary:
         token_lengths: the token length of every usable row (for a histogram).
         min_tokens, mean_tokens, median_tokens, p95_tokens, max_tokens: their statistics.
         truncated_rows: rows longer than ``max_length``.
+        trained_lengths: tokens that take the loss in every usable row, after truncation.
         trained_tokens: tokens that take the loss, after truncation.
         rows_without_trained_tokens: rows whose trained part is cut off entirely by
             the truncation (they teach nothing; raise the max length).
@@ -746,6 +747,7 @@ class DatasetSummary:
     p95_tokens: int
     max_tokens: int
     truncated_rows: int
+    trained_lengths: list[int]
     trained_tokens: int
     rows_without_trained_tokens: int
 
@@ -772,12 +774,7 @@ def summarize_dataset(
     for p in problems:
         p.file = p.file or load.path.name
     lengths = [len(ids) for ids, _ in encoded]
-    trained = 0
-    empty = 0
-    for _ids, labels in encoded:
-        n = sum(1 for x in labels[:max_length] if x != IGNORE_INDEX)
-        trained += n
-        empty += n == 0
+    trained_lengths = [sum(1 for x in labels[:max_length] if x != IGNORE_INDEX) for _ids, labels in encoded]
     return DatasetSummary(
         path=str(load.path),
         format=load.format,
@@ -792,8 +789,9 @@ def summarize_dataset(
         p95_tokens=percentile(lengths, 95),
         max_tokens=max(lengths, default=0),
         truncated_rows=sum(1 for n in lengths if n > max_length),
-        trained_tokens=trained,
-        rows_without_trained_tokens=empty,
+        trained_lengths=trained_lengths,
+        trained_tokens=sum(trained_lengths),
+        rows_without_trained_tokens=sum(1 for n in trained_lengths if n == 0),
     )
 
 

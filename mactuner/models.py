@@ -237,8 +237,18 @@ def model_path(
     if resolved.kind == "default":
         return resolved, str(default_model_path(progress))
     if resolved.kind == "gguf":
+        if _is_builtin_gguf(resolved.gguf_file):
+            # the built-in model's own file: its converted folder is the default's
+            return resolved, str(default_model_path(progress))
         return resolved, str(gguf_model_path(resolved.gguf_file, progress))
     return resolved, resolved.path
+
+
+def _is_builtin_gguf(path: str | None) -> bool:
+    try:
+        return path is not None and Path(path).resolve() == _smollm2_gguf().resolve()
+    except FileNotFoundError:
+        return False
 
 
 def load_config(
@@ -258,7 +268,7 @@ def load_config(
         if resolved.kind == "default":
             return AutoConfig.from_pretrained(default_model_path(progress))
         if resolved.kind == "gguf":
-            cached = gguf_cache_path(resolved.gguf_file)
+            cached = default_model_path(progress) if _is_builtin_gguf(resolved.gguf_file) else gguf_cache_path(resolved.gguf_file)
             if (cached / "config.json").exists():
                 return AutoConfig.from_pretrained(cached)
             gguf = Path(resolved.gguf_file)

@@ -1,0 +1,496 @@
+"""Recommended training settings and a memory estimate, from the model, the device and the data.
+
+:func:`estimate_memory` predicts the peak memory of a training run from the
+model's shapes alone (:class:`mactuner.models.ModelFootprint`) and the run's
+settings, broken down into the weights; the trainable parameters with their
+gradients and AdamW state; the activations kept for the backward pass (with the
+logits); and a fixed runtime overhead. Its constants were measured on
+MacTuner's own trainer (``mactuner.train``), whose choices it mirrors: frozen
+weights in the compute dtype, LoRA adapters in float32, full fine-tuning in
+float32 under autocast, logits computed only where a token is trained.
+``tests/test_recommend.py`` checks it against the peak of real runs (±25 %).
+
+:func:`recommend_hyperparameters` picks settings that fit the device's free
+memory, each with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from mactuner.models import ModelFootprint
+
+GB = 1024**3
+MB = 1024**2
+
+# --- constants measured on MacTuner's trainer (SmolLM2-135M, CPU; see the test) ---------
+# bytes kept per token and per transformer block, in units of the compute dtype's size:
+# the MLP keeps about four intermediate-wide tensors (gate, up, activation, product)
+# and the attention about two hidden-wide ones
+_ACT_HIDDEN = 2
+_ACT_INTERMEDIATE = 4
+# RMSNorm computes in float32 and keeps a float32, hidden-wide tensor per token
+_ACT_FLOAT32_HIDDEN = 1
+# per trained token and vocabulary entry: the logits in the compute dtype, their
+# float32 copy, the log-softmax and its gradient (cross-entropy in float32)
+_LOGIT_FLOAT32_COPIES = 3
+# what a training process holds besides tensors: the tokenizer, the tokenized
+# data, the CPU kernels' workspaces (the CUDA context is not in max_memory_allocated)
+_CPU_OVERHEAD = 160 * MB
+_GPU_OVERHEAD = 64 * MB
+# AdamW: two float32 moments per trainable parameter
+_ADAM_BYTES = 8
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak memory of a training run, in bytes.
+
+    Attributes:
+        weights: the model's weights (frozen or not) in their storage dtype.
+        trainable: trainable parameters' float32 copies (LoRA) plus their gradients
+            and AdamW's two moments; for full fine-tuning, gradients, moments and
+            autocast's low-precision weight copies.
+        activations: tensors kept for the backward pass at the longest micro-batch,
+            including the logits and the cross-entropy.
+        overhead: the runtime's own memory (tokenizer, data, kernel workspaces).
+    """
+
+    weights: int
+    trainable: int
+    activations: int
+    overhead: int
+
+    def __post_init__(self) -> None:
+        for name in ("weights", "trainable", "activations", "overhead"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 bytes, got {getattr(self, name)}")
+
+    @property
+    def total(self) -> int:
+        """The predicted peak, in bytes."""
+        return self.weights + self.trainable + self.activations + self.overhead
+
+    def to_dict(self) -> dict[str, Any]:
+        """Bytes and GB of every part and the total."""
+        parts = {"weights": self.weights, "trainable": self.trainable, "activations": self.activations,
+                 "overhead": self.overhead, "total": self.total}
+        return {**{f"{k}_bytes": v for k, v in parts.items()}, **{f"{k}_gb": round(v / GB, 3) for k, v in parts.items()}}
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return value
+
+
+def _target_names(footprint: ModelFootprint, target_modules: Any) -> list[str]:
+    if target_modules in ("all-linear", ["all-linear"], ("all-linear",)):
+        return [n for n in footprint.linear_shapes if n != "lm_head"]
+    return list(target_modules)
+
+
+def estimate_memory(
+    footprint: ModelFootprint,
+    *,
+    method: str = "lora",
+    dtype: torch.dtype | str = torch.float32,
+    batch_size: int = 4,
+    seq_len: int = 512,
+    lora_rank: int = 8,
+    target_modules: Any = DEFAULT_TARGET_MODULES,
+    gradient_checkpointing: bool = False,
+    trained_tokens_per_row: int | None = None,
+    device_type: str = "cpu",
+) -> MemoryEstimate:
+    """Predict the peak memory of training ``footprint`` with these settings.
+
+    Args:
+        footprint: the model's shapes (:func:`mactuner.models.model_footprint`).
+        method: ``"lora"``, ``"qlora"`` (4-bit base) or ``"full"``.
+        dtype: the compute dtype (the weights' dtype for LoRA/QLoRA).
+        batch_size: rows per micro-batch.
+        seq_len: tokens in the longest micro-batch's rows (padded length).
+        lora_rank: LoRA rank (LoRA/QLoRA).
+        target_modules: the linear layers LoRA wraps, or ``"all-linear"``.
+        gradient_checkpointing: keep only each block's input, recompute the rest.
+        trained_tokens_per_row: tokens per row that take the loss (logits are
+            computed only there); ``None``: every token.
+        device_type: ``"cpu"``, ``"cuda"`` or ``"mps"`` (the runtime overhead differs).
+    """
+    if method not in ("lora", "qlora", "full"):
+        raise ValueError(f"method must be lora, qlora or full, got {method!r}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("lora_rank", lora_rank)):
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    compute = _dtype(dtype)
+    b = compute.itemsize
+    h = footprint.hidden_size
+    i = footprint.intermediate_size or 4 * h
+    layers = footprint.num_layers
+    tokens = batch_size * seq_len
+    trained = batch_size * min(seq_len, trained_tokens_per_row if trained_tokens_per_row is not None else seq_len)
+
+    # weights and what training adds per trainable parameter
+    if method == "full":
+        # float32 master weights; gradients in float32, two AdamW moments; under
+        # autocast each weight also gets a low-precision copy while it is in use
+        weights = footprint.num_parameters * 4
+        autocast_copies = footprint.num_parameters * b if compute != torch.float32 else 0
+        trainable = footprint.num_parameters * (4 + _ADAM_BYTES) + autocast_copies
+        adapter_inputs = 0
+        b_act = b
+    else:
+        weights = footprint.weight_bytes(compute, quantized_4bit=method == "qlora")
+        lora = footprint.lora_parameters(lora_rank, target_modules)
+        # float32 adapter weights, their float32 gradients and AdamW's moments
+        trainable = lora * (4 + 4 + _ADAM_BYTES)
+        # the float32 adapter casts its input to float32 and keeps that copy (when the
+        # base is not float32 already), plus its rank-wide hidden vector
+        adapter_inputs = 0
+        for name in _target_names(footprint, target_modules):
+            shapes = footprint.linear_shapes.get(name, [])
+            per_layer = len(shapes) / layers
+            in_features = shapes[0][0] if shapes else h
+            adapter_inputs += per_layer * ((4 * in_features if compute != torch.float32 else 0) + 4 * lora_rank)
+        b_act = b
+
+    # activations kept per token and per block
+    block = b_act * (_ACT_HIDDEN * h + _ACT_INTERMEDIATE * i) + 4 * _ACT_FLOAT32_HIDDEN * h + adapter_inputs
+    if gradient_checkpointing:
+        # each block's input is kept; one block at a time is recomputed in full
+        kept = tokens * (layers * b_act * h + block)
+    else:
+        kept = tokens * layers * block
+    # logits only where a token is trained, in the compute dtype then float32 copies
+    logits = trained * footprint.vocab_size * (b_act + 4 * _LOGIT_FLOAT32_COPIES)
+    # the final norm and the embedding output
+    ends = tokens * h * (4 + b_act)
+    activations = int(kept + logits + ends)
+    overhead = _CPU_OVERHEAD if device_type == "cpu" else _GPU_OVERHEAD
+    return MemoryEstimate(int(weights), int(trainable), activations, overhead)
+
+
+# --------------------------------------------------------------------------------------
+# recommendations
+
+
+@dataclass
+class Recommendation:
+    """Recommended settings for one model, dataset and device, each with its reason.
+
+    Attributes:
+        model: the model named.
+        device: the device the settings are for.
+        dtype: compute dtype name (``bfloat16``…).
+        method: ``lora``, ``qlora`` or ``full``.
+        batch_size: rows per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        max_length: longest sequence in tokens.
+        lora_rank, lora_alpha: LoRA size and scaling.
+        target_modules: the linear layers given adapters.
+        learning_rate: peak AdamW learning rate.
+        epochs: passes over the data.
+        gradient_checkpointing: recompute activations to save memory.
+        reasons: one line per setting, keyed by the setting's name.
+        memory: the estimate for these settings.
+        free_memory: bytes free on the device when recommending (``None`` if unknown).
+        num_parameters: the model's parameters.
+        trainable_parameters: parameters trained with these settings.
+        dataset_rows: usable rows in the dataset (``None`` without a dataset).
+        warnings: what the person should know (e.g. it does not fit).
+    """
+
+    model: str
+    device: str
+    dtype: str
+    method: str
+    batch_size: int
+    grad_accum: int
+    max_length: int
+    lora_rank: int
+    lora_alpha: float
+    target_modules: list[str] | str
+    learning_rate: float
+    epochs: float
+    gradient_checkpointing: bool
+    reasons: dict[str, str]
+    memory: MemoryEstimate
+    free_memory: int | None
+    num_parameters: int
+    trainable_parameters: int
+    dataset_rows: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "qlora", "full"):
+            raise ValueError(f"method must be lora, qlora or full, got {self.method!r}")
+        for name in ("batch_size", "grad_accum", "max_length", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def use_qlora(self) -> bool:
+        """Whether the base model is quantized to 4 bits (QLoRA)."""
+        return self.method == "qlora"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the memory estimate in bytes and GB)."""
+        data = asdict(self)
+        data["memory"] = self.memory.to_dict()
+        data["use_qlora"] = self.use_qlora
+        return data
+
+    def train_config_values(self) -> dict[str, Any]:
+        """The settings as :class:`mactuner.config.TrainConfig` field values."""
+        return {
+            "method": self.method,
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "max_length": self.max_length,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "target_modules": self.target_modules,
+            "learning_rate": self.learning_rate,
+            "epochs": self.epochs,
+            "gradient_checkpointing": self.gradient_checkpointing,
+        }
+
+
+def free_memory_bytes(device: str | torch.device) -> tuple[int | None, int | None]:
+    """``(available, total)`` bytes on ``device`` (``None`` where unknown)."""
+    from mactuner.devices import memory_axes, memory_snapshot
+
+    axes = memory_axes(memory_snapshot(device))
+    return axes.get("available"), axes.get("total")
+
+
+def _round_up(value: int, step: int) -> int:
+    return int(math.ceil(value / step) * step)
+
+
+def _choose_max_length(summary: Any, model_limit: int | None) -> tuple[int, str]:
+    limit = model_limit or 4096
+    if summary is None:
+        value = min(512, limit)
+        return value, f"{value} tokens: a common default without a dataset to measure"
+    longest, p95 = summary.max_tokens, summary.p95_tokens
+    if _round_up(longest, 64) <= min(2048, limit):
+        value = _round_up(longest, 64)
+        return value, f"{value} tokens: the longest row has {longest}, so nothing is truncated"
+    value = min(_round_up(p95, 64), 2048, limit)
+    cut = sum(1 for n in summary.token_lengths if n > value)
+    return value, (
+        f"{value} tokens: covers 95 % of rows (p95 {p95}, longest {longest}); {cut} longer rows are truncated "
+        "rather than paying their memory in every batch"
+    )
+
+
+def _trained_per_row(summary: Any, max_length: int) -> int | None:
+    """The most trained tokens of any row after truncation (bounds the logits' memory)."""
+    if summary is None or not getattr(summary, "trained_lengths", None):
+        return None
+    return max(min(n, max_length) for n in summary.trained_lengths)
+
+
+def recommend_hyperparameters(
+    model: str | None = None,
+    dataset: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    *,
+    footprint: ModelFootprint | None = None,
+    summary: Any = None,
+    free_memory: int | None = None,
+    trust_remote_code: bool = False,
+) -> Recommendation:
+    """Settings that fit ``device`` for fine-tuning ``model`` on ``dataset``.
+
+    Args:
+        model: a model source (see :func:`mactuner.models.load_model`); None: the default.
+        dataset: a dataset file; its token lengths set the max length and the steps.
+        device: the device to train on; None picks the best one.
+        footprint: the model's footprint if already known (skips reading the config).
+        summary: a :class:`mactuner.data.DatasetSummary` if already computed.
+        free_memory: bytes to plan with instead of reading the device's free memory.
+        trust_remote_code: allow the model's own code when reading its config.
+    """
+    from mactuner.devices import get_optimal_dtype, resolve_device
+    from mactuner.models import DEFAULT_MODEL, model_footprint
+
+    device = resolve_device(device)
+    model = model or DEFAULT_MODEL
+    footprint = footprint or model_footprint(model, trust_remote_code=trust_remote_code)
+    if summary is None and dataset is not None:
+        summary = _summarize(model, dataset, trust_remote_code)
+    total_memory = None
+    if free_memory is None:
+        free_memory, total_memory = free_memory_bytes(device)
+    compute = get_optimal_dtype(device)
+    dtype_name = str(compute).replace("torch.", "")
+    reasons: dict[str, str] = {}
+    warnings: list[str] = []
+    # plan with 80 % of what is free: the estimate's margin and other programs' growth
+    budget = int(free_memory * 0.8) if free_memory else None
+
+    reasons["dtype"] = {
+        "bfloat16": f"bfloat16: {device.type.upper()} computes it natively, half the memory of float32 at the same range",
+        "float16": "float16: the fastest precision this GPU supports (loss scaling keeps small gradients)",
+        "float32": "float32: this device has no fast half-precision arithmetic",
+    }[dtype_name]
+
+    # data-dependent settings
+    rows = summary.rows if summary is not None else None
+    max_length, reasons["max_length"] = _choose_max_length(summary, footprint.max_position_embeddings)
+    seq_len = min(max_length, summary.max_tokens) if summary is not None else max_length
+    trained_per_row = _trained_per_row(summary, max_length)
+
+    # LoRA size grows with how much there is to learn
+    if rows is None or rows < 2000:
+        rank = 8 if rows is None or rows >= 200 else 16
+    elif rows < 20000:
+        rank = 16
+    else:
+        rank = 32
+    target_modules: list[str] | str = "all-linear" if footprint.num_parameters < 3e9 else list(DEFAULT_TARGET_MODULES)
+    reasons["lora_rank"] = f"{rank}: " + (
+        f"enough adapter capacity for {rows} rows" if rows else "a safe start without a dataset to size it by"
+    )
+    reasons["lora_alpha"] = f"{2 * rank}: twice the rank, the common choice that keeps the update's scale steady
+    reasons["target_modules"] = (
+        "all linear layers: adapting the MLP as well as attention learns more per step at little cost on a small model"
+        if target_modules == "all-linear"
+        else "attention projections only: keeps a large model's adapter and activations small"
+    )
+
+    # method: LoRA unless the weights do not fit; QLoRA needs CUDA
+    method = "lora"
+    weights = footprint.weight_bytes(compute)
+    if budget is not None and weights > 0.6 * budget:
+        if device.type == "cuda" and footprint.weight_bytes(compute, quantized_4bit=True) < 0.6 * budget:
+            method = "qlora"
+            reasons["method"] = (
+                f"QLoRA: the {dtype_name} weights ({weights / GB:.1f} GB) leave too little of the "
+                f"{free_memory / GB:.1f} GB free; 4-bit weights take {footprint.weight_bytes(compute, True) / GB:.1f} GB"
+            )
+        else:
+            reasons["method"] = "LoRA: the smallest training footprint available on this device"
+            warnings.append(
+                f"The weights alone take {weights / GB:.1f} GB in {dtype_name} with {free_memory / GB:.1f} GB free: "
+                + ("choose a smaller model." if device.type != "cuda" else "even 4-bit QLoRA does not fit; choose a smaller model.")
+            )
+    else:
+        reasons["method"] = (
+            "LoRA: trains a small adapter (a fraction of a percent of the weights) at nearly full fine-tuning quality, "
+            "with a fraction of the memory; the base model stays untouched"
+        )
+
+    # micro-batch: the largest power of two up to the target that fits, with or
+    # without gradient checkpointing
+    target_batch = 8 if rows is not None and rows < 500 else 16
+
+    def estimate(batch: int, checkpointing: bool) -> MemoryEstimate:
+        return estimate_memory(
+            footprint, method=method, dtype=compute, batch_size=batch, seq_len=seq_len, lora_rank=rank,
+            target_modules=target_modules, gradient_checkpointing=checkpointing,
+            trained_tokens_per_row=trained_per_row, device_type=device.type,
+        )
+
+    def largest_fitting(checkpointing: bool) -> int:
+        batch = target_batch
+        while batch > 1 and budget is not None and estimate(batch, checkpointing).total > budget:
+            batch //= 2
+        return batch
+
+    batch = largest_fitting(False)
+    checkpointing = False
+    if budget is not None and (estimate(batch, False).total > budget or batch < min(4, target_batch)):
+        with_gc = largest_fitting(True)
+        if estimate(with_gc, True).total <= budget and (with_gc > batch or estimate(batch, False).total > budget):
+            batch, checkpointing = with_gc, True
+    memory = estimate(batch, checkpointing)
+    if budget is not None and memory.total > budget:
+        warnings.append(
+            f"Even a micro-batch of 1 with gradient checkpointing needs about {memory.total / GB:.1f} GB and "
+            f"{free_memory / GB:.1f} GB are free: lower max_length, close other programs or choose a smaller model."
+        )
+    grad_accum = max(1, target_batch // batch)
+    free_text = f"{free_memory / GB:.1f} GB free" if free_memory else "free memory unknown"
+    reasons["batch_size"] = (
+        f"{batch} rows per micro-batch: the largest that fits ({memory.total / GB:.2f} GB of {free_text})"
+        if batch == target_batch or budget is None
+        else f"{batch} rows per micro-batch: {batch * 2} would not fit in {free_text}"
+    )
+    reasons["grad_accum"] = (
+        f"{grad_accum}: an effective batch of {batch * grad_accum} rows per step"
+        + (" keeps the gradient steady while the micro-batch fits memory" if grad_accum > 1 else "")
+    )
+    reasons["gradient_checkpointing"] = (
+        "on: recomputing activations in the backward pass makes a larger micro-batch fit (about 30 % slower)"
+        if checkpointing
+        else "off: the activations fit, so no time is spent recomputing them"
+    )
+
+    # learning rate and epochs: enough steps to learn, without overfitting a big dataset
+    small = rows is not None and rows < 200
+    learning_rate = 1e-3 if small else 2e-4
+    reasons["learning_rate"] = (
+        "1e-3: a small dataset gives few steps; a LoRA adapter tolerates a high rate"
+        if small
+        else "2e-4: the usual LoRA rate, stable across model sizes"
+    )
+    if rows is None:
+        epochs = 3.0
+        reasons["epochs"] = "3: a common start; watch the validation loss"
+    else:
+        steps_per_epoch = max(1, math.ceil(rows / (batch * grad_accum)))
+        epochs = float(max(1, min(10, math.ceil(60 / steps_per_epoch)))) if rows < 1000 else (2.0 if rows < 10000 else 1.0)
+        reasons["epochs"] = (
+            f"{epochs:g}: {steps_per_epoch} steps per epoch; about {int(epochs * steps_per_epoch)} steps in all "
+            + ("give a small dataset enough updates" if rows < 1000 else "are plenty for a dataset this size")
+        )
+    trainable = footprint.lora_parameters(rank, target_modules)
+    return Recommendation(
+        model=str(model),
+        device=str(device),
+        dtype=dtype_name,
+        method=method,
+        batch_size=batch,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        lora_rank=rank,
+        lora_alpha=float(2 * rank),
+        target_modules=target_modules,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        gradient_checkpointing=checkpointing,
+        reasons=reasons,
+        memory=memory,
+        free_memory=free_memory,
+        num_parameters=footprint.num_parameters,
+        trainable_parameters=trainable,
+        dataset_rows=rows,
+        warnings=warnings,
+    )
+
+
+def _summarize(model: str, dataset: str | os.PathLike, trust_remote_code: bool):
+    """The dataset's summary under the model's tokenizer (loads the tokenizer only)."""
+    from transformers import AutoTokenizer
+
+    from mactuner.data import load_dataset_file, summarize_dataset
+    from mactuner.models import model_path
+
+    _, path = model_path(model)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return summarize_dataset(load_dataset_file(dataset), tokenizer, max_length=1_000_000)
