@@ -76,11 +76,31 @@ def select_run(at: AppTest, run_id: str) -> AppTest:
     return at
 
 
-def test_page_renders_with_no_runs():
+def estimate_gb(at: AppTest) -> float:
+    [text] = [m.value for m in at.markdown if "Estimated peak memory" in m.value]
+    return float(text.split("Estimated peak memory: ")[1].split(" GB")[0])
+
+
+def test_page_renders_with_no_runs_and_recommends_settings():
     at = open_page()
     assert any("No runs yet" in info.value for info in at.info)
-    # the default set-up (built-in model, demo data) shows the dataset summary
+    # the default set-up (built-in model, demo data) shows the dataset summary…
     assert {m.label: m.value for m in at.metric}["Format"] == "alpaca"
+    assert at.get("plotly_chart"), "the token-length histogram is missing"
+    # …and recommended settings, each saying why, with their memory estimate
+    batch = by_label(at.number_input, "Batch size")
+    assert batch.value >= 1 and "micro-batch" in batch.help
+    assert "tokens" in by_label(at.number_input, "Max length").help
+    first = estimate_gb(at)
+    assert 0.1 < first < 100
+    assert not at.warning
+    # the estimate follows the settings; one that cannot fit is warned about
+    batch.set_value(512).run()
+    assert estimate_gb(at) > 10 * first
+    [text] = [m.value for m in at.markdown if "Estimated peak memory" in m.value]
+    free_gb = float(text.split(" of ")[1].split(" GB free")[0])
+    warned = any("lower the batch size" in w.value for w in at.warning)
+    assert warned == (estimate_gb(at) > free_gb)
     assert at.button(key="finetune_start")
 
 

@@ -1,0 +1,133 @@
+"""UI-only part of the fine-tune page: choosing the model and dataset, the dataset's
+summary, the recommended settings (editable) and their memory estimate.
+
+The computing is in :mod:`mactuner.data`, :mod:`mactuner.models` and
+:mod:`mactuner.recommend`; here it is only cached and rendered. Not a page itself.
+"""
+
+from pathlib import Path
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from mactuner import data, paths
+from mactuner.config import TrainConfig
+from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
+from mactuner.recommend import estimate_memory, free_memory_bytes, recommend_hyperparameters
+
+SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data"
+GB = 1024**3
+SUMMARY_MAX_LENGTH = 1_000_000  # summarize untruncated; truncation is counted for the chosen max length
+
+
+def model_ui() -> str:
+    """The model to fine-tune: the built-in default, a hub id, or a local folder / .gguf file."""
+    kind = st.radio("Model", ["Built-in (offline)", "Hugging Face hub id", "Local folder or .gguf file"],
+                    horizontal=True, key="finetune_model_kind")  # fmt: skip
+    if kind.startswith("Built-in"):
+        st.caption(f"{DEFAULT_MODEL}: ships with MacTuner, no download.")
+        return DEFAULT_MODEL
+    local = kind.startswith("Local")
+    label = "Path" if local else "Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)"
+    source = st.text_input(label, key="finetune_model_path").strip()
+    return str(Path(source).expanduser()) if local and source else source
+
+
+def dataset_ui() -> Path | None:
+    """The dataset file: a demo, a shared sample, or an upload (saved under MACTUNER_HOME)."""
+    choices = {f"Demo: {name}": path for name, path in data.DEMO_DATASETS.items()}
+    for path in sorted(SHARED_SAMPLES.rglob("*")) if SHARED_SAMPLES.is_dir() else []:
+        if path.suffix in data.EXTENSIONS:
+            choices[f"Sample: {path.relative_to(SHARED_SAMPLES)}"] = path
+    choice = st.selectbox("Dataset", [*choices, "Upload a file…"], key="finetune_dataset")
+    if choice in choices:
+        return choices[choice]
+    upload = st.file_uploader("Dataset file", type=[e.lstrip(".") for e in data.EXTENSIONS])
+    if upload is None:
+        return None
+    target = paths.home() / "uploads" / Path(upload.name).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(upload.getvalue())
+    return target
+
+
+@st.cache_resource(show_spinner="Loading the tokenizer…")
+def tokenizer_for(model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path(model)[1])
+
+
+@st.cache_data(show_spinner="Reading the dataset…")
+def summarize(path: str, model: str, mtime: float) -> data.DatasetSummary:
+    return data.summarize_dataset(data.load_dataset_file(path), tokenizer_for(model), SUMMARY_MAX_LENGTH)
+
+
+@st.cache_resource(show_spinner="Reading the model's size…")
+def footprint_for(model: str):
+    return model_footprint(model)
+
+
+@st.cache_data(show_spinner="Recommending settings…", ttl=600)
+def recommend(model: str, dataset: str, device: str, mtime: float):
+    """Recommended settings for this model, dataset and device (free memory read now, kept 10 min)."""
+    return recommend_hyperparameters(model, device=device, footprint=footprint_for(model),
+                                     summary=summarize(dataset, model, mtime))  # fmt: skip
+
+
+def summary_ui(summary: data.DatasetSummary, max_length: int) -> None:
+    """Row count, format, token lengths (histogram) and truncation at ``max_length``."""
+    cols = st.columns(4)
+    cols[0].metric("Rows", f"{summary.rows} / {summary.total_rows}", help="usable / in the file")
+    cols[1].metric("Format", summary.format)
+    cols[2].metric("Tokens (median / p95)", f"{summary.median_tokens:.0f} / {summary.p95_tokens}")
+    truncated = sum(1 for n in summary.token_lengths if n > max_length)
+    cols[3].metric("Truncated rows", truncated, help=f"rows longer than the max length ({max_length} tokens)")
+    figure = go.Figure(go.Histogram(x=summary.token_lengths, nbinsx=40))
+    figure.add_vline(x=max_length, line_dash="dash", annotation_text="max length")
+    figure.update_layout(height=220, margin=dict(t=10, b=30), xaxis_title="tokens per row", yaxis_title="rows")
+    st.plotly_chart(figure, key="finetune_histogram")
+    for problem in summary.problems[:5]:
+        st.warning(problem)
+
+
+def settings_ui(recommended: dict, reasons: dict, method: str) -> dict:
+    """Editable settings starting from the recommended ones (each input's help says why); TrainConfig fields."""
+    why = {name: reasons.get(name) or text for name, text in TrainConfig.help().items()}
+    # the value takes the bounds' type: streamlit refuses an int value with float bounds
+    number = lambda col, label, name, lo, hi, **kw: cols[col].number_input(label, lo, hi, type(lo)(recommended[name] or 0), help=why[name], **kw)  # noqa: E731
+    cols = st.columns(4)
+    chosen = {
+        "batch_size": number(0, "Batch size", "batch_size", 1, 512),
+        "grad_accum": number(1, "Gradient accumulation", "grad_accum", 1, 512),
+        "max_length": number(2, "Max length", "max_length", 16, 131072),
+        "learning_rate": number(3, "Learning rate", "learning_rate", 1e-7, 0.5, format="%.1e"),
+        "epochs": number(0, "Epochs", "epochs", 0.1, 100.0),
+        "max_steps": number(1, "Max steps (0: from epochs)", "max_steps", 0, 10**6) or None,
+        "save_every": number(2, "Checkpoint every (steps)", "save_every", 0, 10**6),
+        "eval_every": number(3, "Validate every (steps)", "eval_every", 0, 10**6),
+    }
+    if method != "full":
+        chosen["lora_rank"] = number(0, "LoRA rank", "lora_rank", 1, 1024)
+        chosen["lora_alpha"] = number(1, "LoRA alpha", "lora_alpha", 0.5, 4096.0)
+    chosen["gradient_checkpointing"] = cols[2].checkbox("Gradient checkpointing", recommended["gradient_checkpointing"],
+                                                        help=why["gradient_checkpointing"])  # fmt: skip
+    return chosen
+
+
+def memory_ui(config: TrainConfig, summary: data.DatasetSummary, device: str) -> None:
+    """The memory estimate of ``config`` (recomputed as settings change), warned about when it exceeds free memory."""
+    trained = [min(n, config.max_length) for n in summary.trained_lengths]
+    estimate = estimate_memory(
+        footprint_for(config.model), method=config.method, dtype=config.dtype if config.dtype != "auto" else "float32",
+        batch_size=config.batch_size, seq_len=min(config.max_length, summary.max_tokens), lora_rank=config.lora_rank,
+        target_modules=config.target_modules, gradient_checkpointing=config.gradient_checkpointing,
+        trained_tokens_per_row=max(trained, default=None), device_type=device.split(":")[0],
+    )  # fmt: skip
+    free, _total = free_memory_bytes(device)
+    parts = " · ".join(f"{name} {getattr(estimate, name) / GB:.2f} GB" for name in ("weights", "trainable", "activations", "overhead"))
+    free_text = f" of {free / GB:.1f} GB free on {device}" if free else ""
+    st.markdown(f"**Estimated peak memory: {estimate.total / GB:.2f} GB**{free_text}  \n{parts}")
+    if free and estimate.total > free:
+        st.warning(f"This needs about {estimate.total / GB:.1f} GB but only {free / GB:.1f} GB is free on {device}: "
+                   "lower the batch size or max length, or turn on gradient checkpointing.")  # fmt: skip
