@@ -366,7 +366,7 @@ def recommend_hyperparameters(
     reasons["lora_rank"] = f"{rank}: " + (
         f"enough adapter capacity for {rows} rows" if rows else "a safe start without a dataset to size it by"
     )
-    reasons["lora_alpha"] = f"{2 * rank}: twice the rank, the common choice that keeps the update's scale steady
+    reasons["lora_alpha"] = f"{2 * rank}: twice the rank, the common choice that keeps the update's scale steady"
     reasons["target_modules"] = (
         "all linear layers: adapting the MLP as well as attention learns more per step at little cost on a small model"
         if target_modules == "all-linear"
