@@ -15,11 +15,15 @@
 
 Precision. Frozen base weights are held in the device's compute dtype
 (``get_optimal_dtype``: bfloat16 on this CPU, ~3.7x faster matmuls than float32).
-The trainable LoRA weights stay in float32 ("master weights"): AdamW's small
-updates vanish when added to bfloat16 numbers (8 bits of mantissa), and the
-adapter is tiny, so float32 costs nothing. Full fine-tuning keeps float32
-weights and runs the forward pass under autocast for the same reason. The
-cross-entropy is computed in float32.
+The adapter computes in that dtype too, but AdamW updates float32 *master*
+copies of its weights, copied back after each step: a small update added to a
+bfloat16 number (8 bits of mantissa) would vanish. (Keeping the adapter itself
+in float32 would make every adapted layer keep a float32 copy of its input for
+the backward pass: a quarter more activation memory and slower.) Gradients are
+summed over micro-batches in float32. Checkpoints and the final adapter hold
+the float32 master weights. Full fine-tuning keeps float32 weights and runs
+the forward pass under autocast for the same reason. The cross-entropy is
+computed in float32.
 
 No padding waste. Rows of similar length are grouped into the same micro-batch
 (or, with ``packing``, several rows share one sequence with position ids that
@@ -337,6 +341,48 @@ def collate(units: list[Unit], pad_id: int, device: torch.device) -> MicroBatch:
     )
 
 
+# --- the loss -------------------------------------------------------------------
+
+# trained tokens per chunk of the fused LM-head loss: 1024 x 49k vocabulary x 4 bytes = 200 MB at most
+LOSS_CHUNK_TOKENS = 1024
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk.
+
+    The logits of a small model's 49k-token vocabulary are its largest activation
+    (float32 logits, their softmax and its gradient: ~0.6 MB per trained token).
+    With a frozen LM head the only gradient needed is the hidden states', so each
+    chunk's gradient is computed right away in the forward pass and its logits
+    freed: memory stays at one chunk, and no FLOP is spent twice.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        need_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            t = targets[start : start + chunk]
+            logits = (h @ weight.T).float()
+            log_z = torch.logsumexp(logits, dim=-1)
+            total += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_grad:
+                # d(sum of losses)/d(logits) = softmax - one_hot(target)
+                probs = torch.exp(logits.sub_(log_z[:, None]))
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad_hidden[start : start + chunk] = probs.to(weight.dtype) @ weight
+            del logits
+        ctx.save_for_backward(grad_hidden if need_grad else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
+
+
 # --- learning-rate schedule ---------------------------------------------------
 
 
@@ -535,6 +581,12 @@ class Trainer:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise TrainingError(f"No weight is trainable: target_modules {config.target_modules} matched no layer of {config.model}.")
+        # float32 master weights for an adapter computing in a 16-bit dtype (see the module docstring)
+        self.master: list[torch.Tensor] | None = None
+        if config.method != "full" and self.compute_dtype != torch.float32:
+            self.master = [p.detach().float().clone() for p in self.trainable]
+            for p in self.trainable:
+                p.data = p.data.to(self.compute_dtype)
         self.num_trainable = sum(p.numel() for p in self.trainable)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         # computing logits only at trained positions needs the plain "norm → lm_head" ending
@@ -619,11 +671,16 @@ class Trainer:
         )
         self._plans: dict[int, list[list[int]]] = {}
 
+    @property
+    def _optimized(self) -> list[torch.Tensor]:
+        """The tensors AdamW updates: the float32 master weights, or the weights themselves."""
+        return self.master if self.master is not None else self.trainable
+
     def _build_optimizer(self) -> None:
         config = self.config
         # no weight decay on biases and norms (standard practice; LoRA has neither)
-        decay = [p for p in self.trainable if p.ndim >= 2]
-        no_decay = [p for p in self.trainable if p.ndim < 2]
+        decay = [p for p in self._optimized if p.ndim >= 2]
+        no_decay = [p for p in self._optimized if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": config.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -643,6 +700,11 @@ class Trainer:
             raise TrainingError("Nothing to resume: no complete checkpoint.")
         state, tensors = checkpoints.load_checkpoint_state(info.path)
         checkpoints.load_adapter_weights(self.model, info.path)
+        if self.master is not None:
+            saved = tensors.get("master") or [p.detach().float() for p in self.trainable]
+            for m, p, value in zip(self.master, self.trainable, saved):
+                m.copy_(value)
+                p.data.copy_(m)
         self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
         torch.set_rng_state(tensors["rng"]["torch"])
@@ -774,7 +836,7 @@ class Trainer:
             # all processes must agree before the gradient all-reduce, or one would wait forever
             if not self._any_process(failed):
                 break
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             loss_sum = None
             _clear_device_cache(self.device)
             if self.micro_batch_size == 1:
@@ -800,10 +862,10 @@ class Trainer:
         if self._scaler is not None:
             self._scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._optimized, self.config.max_grad_norm).item()
         else:
             grad_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad) for p in self.trainable if p.grad is not None])
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in self._optimized if p.grad is not None])
             ).item()
         if self._scaler is not None:
             self._scaler.step(self.optimizer)
@@ -811,9 +873,31 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if self.master is not None:
+            with torch.no_grad():
+                for p, m in zip(self.trainable, self.master):
+                    p.copy_(m)
         # flush the gradients as soon as we can, no need for this memory anymore
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         return loss, grad_norm, int(stats[1].item())
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.trainable:
+            p.grad = None
+
+    def _move_gradients_to_master(self) -> None:
+        """Add the 16-bit gradients of the last backward pass into the float32 master gradients."""
+        if self.master is None:
+            return
+        for p, m in zip(self.trainable, self.master):
+            if p.grad is None:
+                continue
+            if m.grad is None:
+                m.grad = p.grad.float()
+            else:
+                m.grad.add_(p.grad)
+            p.grad = None
 
     def _accumulate(self, units: list[Unit], trained_tokens: int) -> tuple[float, int]:
         """Forward and backward over ``units`` in micro-batches; gradients add up in ``.grad``."""
@@ -827,6 +911,7 @@ class Trainer:
             if self._scaler is not None:
                 loss = self._scaler.scale(loss)
             loss.backward()
+            self._move_gradients_to_master()
             loss_total += loss_sum.item()
             real_tokens += batch.real_tokens
             del batch, loss_sum, loss
@@ -838,15 +923,19 @@ class Trainer:
             torch.autocast(self.device.type, dtype=self.compute_dtype) if self._autocast else contextlib.nullcontext()
         )
         with autocast:
-            if self._head_only_where_trained:
-                backbone = self.causal_lm.base_model
-                hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)[0]
-                hidden = hidden[:, :-1][batch.loss_mask]
-                logits = self.causal_lm.get_output_embeddings()(hidden)
-            else:
+            if not self._head_only_where_trained:
                 logits = self.causal_lm(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-                logits = logits[:, :-1][batch.loss_mask]
-        return F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+                return F.cross_entropy(logits[:, :-1][batch.loss_mask].float(), batch.targets, reduction="sum")
+            backbone = self.causal_lm.base_model
+            hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)[0]
+            # the next token is predicted only where it is trained: the LM head runs there alone
+            hidden = hidden[:, :-1][batch.loss_mask]
+            head = self.causal_lm.get_output_embeddings()
+            if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+                weight = head.weight if not self._autocast else head.weight.to(self.compute_dtype)
+                return ChunkedLinearCrossEntropy.apply(hidden.to(weight.dtype), weight, batch.targets, LOSS_CHUNK_TOKENS)
+            # a trained (full fine-tuning) or adapted head: the plain route
+            return F.cross_entropy(head(hidden).float(), batch.targets, reduction="sum")
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -894,11 +983,12 @@ class Trainer:
             return
         import torch.distributed as dist
 
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+        params = self._optimized
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
         dist.all_reduce(flat)
         offset = 0
-        for p, g in zip(self.trainable, grads):
+        for p, g in zip(params, grads):
             n = g.numel()
             p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
             offset += n
@@ -914,27 +1004,48 @@ class Trainer:
             rng = {"torch": torch.get_rng_state()}
             if self.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.device)
-            info = checkpoints.save_checkpoint(
-                self.run_dir,
-                self.step,
-                model=self.model,
-                tokenizer=self.tokenizer,
-                state={
-                    "step": self.step,
-                    "total_steps": self.total_steps,
-                    "epoch": self.step / self.steps_per_epoch,
-                    "loss": self.losses[-1] if self.losses else None,
-                    "val_loss": self.last_val_loss,
-                    "micro_batch_size": self.micro_batch_size,
-                    "tokens_seen": self.tokens_seen,
-                    "method": self.config.method,
-                    "model": self.config.model,
-                },
-                tensors={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng},
-            )
+            with self._master_weights_in_model():
+                info = self._write_checkpoint(rng)
             checkpoints.prune_checkpoints(self.run_dir, self.config.keep_last)
             self._emit("on_checkpoint", {"step": self.step, "path": str(info.path), "loss": info.loss, "val_loss": info.val_loss})
         self._barrier()
+
+    def _write_checkpoint(self, rng: dict[str, Any]) -> checkpoints.CheckpointInfo:
+        tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng}
+        if self.master is not None:
+            tensors["master"] = self.master
+        return checkpoints.save_checkpoint(
+            self.run_dir,
+            self.step,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            state={
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "epoch": self.step / self.steps_per_epoch,
+                "loss": self.losses[-1] if self.losses else None,
+                "val_loss": self.last_val_loss,
+                "micro_batch_size": self.micro_batch_size,
+                "tokens_seen": self.tokens_seen,
+                "method": self.config.method,
+                "model": self.config.model,
+            },
+            tensors=tensors,
+        )
+
+    @contextlib.contextmanager
+    def _master_weights_in_model(self):
+        """Let the model hold the float32 master weights while it is saved (nothing runs meanwhile)."""
+        if self.master is None:
+            yield
+            return
+        for p, m in zip(self.trainable, self.master):
+            p.data = m
+        try:
+            yield
+        finally:
+            for p, m in zip(self.trainable, self.master):
+                p.data = m.to(self.compute_dtype)
 
     def _save_final(self) -> Path | None:
         if self.run_dir is None:
@@ -946,7 +1057,8 @@ class Trainer:
                 self.model.save_pretrained(folder, safe_serialization=True)
                 self.tokenizer.save_pretrained(folder)
 
-            checkpoints.write_folder_atomically(target, write)
+            with self._master_weights_in_model():
+                checkpoints.write_folder_atomically(target, write)
         self._barrier()
         return target
 

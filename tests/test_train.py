@@ -163,26 +163,33 @@ def test_out_of_memory_errors_are_recognised():
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
-def test_final_adapter_loads_with_plain_peft_and_gives_the_same_logits(tiny_model_dir, facts_file, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_final_adapter_loads_with_plain_peft_and_gives_the_same_logits(tiny_model_dir, facts_file, tmp_path, dtype):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    trainer = Trainer(tiny_config(tiny_model_dir, facts_file, max_steps=4), run_dir)
+    trainer = Trainer(tiny_config(tiny_model_dir, facts_file, max_steps=4, dtype=dtype), run_dir)
     result = trainer.run()
     input_ids = torch.tensor([trainer.train_units[0].input_ids])
     trainer.model.eval()
     with torch.no_grad():
-        ours = trainer.model(input_ids=input_ids).logits
+        ours = trainer.model(input_ids=input_ids).logits.float()
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=trainer.compute_dtype)
     plain = PeftModel.from_pretrained(base, result.adapter_path).eval()
     with torch.no_grad():
-        theirs = plain(input_ids=input_ids).logits
-    assert torch.equal(ours, theirs)
+        theirs = plain(input_ids=input_ids).logits.float()
+    if trainer.compute_dtype == torch.float32:
+        assert torch.equal(ours, theirs)
+    else:
+        # the saved adapter holds the float32 master weights, which plain peft computes with in
+        # float32, while training computed the adapter in bfloat16: equal to bfloat16 precision
+        assert (ours - theirs).abs().max() <= 0.02 * ours.abs().max()
+        assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
     # and the adapter changed the model
     with torch.no_grad(), plain.disable_adapter():
-        assert not torch.allclose(plain(input_ids=input_ids).logits, theirs)
+        assert not torch.allclose(plain(input_ids=input_ids).logits.float(), theirs, atol=1e-2)
 
 
 def test_full_fine_tuning_trains_every_weight(tiny_model_dir, facts_file, tmp_path):
