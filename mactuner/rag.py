@@ -521,7 +521,9 @@ class VectorIndex:
         order = torch.argsort(lists, stable=True)
         self.ids = rows[order]
         self.matrix = matrix[self.ids].contiguous()
-        self.offsets = [0] + torch.cumsum(torch.bincount(lists, minlength=nlist), 0).tolist()
+        offsets = [0] + torch.cumsum(torch.bincount(lists, minlength=nlist), 0).tolist()
+        # views (no copies) of each partition, so a query does no slicing work
+        self.partitions = [(self.matrix[a:b], self.ids[a:b]) for a, b in zip(offsets, offsets[1:])]
 
     def _assign(self, matrix: torch.Tensor) -> torch.Tensor:
         """The nearest ``ASSIGNMENTS`` centroids of every row (``n x ASSIGNMENTS``), in bounded blocks."""
@@ -550,9 +552,10 @@ class VectorIndex:
             out_ids = np.full((q.shape[0], k), -1, np.int64)
             probes = torch.topk(q @ self.centroids.T, self.nprobe, dim=1).indices.tolist()
             for row, lists in enumerate(probes):
-                blocks = [(self.offsets[p], self.offsets[p + 1]) for p in lists if self.offsets[p + 1] > self.offsets[p]]
-                scores = torch.cat([self.matrix[a:b] @ q[row] for a, b in blocks])
-                ids = torch.cat([self.ids[a:b] for a, b in blocks])
+                query = q[row]
+                parts = [self.partitions[p] for p in lists]
+                scores = torch.cat([vectors @ query for vectors, _ in parts])
+                ids = torch.cat([ids for _, ids in parts])
                 # a vector filed twice can come up twice: take enough to keep k distinct ones
                 top = torch.topk(scores, min(self.ASSIGNMENTS * k, scores.shape[0]))
                 found, seen = 0, set()
