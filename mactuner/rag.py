@@ -1005,7 +1005,7 @@ def build_rag_messages(question: str, hits: Sequence[SearchHit], *, special_toke
         if blocks and used + len(body) > max_context_chars:
             break
         used += len(body)
-        blocks.append(f'<source id="{number}" file="{html.escape(escape_document(hit.file, special_tokens))}" '
+        blocks.append(f'<source id="{number}" file="{escape_document(hit.file, special_tokens).replace(chr(34), "&quot;")}" '
                       f'position="{hit.position}">\n{body}\n</source>')
     context = "\n\n".join(blocks) if blocks else "(no sources found)"
     user = (f"Sources:\n\n{context}\n\n"
