@@ -36,12 +36,15 @@ _ACT_HIDDEN = 2
 _ACT_INTERMEDIATE = 4
 # RMSNorm computes in float32 and keeps a float32, hidden-wide tensor per token
 _ACT_FLOAT32_HIDDEN = 1
-# per trained token and vocabulary entry: the logits in the compute dtype, their
-# float32 copy, the log-softmax and its gradient (cross-entropy in float32)
-_LOGIT_FLOAT32_COPIES = 3
+# per trained token and vocabulary entry, the logits in the compute dtype plus
+# float32 tensors of the cross-entropy alive at its peak: on the CPU one (the
+# log-softmax; the gradient of the loss is a zero-filled tensor whose untouched
+# pages never become resident), on a GPU three (log-softmax, the loss's gradient
+# and the log-softmax's gradient all count in max_memory_allocated)
+_LOGIT_FLOAT32_COPIES = {"cpu": 1, "cuda": 3, "mps": 3}
 # what a training process holds besides tensors: the tokenizer, the tokenized
 # data, the CPU kernels' workspaces (the CUDA context is not in max_memory_allocated)
-_CPU_OVERHEAD = 160 * MB
+_CPU_OVERHEAD = 128 * MB
 _GPU_OVERHEAD = 64 * MB
 # AdamW: two float32 moments per trainable parameter
 _ADAM_BYTES = 8
@@ -173,7 +176,7 @@ def estimate_memory(
     else:
         kept = tokens * layers * block
     # logits only where a token is trained, in the compute dtype then float32 copies
-    logits = trained * footprint.vocab_size * (b_act + 4 * _LOGIT_FLOAT32_COPIES)
+    logits = trained * footprint.vocab_size * (b_act + 4 * _LOGIT_FLOAT32_COPIES.get(device_type, 3))
     # the final norm and the embedding output
     ends = tokens * h * (4 + b_act)
     activations = int(kept + logits + ends)

@@ -1,0 +1,218 @@
+"""Recommended settings and the memory estimate, checked against the peak memory of real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA
+from mactuner.config import TrainConfig
+from mactuner.data import DEMO_DATASETS
+from mactuner.models import ModelFootprint, model_footprint
+from mactuner.recommend import GB, MB, estimate_memory, recommend_hyperparameters
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_footprint(tiny_model_dir):
+    return model_footprint(str(tiny_model_dir))
+
+
+def llama_footprint(hidden: int, intermediate: int, layers: int, vocab: int, kv: int | None = None) -> ModelFootprint:
+    """A Llama-shaped footprint with consistent shapes (no model behind it)."""
+    kv = kv or hidden
+    block = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+             "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
+    linear = {name: [shape] * layers for name, shape in block.items()}
+    linear["lm_head"] = [(hidden, vocab)]
+    params = layers * (sum(i * o for i, o in block.values()) + 2 * hidden) + 2 * vocab * hidden + hidden
+    return ModelFootprint("synthetic", "llama", params, layers, hidden, intermediate, vocab, 32, 32 * kv // hidden,
+                          hidden // 32, 4096, False, linear)
+
+
+def big_footprint() -> ModelFootprint:
+    """About 6.7 billion parameters, shaped like Llama-2-7B."""
+    return llama_footprint(4096, 11008, 32, 32000)
+
+
+def test_estimate_parts_follow_the_settings(tiny_model_dir, tiny_footprint):
+    from peft import LoraConfig, get_peft_model
+
+    from mactuner.models import load_model
+
+    model = load_model(str(tiny_model_dir), device="cpu", dtype=torch.float32).model
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=QKVO, task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+    base = estimate_memory(tiny_footprint, dtype="bfloat16", batch_size=4, seq_len=256, lora_rank=8)
+    assert base.weights == tiny_footprint.num_parameters * 2
+    # float32 adapter weight, gradient and AdamW's two moments: 16 bytes per trained parameter
+    assert base.trainable == trainable * 16
+    assert base.total == base.weights + base.trainable + base.activations + base.overhead
+    doubled = estimate_memory(tiny_footprint, dtype="bfloat16", batch_size=8, seq_len=256, lora_rank=8)
+    assert doubled.activations == pytest.approx(2 * base.activations, rel=0.01)
+    checkpointed = estimate_memory(tiny_footprint, dtype="bfloat16", batch_size=4, seq_len=256, gradient_checkpointing=True)
+    assert checkpointed.activations < base.activations
+    fewer_trained = estimate_memory(tiny_footprint, dtype="bfloat16", batch_size=4, seq_len=256, trained_tokens_per_row=20)
+    assert fewer_trained.activations < base.activations  # logits only where a token is trained
+    full = estimate_memory(tiny_footprint, method="full", dtype="bfloat16", batch_size=4, seq_len=256)
+    assert full.weights == tiny_footprint.num_parameters * 4  # float32 master weights
+    assert full.trainable == tiny_footprint.num_parameters * (4 + 8 + 2)  # grads, moments, autocast copies
+    big = big_footprint()
+    assert estimate_memory(big, method="qlora", dtype="bfloat16").weights < estimate_memory(big, dtype="bfloat16").weights / 3
+    with pytest.raises(ValueError, match="method must be lora, qlora or full, got 'dora'"):
+        estimate_memory(tiny_footprint, method="dora")
+    data = base.to_dict()
+    assert data["total_bytes"] == base.total and data["total_gb"] == round(base.total / GB, 3)
+
+
+def test_recommendation_for_the_demo_data(tiny_model_dir):
+    rec = recommend_hyperparameters(str(tiny_model_dir), DEMO_DATASETS["quenmark-alpaca"], "cpu", free_memory=8 * GB)
+    assert rec.dataset_rows == 63 and rec.method == "lora" and not rec.use_qlora
+    assert rec.max_length == 128  # the longest demo row is under 128 tokens: nothing truncated
+    assert rec.learning_rate == 1e-3 and rec.lora_rank == 16 and rec.lora_alpha == 32
+    assert rec.batch_size * rec.grad_accum == 8 and not rec.gradient_checkpointing
+    # enough steps to learn a small dataset
+    assert rec.epochs * -(-63 // 8) >= 50
+    values = rec.train_config_values()
+    for key in values:
+        assert rec.reasons[key].strip(), f"no reason for {key}"
+    # the trainer accepts the settings as they are
+    config = TrainConfig.from_dict({**values, "model": str(tiny_model_dir), "dataset": str(DEMO_DATASETS["quenmark-alpaca"])})
+    assert config.effective_batch_size == 8
+    data = json.loads(json.dumps(rec.to_dict()))
+    assert data["memory"]["total_bytes"] == rec.memory.total and data["use_qlora"] is False
+
+
+def test_little_free_memory_shrinks_the_batch_then_checkpoints(tiny_footprint):
+    roomy = recommend_hyperparameters(footprint=tiny_footprint, device="cpu", free_memory=64 * GB)
+    assert roomy.batch_size == 16 and not roomy.gradient_checkpointing and not roomy.warnings
+    for free in (4 * GB, 2 * GB, 1 * GB):
+        tight = recommend_hyperparameters(footprint=tiny_footprint, device="cpu", free_memory=free)
+        assert tight.memory.total <= 0.8 * free and tight.batch_size < 16
+        assert tight.batch_size * tight.grad_accum == 16  # the effective batch is kept
+    # a 1.1B model (TinyLlama's shape) in 6 GB: activations dominate, checkpointing buys a bigger batch
+    tinyllama = llama_footprint(2048, 5632, 22, 32000, kv=256)
+    without = recommend_hyperparameters(footprint=tinyllama, device="cpu", free_memory=64 * GB)
+    assert not without.gradient_checkpointing
+    squeezed = recommend_hyperparameters(footprint=tinyllama, device="cpu", free_memory=6 * GB)
+    assert squeezed.gradient_checkpointing and "recomputing" in squeezed.reasons["gradient_checkpointing"]
+    assert squeezed.memory.total <= 0.8 * 6 * GB and squeezed.batch_size >= 4
+    hopeless = recommend_hyperparameters(footprint=tiny_footprint, device="cpu", free_memory=50 * MB)
+    assert hopeless.warnings and "lower max_length" in hopeless.warnings[-1]
+    too_big = recommend_hyperparameters(footprint=tinyllama, device="cpu", free_memory=2 * GB)
+    assert "The weights alone take" in too_big.warnings[0]
+
+
+def test_a_big_model_gets_qlora_on_cuda_and_a_warning_elsewhere():
+    from unittest.mock import patch
+
+    big = big_footprint()
+    on_cpu = recommend_hyperparameters(footprint=big, device="cpu", free_memory=16 * GB)
+    assert on_cpu.method == "lora" and "choose a smaller model" in on_cpu.warnings[0]
+    # a fake CUDA device: 24 GB card, bfloat16 capable (fake the hardware, not the logic)
+    with patch("mactuner.devices.resolve_device", return_value=torch.device("cuda", 0)), patch(
+        "mactuner.devices.get_optimal_dtype", return_value=torch.bfloat16
+    ):
+        on_gpu = recommend_hyperparameters(footprint=big, device="cuda", free_memory=16 * GB)
+    assert on_gpu.method == "qlora" and on_gpu.use_qlora and "4-bit" in on_gpu.reasons["method"]
+    assert on_gpu.memory.weights < 5 * GB
+
+
+def test_recommend_command_prints_text_and_json(tiny_model_dir, capsys):
+    from mactuner.cli import main
+
+    dataset = str(DEMO_DATASETS["quenmark-csv"])
+    assert main(["recommend", "--model", str(tiny_model_dir), "--dataset", dataset, "--device", "cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["dataset_rows"] == 63 and data["memory"]["total_bytes"] > data["memory"]["weights_bytes"] > 0
+    assert main(["recommend", "--model", str(tiny_model_dir), "--device", "cpu", "--free-memory-gb", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "learning_rate" in text and "trainable + gradients + optimizer" in text and "(4.0 GB free)" in text
+    assert main(["recommend", "--model", "/no/such/model", "--device", "cpu"]) == 1
+    assert "No such model file or folder: /no/such/model" in capsys.readouterr().err
+
+
+# --- the estimate against real runs -----------------------------------------------------
+
+# Runs MacTuner's trainer for one optimizer step in a fresh process and prints the
+# peak resident-memory growth over the process's memory before the model loaded
+# (CPU), or torch.cuda.max_memory_allocated (CUDA).
+PROBE = r"""
+import json, os, sys
+import torch, transformers, peft  # imported before the baseline: not part of the run
+from mactuner.config import TrainConfig
+from mactuner.train import Trainer
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+
+config = TrainConfig.from_dict(json.loads(sys.argv[1]))
+before = resident()
+trainer = Trainer(config)
+trainer.setup()
+if trainer.device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+else:
+    # loading the weights passes through a float32 copy; only the training's peak counts
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+trainer.run()
+measured = torch.cuda.max_memory_allocated() if trainer.device.type == "cuda" else peak() - before
+print(json.dumps({"measured": measured, "device": str(trainer.device)}))
+"""
+
+
+def long_rows(path, count=24):
+    """Rows longer than any max length below, so every micro-batch is full length."""
+    lines = [line for line in (SHARED_DATA / "llama-factory" / "wiki_demo.txt").read_text().splitlines() if line.strip()]
+    text = " ".join(lines)
+    with open(path, "w") as f:
+        for start in range(0, 4000 * count, 4000):
+            f.write(json.dumps({"text": text[start : start + 4000]}) + "\n")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"batch_size": 4, "max_length": 256},
+        {"batch_size": 4, "max_length": 512, "gradient_checkpointing": True},
+    ],
+    ids=["lora-b4-256", "lora-b4-512-checkpointing"],
+)
+def test_estimate_is_within_25_percent_of_a_real_run(smollm2_path, tmp_path, settings):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    values = {
+        "dataset": str(long_rows(tmp_path / "long.jsonl")),
+        "val_fraction": 0.0, "eval_every": 0, "save_every": 0, "max_steps": 1, "warmup_steps": 0,
+        "device": device, **settings,
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(values)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])["measured"]
+    config = TrainConfig.from_dict(values)
+    from mactuner.devices import get_optimal_dtype
+
+    estimate = estimate_memory(
+        model_footprint(), method=config.method, dtype=get_optimal_dtype(device), batch_size=config.batch_size,
+        seq_len=config.max_length, lora_rank=config.lora_rank, target_modules=config.target_modules,
+        gradient_checkpointing=config.gradient_checkpointing, device_type=device,
+    )
+    ratio = estimate.total / measured
+    print(f"{settings}: estimate {estimate.total / MB:.0f} MiB, measured {measured / MB:.0f} MiB, ratio {ratio:.2f}")
+    assert 0.75 <= ratio <= 1.25, f"estimate {estimate.total / MB:.0f} MiB vs measured {measured / MB:.0f} MiB"
