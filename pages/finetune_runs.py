@@ -61,7 +61,7 @@ def actions_ui(run: runs.RunInfo) -> None:
             with cols[1].popover("Delete run"):
                 if st.button(f"Delete {run.id} and its checkpoints", key="finetune_delete"):
                     runs.delete_run(run.id)
-                    st.rerun(scope="fragment")
+                    st.rerun()
     except runs.RunError as exc:
         st.warning(str(exc))
     if (run.path / "adapter").is_dir():
@@ -84,7 +84,7 @@ def checkpoints_ui(run: runs.RunInfo) -> None:
                               format_func=lambda s: f"step {s}", label_visibility="collapsed")  # fmt: skip
         if right.button("Delete checkpoint", key="finetune_ckpt_delete"):
             runs.delete_checkpoint(run.id, step)
-            st.rerun(scope="fragment")
+            st.rerun()
 
 
 def run_ui(run: runs.RunInfo) -> None:

@@ -112,6 +112,8 @@ def settings_ui(recommended: dict, reasons: dict, method: str) -> dict:
         chosen["lora_alpha"] = number(1, "LoRA alpha", "lora_alpha", 0.5, 4096.0)
     chosen["gradient_checkpointing"] = cols[2].checkbox("Gradient checkpointing", recommended["gradient_checkpointing"],
                                                         help=why["gradient_checkpointing"])  # fmt: skip
+    with st.expander("Why these settings"):
+        st.markdown("\n".join(f"- **{name.replace('_', ' ')}**: {reason}" for name, reason in reasons.items()))
     return chosen
 
 

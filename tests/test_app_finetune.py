@@ -143,6 +143,22 @@ def test_page_shows_running_finished_and_failed_runs(trained_run):
         sleeper.wait()
 
 
+def test_checkpoints_and_runs_are_deleted_from_the_page(trained_run):
+    copy_run(trained_run, "done")
+    steps = [c.step for c in runs.checkpoints("done")]
+    assert len(steps) >= 2
+    at = open_page()
+    assert at.selectbox(key="finetune_ckpt").value == steps[-1]  # the latest is preselected
+    at.selectbox(key="finetune_ckpt").set_value(steps[0]).run()
+    at.button(key="finetune_ckpt_delete").click().run()
+    assert not at.exception, at.exception
+    assert [c.step for c in runs.checkpoints("done")] == steps[1:]
+    at.button(key="finetune_delete").click().run()
+    assert not at.exception, at.exception
+    assert runs.list_runs() == [] and not (paths.runs_dir() / "done").exists()
+    assert any("No runs yet" in info.value for info in at.info)
+
+
 def test_start_creates_a_run_folder_that_trains(tiny_model_dir):
     at = open_page()
     at.radio(key="finetune_model_kind").set_value("Local folder or .gguf file").run()
