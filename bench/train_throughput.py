@@ -51,6 +51,14 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _peak_device(device: str) -> int | None:
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    return None
+
+
 def _model_path(model: str) -> str:
     from mactuner.models import DEFAULT_MODEL, default_model_path
 
@@ -62,8 +70,8 @@ def _forward_weights(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _data_file(rows: int) -> Path:
-    data = json.loads(ALPACA.read_text())[:rows]
+def _data_file(rows: int, source: str | None = None) -> Path:
+    data = json.loads(Path(source or ALPACA).read_text())[:rows]
     path = Path(tempfile.gettempdir()) / f"mactuner-bench-alpaca-{rows}.json"
     path.write_text(json.dumps(data))
     return path
@@ -76,16 +84,20 @@ def worker_peak(args) -> dict:
     import torch
 
     result = {}
+    on_gpu = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     for dtype in (torch.bfloat16, torch.float32):
-        n = 2048
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        n = 8192 if on_gpu else 2048
+        a, b = torch.randn(n, n, dtype=dtype, device=args.device), torch.randn(n, n, dtype=dtype, device=args.device)
         for _ in range(2):
             a @ b
+        sync()
         best = 0.0
         for _ in range(5):
             t = time.perf_counter()
             for _ in range(3):
                 a @ b
+            sync()
             best = max(best, 3 * 2 * n**3 / (time.perf_counter() - t))
         result[str(dtype).removeprefix("torch.")] = best
     return result
@@ -109,11 +121,9 @@ def worker_baseline(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)  # default: the checkpoint's dtype
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    rows = tokenize_examples(load_dataset_file(_data_file(args.rows)).examples, tokenizer, args.max_length)
+    rows = tokenize_examples(load_dataset_file(_data_file(args.rows, args.data)).examples, tokenizer, args.max_length)
 
-    import datasets
-
-    dataset = datasets.Dataset.from_list(rows)
+    dataset = rows  # a list is a map-style dataset: no `datasets` needed
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True)
     real_tokens: list[int] = []
 
@@ -141,6 +151,7 @@ def worker_baseline(args) -> dict:
                 use_cpu=args.device == "cpu",
                 dataloader_num_workers=0,
                 disable_tqdm=True,
+                remove_unused_columns=False,
             ),
             train_dataset=dataset,
             data_collator=collate,
@@ -152,6 +163,7 @@ def worker_baseline(args) -> dict:
     return {
         "tokens_per_second": sum(measured) / seconds,
         "peak_rss": _peak_rss(),
+        "peak_device": _peak_device(args.device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "n_forward": _forward_weights(model),
         "threads": torch.get_num_threads(),
@@ -172,7 +184,8 @@ def worker_mactuner(args) -> dict:
 
     config = TrainConfig(
         model=args.model,
-        dataset=str(_data_file(args.rows)),
+        method=args.method,
+        dataset=str(_data_file(args.rows, args.data)),
         device=args.device,
         max_length=args.max_length,
         batch_size=4,
@@ -191,7 +204,8 @@ def worker_mactuner(args) -> dict:
     return {
         "tokens_per_second": (end[1] - start[1]) / (end[0] - start[0]),
         "peak_rss": _peak_rss(),
-        "dtype": str(trainer.compute_dtype).removeprefix("torch."),
+        "peak_device": _peak_device(args.device),
+        "dtype": str(trainer.compute_dtype).removeprefix("torch.") + ("/nf4" if args.method == "qlora" else ""),
         "n_forward": _forward_weights(trainer.model),
         "threads": torch.get_num_threads(),
     }
@@ -220,6 +234,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--method", default="lora", choices=["lora", "qlora"], help="MacTuner side's method")
+    parser.add_argument("--data", default=None, help=f"alpaca-format JSON (default {ALPACA})")
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per side")
@@ -255,13 +271,16 @@ def main() -> None:
         rows.append((kind, results[kind][0]["dtype"], results[kind][0]["threads"], tps, med(kind, "peak_rss"), 6 * n * tps))
     base, ours = rows
     print(f"\nmodel {args.model}, {args.rows} alpaca rows, max length {args.max_length}, micro-batch 4, LoRA r=8 q/k/v/o, "
-          f"{args.steps} measured steps after {args.warmup}, {args.rounds} round(s), device {args.device}")
-    print(f"matmul peak (2048², same threads): bfloat16 {peak_bf16 / 1e9:.0f} GFLOP/s, float32 {peak_fp32 / 1e9:.0f} GFLOP/s")
+          f"{args.steps} measured steps after {args.warmup}, {args.rounds} round(s), device {args.device}, MacTuner method {args.method}")
+    print(f"matmul peak ({'8192' if args.device.startswith('cuda') else '2048'}², same threads): bfloat16 {peak_bf16 / 1e9:.0f} GFLOP/s, float32 {peak_fp32 / 1e9:.0f} GFLOP/s")
     print(f"machine load average: {load_before:.1f} before, {load_after:.1f} after ({os.cpu_count()} cores)\n")
-    print(f"{'':10} {'dtype':>9} {'threads':>7} {'tokens/s':>9} {'peak RSS':>9} {'model TFLOP/s':>13} {'MFU (bf16 peak)':>15}")
+    on_gpu = args.device.startswith("cuda")
+    mem_label = "peak GPU" if on_gpu else "peak RSS"
+    mem = {kind: med(kind, "peak_device") if on_gpu else med(kind, "peak_rss") for kind in ("baseline", "mactuner")}
+    print(f"{'':10} {'dtype':>14} {'threads':>7} {'tokens/s':>9} {mem_label:>9} {'model TFLOP/s':>13} {'MFU (bf16 peak)':>15}")
     for kind, dtype, threads, tps, rss, flops in rows:
-        print(f"{kind:10} {dtype:>9} {threads:>7} {tps:9.1f} {rss / 2**30:8.2f}G {flops / 1e12:13.3f} {flops / peak_bf16:14.1%}")
-    print(f"{'ratio':10} {'':>9} {'':>7} {ours[3] / base[3]:8.2f}x {ours[4] / base[4]:8.2f}x")
+        print(f"{kind:10} {dtype:>14} {threads:>7} {tps:9.1f} {mem[kind] / 2**30:8.2f}G {flops / 1e12:13.3f} {flops / peak_bf16:14.1%}")
+    print(f"{'ratio':10} {'':>14} {'':>7} {ours[3] / base[3]:8.2f}x {mem['mactuner'] / mem['baseline']:8.2f}x")
     print(f"\nN = {base[5] / 6 / base[3] / 1e6:.1f}M weights; model FLOP/s = 6 · N · tokens/s. "
           "MacTuner computes the LM head only at trained tokens, so its real FLOPs are lower than this count.")
     print(json.dumps({k: v for k, v in results.items()}), file=sys.stderr)
