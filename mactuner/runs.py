@@ -493,6 +493,25 @@ def running_on(device: Any) -> list[RunInfo]:
     return [r for r in list_runs() if r.is_running and r.device == wanted]
 
 
+def sync_monitor(monitor: Any, all_runs: list[RunInfo] | None = None) -> None:
+    """Have a memory monitor sample every running run's process, and stop sampling runs that ended.
+
+    Args:
+        monitor: a :class:`mactuner.monitor.MemoryMonitor` (``watched``,
+            ``watch_process``, ``unwatch_process``).
+        all_runs: the runs as just listed (saves listing them again); None lists them.
+    """
+    watched = monitor.watched()
+    for run in list_runs() if all_runs is None else all_runs:
+        if run.is_running and run.pid and run.pid not in watched:
+            try:
+                monitor.watch_process(run.pid, f"run {run.id}")
+            except ValueError:
+                pass  # it ended in the meantime
+        elif not run.is_running and run.pid in watched:
+            monitor.unwatch_process(run.pid)
+
+
 def _new_run_id(name: str | None) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", (name or "run").strip()).strip("-._")[:40] or "run"
     base = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"

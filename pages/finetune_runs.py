@@ -4,7 +4,6 @@ Kept apart from ``pages/finetune.py`` (the set-up) so each stays short; all the
 logic is in :mod:`mactuner.runs`. Not a page itself.
 """
 
-import contextlib
 from datetime import datetime
 from pathlib import Path
 
@@ -102,18 +101,6 @@ def run_ui(run: runs.RunInfo) -> None:
     checkpoints_ui(run)
 
 
-def track_memory(all_runs: list[runs.RunInfo]) -> None:
-    """Have the dashboard's memory monitor sample running runs' processes, and stop when they end."""
-    monitor = memory_monitor()
-    watched = monitor.watched()
-    for run in all_runs:
-        if run.is_running and run.pid and run.pid not in watched:
-            with contextlib.suppress(ValueError):  # ended in the meantime
-                monitor.watch_process(run.pid, f"run {run.id}")
-        elif not run.is_running and run.pid in watched:
-            monitor.unwatch_process(run.pid)
-
-
 def runs_ui() -> None:
     """Every run and the live view of the selected one: redrawn every second while a run trains, else every few."""
     live = any(r.is_running for r in runs.list_runs())
@@ -124,7 +111,7 @@ def runs_view(live: bool) -> None:
     all_runs = runs.list_runs()
     if any(r.is_running for r in all_runs) != live:
         st.rerun()  # a run started or stopped (maybe in another tab): the whole page re-registers its refresh rate
-    track_memory(all_runs)
+    runs.sync_monitor(memory_monitor(), all_runs)  # the dashboard's chart shows training memory too
     if not all_runs:
         st.info("No runs yet: set one up above and start it.")
         return

@@ -263,3 +263,19 @@ def test_series_are_thinned_for_charts_but_keep_the_latest_point():
     assert len(tail.series("loss")[0]) == 2500
     seconds, mib = tail.memory_series(max_points=100)
     assert seconds[0] == 0.0 and seconds[-1] == 2499.0 and len(seconds) <= 101
+
+
+def test_sync_monitor_watches_running_runs_and_drops_ended_ones(sleeper):
+    from mactuner.devices import DeviceManager
+    from mactuner.monitor import MemoryMonitor
+
+    monitor = MemoryMonitor(DeviceManager(), interval=60)  # not started: sampled by hand below
+    make_run("live", "running", pid=sleeper.pid, create_time=psutil.Process(sleeper.pid).create_time())
+    runs.sync_monitor(monitor)
+    assert monitor.watched() == {sleeper.pid: "run live"}
+    monitor.sample_once()
+    assert monitor.process_history(sleeper.pid)[sleeper.pid][-1].rss > 0
+    sleeper.kill()
+    sleeper.wait()
+    runs.sync_monitor(monitor)  # the run is now failed: its process is no longer watched
+    assert monitor.watched() == {}
