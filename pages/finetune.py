@@ -43,8 +43,9 @@ def setup_ui() -> None:
         return
     try:
         mtime = Path(dataset).stat().st_mtime
-        summary = summarize(str(dataset), model, mtime)
+        # the model's footprint first: its errors say best what is wrong with the model
         recommended = recommend(model, str(dataset), device, mtime)
+        summary = summarize(str(dataset), model, mtime)
     except (ModelSourceError, data.DatasetError, OSError, ValueError) as exc:
         st.error(str(exc))
         st.stop()
