@@ -4,8 +4,10 @@ processes started, cancelled into a checkpoint, resumed and exported."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +50,16 @@ def make_run(
 def train_record(step: int, loss: float, t: float, total: int = 10) -> dict:
     return {"type": "train", "step": step, "total_steps": total, "loss": loss, "lr": 1e-4, "grad_norm": 1.0,
             "tokens_per_second": 100.0, "tokens": 64 * step, "memory_bytes": 1_000_000 + step, "time": t}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def stop_left_runs():
+    """A test that fails half-way leaves no trainer running behind it."""
+    yield
+    for run in runs.list_runs():
+        if run.is_running and run.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(run.pid, signal.SIGKILL)
 
 
 @pytest.fixture
