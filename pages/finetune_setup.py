@@ -94,9 +94,12 @@ def summary_ui(summary: data.DatasetSummary, max_length: int) -> None:
 def settings_ui(recommended: dict, reasons: dict, method: str) -> dict:
     """Editable settings starting from the recommended ones (each input's help says why); TrainConfig fields."""
     why = {name: reasons.get(name) or text for name, text in TrainConfig.help().items()}
-    # the value takes the bounds' type: streamlit refuses an int value with float bounds
-    number = lambda col, label, name, lo, hi, **kw: cols[col].number_input(label, lo, hi, type(lo)(recommended[name] or 0), help=why[name], **kw)  # noqa: E731
     cols = st.columns(4)
+
+    def number(col: int, label: str, name: str, lo, hi, **kwargs):
+        # the value takes the bounds' type: streamlit refuses an int value with float bounds
+        return cols[col].number_input(label, lo, hi, type(lo)(recommended[name] or 0), help=why[name], **kwargs)
+
     chosen = {
         "batch_size": number(0, "Batch size", "batch_size", 1, 512),
         "grad_accum": number(1, "Gradient accumulation", "grad_accum", 1, 512),
