@@ -61,6 +61,8 @@ def actions_ui(run: runs.RunInfo) -> None:
                 if st.button(f"Delete {run.id} and its checkpoints", key="finetune_delete"):
                     runs.delete_run(run.id)
                     st.rerun()
+    except runs.RunConflict as exc:
+        st.warning(f"{exc} Tick 'Start even if another run is training on this device' above to resume anyway.")
     except runs.RunError as exc:
         st.warning(str(exc))
     if (run.path / "adapter").is_dir():
@@ -82,8 +84,12 @@ def checkpoints_ui(run: runs.RunInfo) -> None:
         step = left.selectbox("Checkpoint", [c.step for c in found], index=len(found) - 1, key="finetune_ckpt",
                               format_func=lambda s: f"step {s}", label_visibility="collapsed")  # fmt: skip
         if right.button("Delete checkpoint", key="finetune_ckpt_delete"):
-            runs.delete_checkpoint(run.id, step)
-            st.rerun()
+            try:
+                runs.delete_checkpoint(run.id, step)
+            except (runs.RunError, ValueError, OSError) as exc:
+                st.warning(str(exc))
+            else:
+                st.rerun()
 
 
 def run_ui(run: runs.RunInfo) -> None:
