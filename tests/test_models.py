@@ -159,7 +159,7 @@ def test_default_model_footprint_loads_fast_and_answers(smollm2_path):
     loaded = load_model(device="cpu", dtype=torch.float32)
     seconds = time.perf_counter() - start
     # a converted folder loads in well under a second on an idle 2-core CPU (GGUF: ~16 s)
-    assert seconds < 8, f"loading the converted default model took {seconds:.1f} s"
+    assert seconds < 10, f"loading the converted default model took {seconds:.1f} s"
     assert loaded.num_parameters == footprint.num_parameters and loaded.path == str(smollm2_path)
     tok = loaded.tokenizer
     inputs = tok.apply_chat_template(
