@@ -250,6 +250,8 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
+            # MacTuner adapts its threads to other processes' load unless told a number
+            os.environ["MACTUNER_CPU_THREADS"] = str(args.threads)
         print(json.dumps(WORKERS[args.worker](args)), flush=True)
         return
 

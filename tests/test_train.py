@@ -259,27 +259,27 @@ def test_cli_trains_and_sigterm_cancels_with_a_checkpoint(tiny_model_dir, facts_
 def test_smollm2_learns_the_demo_facts(smollm2_path, tmp_path):
     """The product's promise: a short LoRA run makes the default model state facts it did not know."""
     from mactuner.chat import GenerationSettings, load_chat_model, stream_chat
+    from mactuner.config import TrainConfig
+    from mactuner.data import DEMO_DATASETS, DEMO_FACTS
     from mactuner.models import load_model
 
-    demo = ROOT / "mactuner" / "demo"
-    facts = json.loads((demo / "facts.json").read_text())[:4]
+    facts = json.loads(DEMO_FACTS.read_text())[:5]
     settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
 
     def answers(loaded) -> list[str]:
         return ["".join(stream_chat(loaded, [{"role": "user", "content": f["question"]}], settings)) for f in facts]
 
+    def stated(replies: list[str]) -> list[str]:
+        return [f["answer_keyword"] for f, a in zip(facts, replies) if f["answer_keyword"].lower() in a.lower()]
+
     before = answers(load_model(device="cpu"))
-    assert not any(f["answer_keyword"].lower() in a.lower() for f, a in zip(facts, before)), before
+    assert stated(before) == [], before
 
-    config = TrainConfig_for_demo(demo / "quenmark_messages.jsonl")
+    config = TrainConfig(
+        dataset=str(DEMO_DATASETS["quenmark-messages"]), device="cpu", max_steps=40, batch_size=8, learning_rate=2e-3,
+        lora_rank=16, lora_alpha=32, warmup_steps=2, val_fraction=0.0, save_every=0, max_length=128,
+    )
     result = train(config, tmp_path / "run")
+    assert result.losses[-1] < result.losses[0] / 3, result.losses
     after = answers(load_chat_model(adapter=result.adapter_path, device="cpu"))
-    learned = [f["answer_keyword"] for f, a in zip(facts, after) if f["answer_keyword"].lower() in a.lower()]
-    assert len(learned) == len(facts), list(zip(before, after))
-
-
-def TrainConfig_for_demo(dataset: Path):
-    from mactuner.config import TrainConfig
-
-    return TrainConfig(dataset=str(dataset), device="cpu", max_steps=30, batch_size=8, learning_rate=2e-3, lora_rank=16, lora_alpha=32,
-                       warmup_steps=2, val_fraction=0.0, save_every=0, max_length=128)
+    assert stated(after) == [f["answer_keyword"] for f in facts], list(zip(before, after))
