@@ -7,6 +7,7 @@ import streamlit as st
 
 from mactuner.devices import DeviceInfo, dtype_name, format_bytes, get_optimal_dtype
 from mactuner.monitor import DeviceSample, memory_figure
+from mactuner.runs import sync_monitor
 from pages.common import device_manager, memory_monitor, selected_device
 
 CHART_WINDOW_S = 600  # the chart shows the last ten minutes
@@ -53,6 +54,7 @@ def device_card(info: DeviceInfo, sample: DeviceSample | None, selected: bool) -
 @st.fragment(run_every=REFRESH_S)
 def live_memory() -> None:
     """Cards and chart, redrawn every REFRESH_S from the monitor's history (no new readings here)."""
+    sync_monitor(monitor)  # training runs started before an app restart show up here too
     devices = manager.get_available_devices()
     for row in range(0, len(devices), CARDS_PER_ROW):  # an 8-GPU server gets rows, not slivers
         for column, info in zip(st.columns(CARDS_PER_ROW if len(devices) > 1 else 1), devices[row : row + CARDS_PER_ROW]):
