@@ -395,6 +395,18 @@ def _eos_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
+def _cache_argument(model) -> str:
+    # transformers 5.2x names the KV cache ``cache``; earlier 5.x releases ``past_key_values``
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class ChatStream:
     """An answer being generated: iterate for text pieces; ``stats`` fills in as it goes.
 
@@ -434,6 +446,7 @@ class ChatStream:
         streamer = _text_streamer(loaded.tokenizer, settings.stop)
         eos = _eos_ids(loaded)
         warpers = None if settings.greedy else self._sampler()
+        cache_arg = _cache_argument(model)
         previous_threads = torch.get_num_threads()
         if self._threads is not None and self._threads != previous_threads:
             torch.set_num_threads(self._threads)
@@ -466,7 +479,7 @@ class ChatStream:
                     if streamer.stopped:
                         stats.finish_reason = "stop"
                         break
-                    out = model(input_ids=next_token, past_key_values=out.past_key_values, use_cache=True)
+                    out = model(input_ids=next_token, use_cache=True, **{cache_arg: _cache_of(out)})
                 else:
                     stats.finish_reason = "length"
                 if not streamer.stopped:
