@@ -458,9 +458,8 @@ def recommend_hyperparameters(
     else:
         steps_per_epoch = max(1, math.ceil(rows / (batch * grad_accum)))
         epochs = float(max(1, min(10, math.ceil(60 / steps_per_epoch)))) if rows < 1000 else (2.0 if rows < 10000 else 1.0)
-        reasons["epochs"] = (
-            f"{epochs:g}: {steps_per_epoch} steps per epoch; about {int(epochs * steps_per_epoch)} steps in all "
-            + ("give a small dataset enough updates" if rows < 1000 else "are plenty for a dataset this size")
+        reasons["epochs"] = f"{epochs:g}: {steps_per_epoch} steps per epoch, about {int(epochs * steps_per_epoch)} in all" + (
+            "; a small dataset needs several passes to be learnt" if epochs > 1 else "; one pass is enough updates for this many rows"
         )
     trainable = footprint.lora_parameters(rank, target_modules)
     return Recommendation(
