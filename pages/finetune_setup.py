@@ -12,6 +12,7 @@ import streamlit as st
 
 from mactuner import data, paths
 from mactuner.config import TrainConfig
+from mactuner.devices import get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
 from mactuner.recommend import estimate_memory, free_memory_bytes, recommend_hyperparameters
 
@@ -124,7 +125,7 @@ def memory_ui(config: TrainConfig, summary: data.DatasetSummary, device: str) ->
     """The memory estimate of ``config`` (recomputed as settings change), warned about when it exceeds free memory."""
     trained = [min(n, config.max_length) for n in summary.trained_lengths]
     estimate = estimate_memory(
-        footprint_for(config.model), method=config.method, dtype=config.dtype if config.dtype != "auto" else "float32",
+        footprint_for(config.model), method=config.method, dtype=config.dtype if config.dtype != "auto" else get_optimal_dtype(device),
         batch_size=config.batch_size, seq_len=min(config.max_length, summary.max_tokens), lora_rank=config.lora_rank,
         target_modules=config.target_modules, gradient_checkpointing=config.gradient_checkpointing,
         trained_tokens_per_row=max(trained, default=None), device_type=device.split(":")[0],
