@@ -881,7 +881,8 @@ class Trainer:
                 if not is_out_of_memory(error):
                     raise
                 failed = True
-                oom_error = error
+                # keep the words only: the exception's traceback would keep the step's tensors alive
+                oom_message = str(error).split("\n")[0]
             # all processes must agree before the gradient all-reduce, or one would wait forever
             if not self._any_process(failed):
                 break
@@ -894,7 +895,7 @@ class Trainer:
                     f"({self.config.max_length} tokens max). Lower max_length, turn on gradient_checkpointing, "
                     + ("use a smaller model or LoRA instead of full fine-tuning, " if self.config.method == "full" else "use a smaller model, ")
                     + "or close other programs using the device's memory."
-                    + (f" ({oom_error})" if failed else "")
+                    + (f" ({oom_message})" if failed else "")
                 )
             old = self.micro_batch_size
             self.micro_batch_size = max(1, old // 2)
