@@ -233,3 +233,44 @@ def test_chat_command_reports_a_bad_adapter(tmp_path, capsys):
 
     assert main(["chat", "--adapter", str(tmp_path), "--prompt", "hi", "--device", "cpu"]) == 1
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fine_tuned_checkpoint_states_the_demo_facts_and_base_does_not(smollm2_path, tmp_path, mactuner_home):
+    """A checkpoint found by list_adapters() chats as the fine-tuned model: it states the demo facts
+    (some even asked in words it never saw), while the base model states none."""
+    import json
+    from pathlib import Path
+
+    from mactuner.chat import list_adapters
+    from mactuner.config import TrainConfig
+    from mactuner.train import train
+
+    demo = Path(__file__).resolve().parents[1] / "mactuner" / "demo"
+    facts = json.loads((demo / "facts.json").read_text())[:3]
+    config = TrainConfig(dataset=str(demo / "quenmark_messages.jsonl"), device="cpu", max_steps=30, batch_size=8,
+                         learning_rate=2e-3, lora_rank=16, lora_alpha=32, warmup_steps=2, val_fraction=0.0,
+                         save_every=30, max_length=128)
+    threads = torch.get_num_threads()
+    # one thread: on a CPU shared with other jobs, more threads than free cores made this run ~10x slower here
+    torch.set_num_threads(1)
+    try:
+        result = train(config, mactuner_home / "runs" / "quenmark")
+    finally:
+        torch.set_num_threads(threads)
+    assert result.state == "finished"
+    checkpoint = next(c for c in list_adapters() if c.step == 30)
+    settings = GenerationSettings(max_new_tokens=24, temperature=0)
+
+    def answers(loaded, key: str) -> list[str]:
+        return [chat(loaded, [{"role": "user", "content": f[key]}], settings)[0] for f in facts]
+
+    def stated(replies: list[str]) -> int:
+        return sum(f["answer_keyword"].lower() in a.lower() for f, a in zip(facts, replies))
+
+    base = load_chat_model(device="cpu")
+    tuned = load_chat_model(adapter=checkpoint.path, device="cpu")
+    assert stated(answers(base, "question")) == 0
+    # 30 steps teach most of the facts word for word (a run's exact result varies with thread count and CPU)
+    assert stated(answers(tuned, "question")) >= len(facts) - 1, answers(tuned, "question")
+    assert stated(answers(tuned, "unseen_question")) >= 1, answers(tuned, "unseen_question")
