@@ -49,6 +49,16 @@ def baseline_round(model, inputs, tokens: int) -> tuple[float, float]:
     return ttft, (new - 1) / max(total - ttft, 1e-9)
 
 
+def same_threads_round(model, inputs, tokens: int, threads: int) -> tuple[float, float]:
+    """The baseline again with the engine's thread count: separates the thread choice from the rest."""
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return baseline_round(model, inputs, tokens)
+    finally:
+        torch.set_num_threads(default)
+
+
 def engine_round(loaded, tokens: int) -> tuple[float, float, int]:
     """(time to first token, decode tokens/s, threads) through ``stream_chat``."""
     stream = stream_chat(loaded, PROMPT, GenerationSettings(temperature=0, max_new_tokens=tokens))
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     # warm both (first calls allocate and pick kernels)
     baseline_round(baseline, inputs, 4)
     engine_round(loaded, 4)
-    base_ttft, base_tps, eng_ttft, eng_tps, eng_threads = [], [], [], [], []
+    base_ttft, base_tps, eng_ttft, eng_tps, eng_threads, same_ttft, same_tps = [], [], [], [], [], [], []
     for _ in range(args.rounds):
         a, b = baseline_round(baseline, inputs, args.tokens)
         base_ttft.append(a)
@@ -89,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         eng_ttft.append(a)
         eng_tps.append(b)
         eng_threads.append(n)
+        if device.type == "cpu":
+            a, b = same_threads_round(baseline, inputs, args.tokens, n)
+            same_ttft.append(a)
+            same_tps.append(b)
 
     med = statistics.median
     rows = [
@@ -99,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
          f"{med(base_ttft) / med(eng_ttft):.2f}x faster"),
         ("CPU threads", str(torch.get_num_threads()), " ".join(str(n) for n in eng_threads), ""),
     ]
+    if same_tps:
+        rows.append((f"model.generate fp32 with the engine's threads: tokens/s", f"{med(same_tps):.1f}", "",
+                     f"engine {med(eng_tps) / med(same_tps):.2f}x"))
+        rows.append(("  ... time to first token (s)", f"{med(same_ttft):.3f}", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
