@@ -31,7 +31,7 @@ def loaded_model(model: str, adapter: str, device, label: str):
         bar = st.progress(0.0, text=f"{label}: loading…")
         try:
             loaded = load_chat_model(model or None, adapter or None, device=device,
-                                     progress=lambda message, f: bar.progress(f or 0.5, text=f"{label}: {message}"))
+                                     progress=lambda message, f: bar.progress(0.5 if f is None else f, text=f"{label}: {message}"))
         finally:
             bar.empty()
         while len(cache) >= MAX_MODELS:
@@ -83,8 +83,11 @@ def stats_caption(stats: dict) -> str:
 
 
 def conversation(history: list[dict], who: str) -> list[dict]:
-    """The history as one model saw it (its own answers)."""
-    return [m if m["role"] == "user" else {"role": "assistant", "content": m["answers"][who]} for m in history]
+    """The history as one model saw it: its own answers (another model's where it had none, e.g. after a mode switch)."""
+    def answer(m: dict) -> str:
+        return m["answers"].get(who) or next(iter(m["answers"].values()), "")
+
+    return [m if m["role"] == "user" else {"role": "assistant", "content": answer(m)} for m in history]
 
 
 def show_history(history: list[dict], names: list[str]) -> None:

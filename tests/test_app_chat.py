@@ -72,3 +72,20 @@ def test_bad_model_is_an_error(tmp_path):
     ask(at, tmp_path / "no-such-model", "Hello")
     assert at.error and "no-such-model" in at.error[0].value
     assert at.session_state["chat_history"] == []
+
+
+def test_switching_to_an_adapter_keeps_the_conversation(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
+    import shutil
+
+    run = mactuner_home / "runs" / "demo-run"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished"}))
+    shutil.copytree(tiny_adapter, run / "adapter")
+    at = open_page()
+    ask(at, varied_model_dir, "Hello there")
+    at.selectbox(key="chat_adapter").set_value("demo-run · final").run()
+    at.chat_input(key="chat_input").set_value("And then?").run()
+    assert not at.exception, at.exception
+    history = at.session_state["chat_history"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert set(history[1]["answers"]) == {"base"} and set(history[3]["answers"]) == {"fine-tuned"}
