@@ -439,6 +439,8 @@ def measure_variant(
     after = _memory_now(device)
     memory = model_memory_bytes(loaded.model) if before is None or after is None else max(0, after - before)
     try:
+        # a short warm-up answer first: the first forward passes pick kernels and allocate
+        "".join(stream_chat(loaded, PROBE, GenerationSettings(temperature=0, max_new_tokens=2)))
         stream = stream_chat(loaded, PROBE, GenerationSettings(temperature=0, max_new_tokens=new_tokens))
         answer = "".join(stream).strip()
         ppl, _ = perplexity(loaded, text)
