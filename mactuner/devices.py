@@ -570,6 +570,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``"bfloat16"`` / ``"torch.bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``.
+
+    Raises:
+        ValueError: not a torch dtype name.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return value
+
+
 # --------------------------------------------------------------------------- #
 # cache clearing and health
 # --------------------------------------------------------------------------- #

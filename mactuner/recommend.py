@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mactuner.devices import parse_dtype
 from mactuner.models import ModelFootprint
 
 GB = 1024**3
@@ -88,15 +89,6 @@ class MemoryEstimate:
         return {**{f"{k}_bytes": v for k, v in parts.items()}, **{f"{k}_gb": round(v / GB, 3) for k, v in parts.items()}}
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).replace("torch.", ""), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return value
-
-
 def _target_names(footprint: ModelFootprint, target_modules: Any) -> list[str]:
     if target_modules in ("all-linear", ["all-linear"], ("all-linear",)):
         return [n for n in footprint.linear_shapes if n != "lm_head"]
@@ -136,7 +128,7 @@ def estimate_memory(
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("lora_rank", lora_rank)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
-    compute = _dtype(dtype)
+    compute = parse_dtype(dtype)
     b = compute.itemsize
     h = footprint.hidden_size
     i = footprint.intermediate_size or 4 * h
