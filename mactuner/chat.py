@@ -266,7 +266,8 @@ class _CpuContention:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._last: tuple[float, float, float] | None = self._snapshot()
+        self._last: tuple[float, float, float] = self._snapshot()
+        self._previous: float | None = None
 
     @staticmethod
     def _snapshot() -> tuple[float, float, float]:
@@ -280,10 +281,12 @@ class _CpuContention:
     def other_busy_cores(self) -> float | None:
         with self._lock:
             now = self._snapshot()
+            if now[0] - self._last[0] < 1.0:
+                # too short a window to judge (answers back to back): keep the last judgement
+                return self._previous
             last, self._last = self._last, now
-        if last is None or now[0] - last[0] < 0.2:
-            return None
-        return max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0]))
+            self._previous = max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0]))
+            return self._previous
 
 
 _contention = _CpuContention()
