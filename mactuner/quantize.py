@@ -31,7 +31,6 @@ Every variant folder also holds ``mactuner_variant.json`` (method, source), and
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -48,7 +47,6 @@ from mactuner.chat import (
     GenerationSettings,
     _base_for,
     _check_adapter,
-    _trim_host_heap,
     release_model,
     stream_chat,
 )
