@@ -614,8 +614,11 @@ class Trainer:
                 bias="none",
                 task_type="CAUSAL_LM",
             )
-            # autocast_adapter_dtype keeps the adapter in float32 over a bf16/fp16 base
-            model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+            # the adapter is initialised in float32 (it becomes the master copy below)
+            try:
+                model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+            except ValueError as error:
+                raise TrainingError(f"LoRA cannot be applied to {config.model}: {error}") from error
             self.causal_lm = model.get_base_model()
         else:
             self.causal_lm = model

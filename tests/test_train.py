@@ -209,6 +209,11 @@ def test_qlora_off_cuda_is_refused_with_the_alternative(tiny_model_dir, facts_fi
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
 
 
+def test_target_modules_that_match_nothing_fail_clearly(tiny_model_dir, facts_file):
+    with pytest.raises(TrainingError, match="LoRA cannot be applied.*attn_c"):
+        train(tiny_config(tiny_model_dir, facts_file, target_modules=["attn_c"]))
+
+
 def test_a_missing_or_broken_dataset_fails_clearly(tiny_model_dir, tmp_path):
     with pytest.raises(TrainingError, match="No dataset"):
         train(tiny_config(tiny_model_dir, ""))
