@@ -154,6 +154,25 @@ def test_adapter_is_merged_with_the_same_logits(varied_model_dir, tiny_adapter):
     assert not any("lora" in name for name, _ in merged.model.named_parameters())
 
 
+def test_packed_bf16_linears_give_the_same_logits(varied_model_dir):
+    from mactuner.chat import PackedLinear, pack_linear_weights
+    from transformers import AutoModelForCausalLM
+
+    packed = load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.bfloat16)
+    plain = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.bfloat16).eval()
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == 2 * 7 + 1  # 2 layers x 7, lm_head
+    assert pack_linear_weights(packed.model) == 0  # nothing left to pack
+    ids = torch.tensor([[1, 20, 300, 4000, 5, 60]])
+    with torch.inference_mode():
+        torch.testing.assert_close(packed.model(ids).logits, plain(ids).logits, atol=1e-2, rtol=1e-2)
+    settings = GenerationSettings(temperature=0, max_new_tokens=20)
+    plain_loaded = load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.float32)
+    plain_loaded.model, plain_loaded.dtype = plain, torch.bfloat16
+    assert chat(packed, QUESTION, settings)[0] == chat(plain_loaded, QUESTION, settings)[0]
+
+
 def test_bad_adapter_folder_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_chat_model(adapter=tmp_path)
@@ -187,7 +206,9 @@ def test_release_returns_memory(smollm2_path):
     process = psutil.Process()
     loaded = load_chat_model(device="cpu")
     chat(loaded, QUESTION, GenerationSettings(temperature=0, max_new_tokens=4))
-    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    tensors = [*loaded.model.parameters(), *loaded.model.buffers()]  # packed Linear weights are buffers
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    del tensors
     assert weight_bytes > 250e6  # 135M parameters in bfloat16
     model = weakref.ref(loaded.model)
     loaded_rss = process.memory_info().rss
