@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mactuner.cpu_threads import CpuThreads
 from mactuner.devices import get_optimal_dtype, resolve_device
 from mactuner.models import DEFAULT_MODEL, LoadedModel, Progress, load_model
 
@@ -308,41 +308,7 @@ def _trim_host_heap() -> None:
 # ---------------------------------------------------------------- CPU threads
 
 
-class _CpuContention:
-    """How many cores other processes kept busy since the previous answer.
-
-    Measured from system-wide and this process's CPU times (no sampling pause):
-    the window runs from the previous answer, or from this module's import
-    (which precedes loading the model) for the first one.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last: tuple[float, float, float] = self._snapshot()
-        self._previous: float | None = None
-
-    @staticmethod
-    def _snapshot() -> tuple[float, float, float]:
-        import psutil
-
-        sys_times = psutil.cpu_times()
-        busy = sum(sys_times) - sys_times.idle - getattr(sys_times, "iowait", 0.0)
-        proc = psutil.Process().cpu_times()
-        return time.monotonic(), busy, proc.user + proc.system
-
-    def other_busy_cores(self) -> float | None:
-        with self._lock:
-            now = self._snapshot()
-            if now[0] - self._last[0] < 1.0:
-                # too short a window to judge (answers back to back): keep the last judgement
-                return self._previous
-            last, self._last = self._last, now
-            self._previous = max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0]))
-            return self._previous
-
-
-_contention = _CpuContention()
-_DEFAULT_THREADS = torch.get_num_threads()
+_threads = CpuThreads(min_window=1.0)  # judged per answer
 
 
 def generation_threads(device: torch.device) -> int | None:
@@ -353,13 +319,7 @@ def generation_threads(device: torch.device) -> int | None:
     """
     if device.type != "cpu":
         return None
-    fixed = os.environ.get("MACTUNER_CPU_THREADS")
-    if fixed:
-        return max(1, int(fixed))
-    others = _contention.other_busy_cores()
-    if others is None:
-        return _DEFAULT_THREADS
-    return max(1, min(_DEFAULT_THREADS, round(_DEFAULT_THREADS - others)))
+    return _threads.choose()
 
 
 # ---------------------------------------------------------------- generation

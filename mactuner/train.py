@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from mactuner import checkpoints
+from mactuner.cpu_threads import CpuThreads
 from mactuner.config import TrainConfig
 from mactuner.devices import get_optimal_dtype, resolve_device
 
@@ -396,52 +397,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
     if kind == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-# --- CPU threads ----------------------------------------------------------------
-
-
-class CpuThreads:
-    """Threads for the next CPU step: torch's default, minus the cores other processes kept busy.
-
-    torch splits each CPU operation across threads that wait for one another, so
-    when another program holds a core, every operation waits for the thread that
-    lost it. Measured on a shared 2-core machine: a LoRA step on 2 threads with the
-    other core busy ran ~10x slower than on 1 thread. The busy cores are read
-    from the system's CPU times since the previous step (no sampling pause).
-    ``MACTUNER_CPU_THREADS`` fixes the number instead.
-    """
-
-    def __init__(self) -> None:
-        self.default = torch.get_num_threads()
-        fixed = os.environ.get("MACTUNER_CPU_THREADS")
-        self.fixed = max(1, int(fixed)) if fixed else None
-        self._last = self._snapshot()
-
-    @staticmethod
-    def _snapshot() -> tuple[float, float, float]:
-        import psutil
-
-        system = psutil.cpu_times()
-        busy = sum(system) - system.idle - getattr(system, "iowait", 0.0)
-        own = psutil.Process().cpu_times()
-        return time.monotonic(), busy, own.user + own.system
-
-    def update(self) -> int:
-        """Set and return the thread count for the next step."""
-        if self.fixed is not None:
-            threads = self.fixed
-        else:
-            now = self._snapshot()
-            last, self._last = self._last, now
-            elapsed = now[0] - last[0]
-            if elapsed < 0.2:
-                return torch.get_num_threads()
-            others = max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / elapsed)
-            threads = max(1, min(self.default, round(self.default - others)))
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-        return threads
 
 
 # --- distributed --------------------------------------------------------------
