@@ -5,7 +5,7 @@ import streamlit as st
 from mactuner.chat import GenerationSettings, list_adapters, load_chat_model, release_model, stream_chat
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
-from pages.common import selected_device
+from pages.common import device_or_stop
 
 HISTORY = "chat_history"  # [{"role": "user", "content"} | {"role": "assistant", "answers": {who: text}, "stats": {who: dict}}]
 
@@ -106,11 +106,7 @@ def show_history(history: list[dict], names: list[str]) -> None:
 
 
 st.title("Chat")
-try:
-    device = selected_device()
-except RuntimeError as exc:
-    st.error(f"{exc} Pick another device in the sidebar.")
-    st.stop()
+device = device_or_stop()
 release_on_device_switch(device)
 st.caption(f"Answers are generated on **{device}** in {dtype_name(get_optimal_dtype(device))}.")
 try:

@@ -10,6 +10,7 @@ under ``st.session_state["device"]``, so two tabs may compute on different devic
 from __future__ import annotations
 
 import logging
+import sys
 import types
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def memory_monitor() -> MemoryMonitor:
 def _device_manager() -> DeviceManager:
     logger = logging.getLogger("mactuner")
     if not logger.handlers:  # streamlit configures only its own loggers
-        handler = logging.StreamHandler()
+        handler = logging.StreamHandler(sys.__stderr__)  # the real stderr, not a test capture that closes
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -121,6 +122,15 @@ def selected_device() -> torch.device:
     if not st.session_state.get(DEVICE_KEY):
         st.session_state[DEVICE_KEY] = default_device(available_devices())
     return resolve_device(st.session_state[DEVICE_KEY])
+
+
+def device_or_stop() -> torch.device:
+    """:func:`selected_device` for a page: a device that stopped working ends the page with the reason."""
+    try:
+        return selected_device()
+    except RuntimeError as exc:
+        st.error(f"{exc} Pick another device in the sidebar.")
+        st.stop()
 
 
 def _device_label(key: str) -> str:

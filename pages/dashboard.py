@@ -8,7 +8,7 @@ import streamlit as st
 from mactuner.devices import DeviceInfo, dtype_name, format_bytes, get_optimal_dtype
 from mactuner.monitor import DeviceSample, memory_figure
 from mactuner.runs import sync_monitor
-from pages.common import device_manager, memory_monitor, selected_device
+from pages.common import device_manager, device_or_stop, memory_monitor
 
 CHART_WINDOW_S = 600  # the chart shows the last ten minutes
 CARDS_PER_ROW = 3
@@ -17,11 +17,7 @@ ICONS = {"cpu": ":material/memory:", "cuda": ":material/developer_board:", "mps"
 
 st.title("Dashboard")
 manager, monitor = device_manager(), memory_monitor()
-try:
-    device = selected_device()
-except RuntimeError as exc:
-    st.error(f"{exc} Pick another device in the sidebar.")
-    st.stop()
+device = device_or_stop()
 st.caption(
     f"This session computes on **{device}** in **{dtype_name(get_optimal_dtype(device))}**. "
     "Choose another device in the sidebar."

@@ -12,7 +12,7 @@ import streamlit as st
 from mactuner import data, runs
 from mactuner.config import TrainConfig
 from mactuner.models import ModelSourceError
-from pages.common import selected_device
+from pages.common import device_or_stop
 from pages.finetune_runs import runs_ui
 from pages.finetune_setup import dataset_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
 
@@ -36,7 +36,7 @@ def start_ui(config: TrainConfig, name: str) -> None:
 
 def setup_ui() -> None:
     """Model, dataset and its summary, method, recommended settings and their memory; then the start button."""
-    device = str(selected_device())
+    device = str(device_or_stop())
     model, dataset = model_ui(), dataset_ui()
     if not model or dataset is None:
         st.info("Choose a model and a dataset to see the recommended settings.")

@@ -6,7 +6,7 @@ import streamlit as st
 from mactuner import paths, quantize
 from mactuner.chat import list_adapters
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
-from pages.common import selected_device
+from pages.common import device_or_stop
 
 ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
 
@@ -49,11 +49,7 @@ def show_report(report: quantize.QuantizeReport) -> None:
 
 
 st.title("Quantize and export")
-try:
-    device = selected_device()
-except RuntimeError as exc:
-    st.error(f"{exc} Pick another device in the sidebar.")
-    st.stop()
+device = device_or_stop()
 st.caption(f"Quantizing and measuring on **{device}**. Files go to `{paths.exports_dir()}`.")
 
 model, adapter = source_ui()

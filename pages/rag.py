@@ -8,7 +8,7 @@ import streamlit as st
 from mactuner import rag
 from mactuner.chat import GenerationSettings, list_adapters, load_chat_model, release_model
 from mactuner.models import DEFAULT_MODEL
-from pages.common import selected_device
+from pages.common import device_or_stop
 
 UPLOAD_TYPES = sorted(suffix.lstrip(".") for suffix in rag.SUPPORTED_SUFFIXES)
 
@@ -105,11 +105,7 @@ def show_sources(sources: list[dict]) -> None:
 
 
 st.title("Ask your documents")
-try:
-    device = selected_device()
-except RuntimeError as exc:
-    st.error(f"{exc} Pick another device in the sidebar.")
-    st.stop()
+device = device_or_stop()
 st.caption(f"Embeddings and answers run on **{device}**.")
 
 try:

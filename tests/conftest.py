@@ -59,3 +59,37 @@ def tiny_model_dir(tmp_path_factory, smollm2_path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama re-initialised with larger weights: its greedy answers are
+    varied text (the default init repeats one newline), so comparisons mean something."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("varied-llama")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(varied_model_dir, tmp_path_factory):
+    """A LoRA adapter made with peft directly, with non-zero B so it changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    folder = tmp_path_factory.mktemp("tiny-adapter")
+    model.save_pretrained(folder)
+    return folder

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from test_chat import tiny_adapter, varied_model_dir  # noqa: F401 - shared fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 

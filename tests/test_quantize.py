@@ -21,7 +21,6 @@ from mactuner.quantize import (
     supported_methods,
     unsupported_reason,
 )
-from test_chat import tiny_adapter, varied_model_dir  # noqa: F401 - shared fixtures (pytest adds tests/ to sys.path)
 
 TEXT = (
     "The Nile is a major north-flowing river in northeastern Africa. It flows into the Mediterranean Sea. "
