@@ -12,20 +12,21 @@ import argparse
 import importlib
 import sys
 
-# command name -> module under mactuner.commands
+# command name -> module under mactuner.commands (each command's own HELP is shown once it is loaded;
+# these one-liners keep `--help` fast, without importing every command)
 COMMANDS = {
-    "devices": "devices",
-    "train": "train",
-    "recommend": "recommend",
-    "chat": "chat",
-    "rag": "rag",
-    "merge": "merge",
-    "quantize": "quantize",
+    "devices": "list, select and read the compute devices (list|select|current|auto-select|memory|clear-cache|health)",
+    "train": "fine-tune a model from a YAML config (LoRA, QLoRA or full)",
+    "recommend": "recommended training settings and a memory estimate for a model, dataset and device",
+    "chat": "chat with a model, optionally with a fine-tuned adapter",
+    "rag": "index documents into a collection and ask questions over them",
+    "merge": "merge an adapter into its base model and save a plain transformers folder",
+    "quantize": "quantize a model and compare size, memory, speed and perplexity",
 }
 
 
 def _load(name: str):
-    return importlib.import_module(f"mactuner.commands.{COMMANDS[name]}")
+    return importlib.import_module(f"mactuner.commands.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mactuner",
         description="MacTuner: fine-tune small language models on the device you pick.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     # only the command actually asked for is imported; the others get a stub
     # parser so that --help still lists them
     wanted = argv[0] if argv and argv[0] in COMMANDS else None
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             module.add_arguments(command_parser)
             command_parser.set_defaults(_run=module.run)
         else:
-            sub.add_parser(name, add_help=False)
+            sub.add_parser(name, add_help=False, help=COMMANDS[name])
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
