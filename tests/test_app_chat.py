@@ -8,17 +8,13 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
+from tests.app_pages import open_app_page
 
-ROOT = Path(__file__).resolve().parents[1]
+
 
 
 def open_page() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
-    at.run()
-    at.switch_page("pages/chat.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_app_page("pages/chat.py")
 
 
 def ask(at: AppTest, model: Path, question: str) -> AppTest:

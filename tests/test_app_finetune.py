@@ -17,6 +17,8 @@ import psutil
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.app_pages import open_app_page
+
 from mactuner import paths, runs
 from mactuner.config import TrainConfig
 from mactuner.data import DEMO_DATASETS
@@ -57,12 +59,7 @@ def copy_run(template: Path, run_id: str, **status) -> Path:
 
 
 def open_page() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.run()
-    at.switch_page("pages/finetune.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_app_page("pages/finetune.py")
 
 
 def by_label(widgets, label: str):

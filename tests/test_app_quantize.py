@@ -8,18 +8,14 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
+from tests.app_pages import open_app_page
 
-ROOT = Path(__file__).resolve().parents[1]
+
 TEXT = "The Nile is a major north-flowing river in northeastern Africa. It flows into the Mediterranean Sea."
 
 
 def open_page() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=240)
-    at.run()
-    at.switch_page("pages/quantize.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_app_page("pages/quantize.py")
 
 
 def make_run(home: Path, model: Path, adapter: Path) -> None:

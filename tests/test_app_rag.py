@@ -3,24 +3,18 @@ removing a document, and a library error shown as a message."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from mactuner import rag
+from tests.app_pages import open_app_page
 from tests.rag_fixtures import tiny_embedder_dir  # noqa: F401 - a fixture
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def open_page() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
-    at.run()
-    at.switch_page("pages/rag.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_app_page("pages/rag.py")
 
 
 def button(at: AppTest, key: str):
