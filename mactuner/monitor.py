@@ -113,6 +113,7 @@ class MemoryMonitor:
         """Start the sampling thread (no-op if it runs); returns ``self``."""
         if not self.running:
             self._stop.clear()
+            self._sample_guarded()  # a first reading right away: pages drawn just after start have numbers
             self._thread = threading.Thread(target=self._run, name="mactuner-memory-monitor", daemon=True)
             self._thread.start()
         return self
@@ -124,24 +125,25 @@ class MemoryMonitor:
             self._thread.join(timeout)
             self._thread = None
 
+    def _sample_guarded(self) -> None:
+        started_cpu = time.thread_time()
+        try:
+            self.sample_once()
+        except Exception as exc:  # noqa: BLE001 - a failed sample must never kill the monitor
+            if str(exc) != self.last_error:
+                log.warning("Memory sample failed: %s", exc)
+            self.last_error = str(exc)
+        self.cpu_seconds += time.thread_time() - started_cpu
+
     def _run(self) -> None:
-        next_tick = time.monotonic()
-        while not self._stop.is_set():
-            started_cpu = time.thread_time()
-            try:
-                self.sample_once()
-            except Exception as exc:  # noqa: BLE001 - a failed sample must never kill the monitor
-                if str(exc) != self.last_error:
-                    log.warning("Memory sample failed: %s", exc)
-                self.last_error = str(exc)
-            self.cpu_seconds += time.thread_time() - started_cpu
-            # schedule by the clock, not by sleep(interval), so the rate does not drift
+        # start() took the first sample; schedule by the clock, not by
+        # sleep(interval), so the rate does not drift
+        next_tick = time.monotonic() + self._interval
+        while not self._stop.wait(max(0.0, next_tick - time.monotonic())):
+            self._sample_guarded()
             next_tick += self._interval
-            delay = next_tick - time.monotonic()
-            if delay < 0:  # fell behind (machine busy): skip ahead rather than burst
+            if next_tick < time.monotonic():  # fell behind (machine busy): skip ahead rather than burst
                 next_tick = time.monotonic()
-                delay = 0
-            self._stop.wait(delay)
 
     # -- sampling ---------------------------------------------------------- #
 

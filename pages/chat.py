@@ -2,51 +2,12 @@
 
 import streamlit as st
 
-from mactuner.chat import GenerationSettings, list_adapters, load_chat_model, release_model, stream_chat
+from mactuner.chat import GenerationSettings, list_adapters, stream_chat
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
-from pages.common import device_or_stop
+from pages.common import device_or_stop, loaded_model, release_on_device_switch
 
 HISTORY = "chat_history"  # [{"role": "user", "content"} | {"role": "assistant", "answers": {who: text}, "stats": {who: dict}}]
-
-
-MAX_MODELS = 2  # base + fine-tuned for compare mode
-
-
-@st.cache_resource(show_spinner=False)
-def model_cache() -> dict:
-    """App-wide loaded models by (model, adapter, device, dtype), oldest first.
-
-    A plain dict held by st.cache_resource rather than a cached loader: the
-    loader draws a progress bar, and a cached function may not draw.
-    """
-    return {}
-
-
-def loaded_model(model: str, adapter: str, device, label: str):
-    """The cached model, loaded with a progress bar the first time; the oldest is dropped past MAX_MODELS."""
-    cache = model_cache()
-    key = (model, adapter, str(device), dtype_name(get_optimal_dtype(device)))
-    if key not in cache:
-        bar = st.progress(0.0, text=f"{label}: loading…")
-        try:
-            loaded = load_chat_model(model or None, adapter or None, device=device,
-                                     progress=lambda message, f: bar.progress(0.5 if f is None else f, text=f"{label}: {message}"))
-        finally:
-            bar.empty()
-        while len(cache) >= MAX_MODELS:
-            release_model(cache.pop(next(iter(cache))))
-        cache[key] = loaded
-    return cache[key]
-
-
-def release_on_device_switch(device) -> None:
-    """Drop every cached model when the device changes, so the old copies' memory goes back."""
-    if st.session_state.get("chat_device") not in (None, str(device)):
-        cache = model_cache()
-        while cache:
-            release_model(cache.pop(next(iter(cache))))
-    st.session_state["chat_device"] = str(device)
 
 
 def model_ui():

@@ -6,9 +6,9 @@ import pandas as pd
 import streamlit as st
 
 from mactuner import rag
-from mactuner.chat import GenerationSettings, list_adapters, load_chat_model, release_model
+from mactuner.chat import GenerationSettings, list_adapters
 from mactuner.models import DEFAULT_MODEL
-from pages.common import device_or_stop
+from pages.common import device_or_stop, loaded_model, release_on_device_switch
 
 UPLOAD_TYPES = sorted(suffix.lstrip(".") for suffix in rag.SUPPORTED_SUFFIXES)
 
@@ -16,12 +16,6 @@ UPLOAD_TYPES = sorted(suffix.lstrip(".") for suffix in rag.SUPPORTED_SUFFIXES)
 @st.cache_resource(show_spinner="Loading the embedding model…", max_entries=2)
 def embedder(model: str, device: str) -> rag.Embedder:
     return rag.load_embedder(model, device=device)
-
-
-# one at a time (they are large); a replaced model's memory goes back to the device
-@st.cache_resource(show_spinner="Loading the chat model…", max_entries=1, on_release=release_model)
-def chat_model(model: str, adapter: str, device: str):
-    return load_chat_model(model or None, adapter or None, device=device)
 
 
 def collection_ui() -> rag.Collection | None:
@@ -106,6 +100,7 @@ def show_sources(sources: list[dict]) -> None:
 
 st.title("Ask your documents")
 device = device_or_stop()
+release_on_device_switch(device)
 st.caption(f"Embeddings and answers run on **{device}**.")
 
 try:
@@ -125,7 +120,7 @@ try:
         st.warning("Add documents and type a question first.")
     elif asked:
         answer = rag.ask(collection, question, embedder(collection.settings.embedding_model, str(device)),
-                         chat_model(model, adapter, str(device)), top_k=top_k,
+                         loaded_model(model, adapter, device, "Chat model"), top_k=top_k,
                          settings=GenerationSettings(max_new_tokens=max_new, temperature=0.0))
         st.write_stream(answer)
         st.session_state["rag_last"] = {"question": question, "answer": answer.text,
