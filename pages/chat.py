@@ -5,7 +5,8 @@ import streamlit as st
 from mactuner.chat import GenerationSettings, list_adapters, stream_chat
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
-from pages.common import device_or_stop, loaded_model, release_on_device_switch
+from pages.chat_models import loaded_model, release_on_device_switch
+from pages.common import device_or_stop
 
 HISTORY = "chat_history"  # [{"role": "user", "content"} | {"role": "assistant", "answers": {who: text}, "stats": {who: dict}}]
 

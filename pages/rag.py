@@ -8,7 +8,8 @@ import streamlit as st
 from mactuner import rag
 from mactuner.chat import GenerationSettings, list_adapters
 from mactuner.models import DEFAULT_MODEL
-from pages.common import device_or_stop, loaded_model, release_on_device_switch
+from pages.chat_models import loaded_model, release_on_device_switch
+from pages.common import device_or_stop
 
 UPLOAD_TYPES = sorted(suffix.lstrip(".") for suffix in rag.SUPPORTED_SUFFIXES)
 
