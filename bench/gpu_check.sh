@@ -31,7 +31,7 @@ dst = Path(".cache/gpu-check/model")
 for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     if (src / name).exists():
         shutil.copy(src / name, dst / name)
-alpaca = Path("..") / "shared" / "data" / "third_party" / "llama-factory" / "alpaca_en_demo.json"
+alpaca = Path("tests") / "data" / "third_party" / "llama-factory" / "alpaca_en_demo.json"
 Path(".cache/gpu-check/alpaca_en_demo.json").write_text(json.dumps(json.loads(alpaca.read_text())[:400]))
 print("prepared", dst.parent, sum(f.stat().st_size for f in dst.parent.rglob("*") if f.is_file()) // 1024, "KiB")
 EOF

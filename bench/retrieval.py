@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from mactuner.rag import VectorIndex, load_embedder, split_text  # noqa: E402
 
 DIM = 384
-SHARED = ROOT.parent / "shared" / "data" / "third_party" / "llama-factory"
+SAMPLES = ROOT / "tests" / "data" / "third_party" / "llama-factory"
 TARGET_MS, TARGET_RECALL = 10.0, 0.95
 
 
@@ -77,10 +77,10 @@ def uniform(n: int, queries: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 def real_text(chunks: int, queries: int, device: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """MiniLM embeddings of real text chunks; queries are other chunks' first sentences. Also the throughput."""
-    texts = [SHARED.joinpath("wiki_demo.txt").read_text(encoding="utf-8")]
-    for line in SHARED.joinpath("c4_demo.jsonl").read_text(encoding="utf-8").splitlines():
+    texts = [SAMPLES.joinpath("wiki_demo.txt").read_text(encoding="utf-8")]
+    for line in SAMPLES.joinpath("c4_demo.jsonl").read_text(encoding="utf-8").splitlines():
         texts.append(json.loads(line)["text"])
-    for row in json.loads(SHARED.joinpath("alpaca_en_demo.json").read_text(encoding="utf-8")):
+    for row in json.loads(SAMPLES.joinpath("alpaca_en_demo.json").read_text(encoding="utf-8")):
         texts.append(" ".join(str(v) for v in row.values() if v))
     pieces = [span.text for text in texts for span in split_text(text, 800, 120)]
     rng = np.random.default_rng(0)

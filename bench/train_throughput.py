@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ALPACA = ROOT.parent / "shared" / "data" / "third_party" / "llama-factory" / "alpaca_en_demo.json"
+ALPACA = ROOT / "tests" / "data" / "third_party" / "llama-factory" / "alpaca_en_demo.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 

@@ -55,7 +55,7 @@ from mactuner.models import DEFAULT_MODEL, LoadedModel, Progress, default_model_
 
 VARIANT_FILE = "mactuner_variant.json"
 DYNAMIC_STATE_FILE = "quantized_state_dict.pt"
-HELD_OUT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "third_party" / "llama-factory" / "wiki_demo.txt"
+HELD_OUT_TEXT = Path(__file__).resolve().parent / "demo" / "held_out.txt"  # Wikipedia text via LLaMA-Factory (demo/NOTICE.md)
 PROBE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -357,7 +357,7 @@ def folder_size(folder: str | os.PathLike) -> int:
 
 
 def held_out_text(max_chars: int = 8000) -> str:
-    """The default held-out text: a slice from the end of the shared ``wiki_demo.txt``."""
+    """The default held-out text: 8,000 characters of Wikipedia shipped in ``mactuner/demo/held_out.txt``."""
     if not HELD_OUT_TEXT.is_file():
         raise FileNotFoundError(f"held-out text not found at {HELD_OUT_TEXT}; pass your own text")
     text = HELD_OUT_TEXT.read_text(encoding="utf-8", errors="replace")

@@ -16,7 +16,6 @@ from mactuner.devices import get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
 from mactuner.recommend import estimate_memory, free_memory_bytes, recommend_hyperparameters
 
-SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data"
 GB = 1024**3
 SUMMARY_MAX_LENGTH = 1_000_000  # summarize untruncated; truncation is counted for the chosen max length
 
@@ -35,11 +34,12 @@ def model_ui() -> str:
 
 
 def dataset_ui() -> Path | None:
-    """The dataset file: a demo, a shared sample, or an upload (saved under MACTUNER_HOME)."""
+    """The dataset file: a demo, an earlier upload, or a new upload (saved under MACTUNER_HOME)."""
     choices = {f"Demo: {name}": path for name, path in data.DEMO_DATASETS.items()}
-    for path in sorted(SHARED_SAMPLES.rglob("*")) if SHARED_SAMPLES.is_dir() else []:
-        if path.suffix in data.EXTENSIONS:
-            choices[f"Sample: {path.relative_to(SHARED_SAMPLES)}"] = path
+    uploads = paths.home() / "uploads"
+    for path in sorted(uploads.iterdir()) if uploads.is_dir() else []:
+        if path.suffix in data.EXTENSIONS and path.is_file() and not path.is_symlink():
+            choices[f"Uploaded: {path.name}"] = path
     choice = st.selectbox("Dataset", [*choices, "Upload a file…"], key="finetune_dataset")
     if choice in choices:
         return choices[choice]

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SHARED_DATA
+from tests.locations import LLAMA_FACTORY
 from mactuner.data import (
     DEMO_DATASETS,
     DEMO_FACTS,
@@ -25,7 +25,6 @@ from mactuner.data import (
     train_validation_split,
 )
 
-LLAMA_FACTORY = SHARED_DATA / "llama-factory"
 
 
 @pytest.fixture(scope="module")

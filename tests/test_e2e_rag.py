@@ -9,11 +9,11 @@ import pytest
 
 from mactuner import rag
 from tests.browser import browser_page, running_app, wait_for_app
-from tests.conftest import SHARED_DATA
+from tests.locations import WIKI_DEMO
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-WIKI = SHARED_DATA / "llama-factory" / "wiki_demo.txt"
+WIKI = WIKI_DEMO
 
 
 def write_articles(folder: Path) -> None:

@@ -35,10 +35,10 @@ from mactuner.rag import (
     safe_filename,
     split_text,
 )
-from tests.conftest import ROOT, SHARED_DATA
+from tests.locations import ROOT, WIKI_DEMO
 from tests.rag_fixtures import tiny_embedder_dir  # noqa: F401 - a fixture
 
-WIKI = SHARED_DATA / "llama-factory" / "wiki_demo.txt"
+WIKI = WIKI_DEMO
 
 
 # ---------------------------------------------------------------- fixtures

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA
+from tests.locations import ROOT, WIKI_DEMO
 from mactuner.config import TrainConfig
 from mactuner.data import DEMO_DATASETS
 from mactuner.models import ModelFootprint, model_footprint
@@ -176,7 +176,7 @@ print(json.dumps({"measured": measured, "device": str(trainer.device)}))
 
 def long_rows(path, count=24):
     """Rows longer than any max length below, so every micro-batch is full length."""
-    lines = [line for line in (SHARED_DATA / "llama-factory" / "wiki_demo.txt").read_text().splitlines() if line.strip()]
+    lines = [line for line in WIKI_DEMO.read_text().splitlines() if line.strip()]
     text = " ".join(lines)
     with open(path, "w") as f:
         for start in range(0, 4000 * count, 4000):
