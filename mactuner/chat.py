@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import torch
 
 from mactuner.cpu_threads import CpuThreads
-from mactuner.devices import get_optimal_dtype, resolve_device
+from mactuner.devices import empty_device_cache, get_optimal_dtype, resolve_device
 from mactuner.models import DEFAULT_MODEL, LoadedModel, Progress, load_model
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
@@ -283,26 +283,7 @@ def release_model(loaded: LoadedModel | None = None) -> None:
     if loaded is not None:
         device = loaded.device
         loaded.model = None
-    gc.collect()
-    _trim_host_heap()
-    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
-        torch.cuda.empty_cache()
-    if torch.backends.mps.is_available() and (device is None or device.type == "mps"):
-        torch.mps.empty_cache()
-
-
-def _trim_host_heap() -> None:
-    # glibc keeps freed tensor memory in its heap for reuse (its mmap threshold
-    # rises after large frees), so the process's RSS would not drop; malloc_trim
-    # hands the free pages back to the system
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    empty_device_cache(device)
 
 
 # ---------------------------------------------------------------- CPU threads

@@ -636,13 +636,63 @@ def _held_bytes(snapshot: MemorySnapshot) -> int | None:
     return snapshot.process_rss
 
 
-def _trim_host_heap() -> None:
-    # glibc keeps freed heap pages; malloc_trim hands them back to the OS so the RSS really drops
+def trim_host_heap() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them otherwise, so the RSS would not drop)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+
+def empty_device_cache(device: str | torch.device | None = None) -> None:
+    """Collect garbage, trim the host heap and empty the allocator cache of ``device``.
+
+    ``None`` empties every backend that is already in use. A CUDA context is never
+    created just to empty it.
+    """
+    device = None if device is None else torch.device(device)
+    gc.collect()
+    trim_host_heap()
+    if (device is None or device.type == "cuda") and _safe(torch.cuda.is_initialized):
+        torch.cuda.empty_cache()
+    if (device is None or device.type == "mps") and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` means the device (CUDA, MPS) or the CPU allocator ran out of memory."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(error, RuntimeError):
+        text = str(error).lower()
+        # MPS: "MPS backend out of memory" or "Invalid buffer size" (a single allocation over the
+        # limit); CPU: "DefaultCPUAllocator: can't allocate memory"
+        return any(
+            marker in text
+            for marker in ("out of memory", "can't allocate memory", "cannot allocate memory", "invalid buffer size")
+        )
+    return False
+
+
+def memory_in_use(device: str | torch.device) -> int:
+    """Bytes in use now: the device's allocated memory, or the process's resident memory on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.current_allocated_memory())
+    return int(psutil.Process().memory_info().rss)
+
+
+def tensor_memory_in_use(device: str | torch.device) -> int | None:
+    """The allocator's exact count of tensor bytes on a GPU; ``None`` on the CPU (no such counter)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.current_allocated_memory())
+    return None
 
 
 def clear_cache(device: str | torch.device) -> CacheClearResult:
@@ -658,7 +708,7 @@ def clear_cache(device: str | torch.device) -> CacheClearResult:
     elif device.type == "mps":
         torch.mps.synchronize()
         torch.mps.empty_cache()
-    _trim_host_heap()
+    trim_host_heap()
     after = memory_snapshot(device, init=False)
     held_before, held_after = _held_bytes(before), _held_bytes(after)
     freed = None if held_before is None or held_after is None else max(held_before - held_after, 0)

@@ -50,7 +50,7 @@ from mactuner.chat import (
     release_model,
     stream_chat,
 )
-from mactuner.devices import get_optimal_dtype, resolve_device
+from mactuner.devices import get_optimal_dtype, resolve_device, tensor_memory_in_use
 from mactuner.models import DEFAULT_MODEL, LoadedModel, Progress, default_model_path
 
 VARIANT_FILE = "mactuner_variant.json"
@@ -382,16 +382,6 @@ def perplexity(loaded: LoadedModel, text: str, *, max_tokens: int = 1024, window
     return float(torch.exp(torch.tensor(total / count))), int(ids.shape[1])
 
 
-def _memory_now(device: torch.device) -> int | None:
-    # the allocator's exact count on GPUs; on a CPU the process's RSS also moves
-    # with lazy imports and allocator caching, so tensor bytes are counted instead
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    if device.type == "mps":
-        return torch.mps.current_allocated_memory()
-    return None
-
-
 def _flat_tensors(value: Any):
     if isinstance(value, torch.Tensor):
         if hasattr(value, "__tensor_flatten__") and type(value) is not torch.nn.Parameter:
@@ -430,11 +420,11 @@ def measure_variant(
     """Load a variant, read the memory it added, time an answer and compute perplexity; then free it."""
     device = resolve_device(device)
     release_model()
-    before = _memory_now(device)
+    before = tensor_memory_in_use(device)
     started = time.perf_counter()
     loaded = load_variant(folder, device=device)
     load_seconds = time.perf_counter() - started
-    after = _memory_now(device)
+    after = tensor_memory_in_use(device)
     memory = model_memory_bytes(loaded.model) if before is None or after is None else max(0, after - before)
     try:
         # a short warm-up answer first: the first forward passes pick kernels and allocate

@@ -58,7 +58,13 @@ import torch.nn.functional as F
 from mactuner import checkpoints
 from mactuner.cpu_threads import CpuThreads
 from mactuner.config import TrainConfig
-from mactuner.devices import get_optimal_dtype, resolve_device
+from mactuner.devices import (  # noqa: F401 - is_out_of_memory, memory_in_use re-exported
+    empty_device_cache,
+    get_optimal_dtype,
+    is_out_of_memory,
+    memory_in_use,
+    resolve_device,
+)
 
 IGNORE_INDEX = -100
 # rows are shuffled, then sorted by length inside windows of this many global
@@ -197,38 +203,6 @@ class TrainResult:
 
 
 # --- out of memory ------------------------------------------------------------
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` means the device (CUDA, MPS) or the CPU allocator ran out of memory."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    if isinstance(error, RuntimeError):
-        text = str(error).lower()
-        # MPS: "MPS backend out of memory"; CPU: "DefaultCPUAllocator: can't allocate memory"
-        return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
-    return False
-
-
-def _clear_device_cache(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()
-
-
-def memory_in_use(device: torch.device) -> int:
-    """Bytes in use now: the device's allocated memory, or the process's resident memory on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    if device.type == "mps":
-        return int(torch.mps.current_allocated_memory())
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
 
 
 # --- batches ----------------------------------------------------------------
@@ -846,7 +820,7 @@ class Trainer:
                 break
             self._zero_grad()
             loss_sum = None
-            _clear_device_cache(self.device)
+            empty_device_cache(self.device)
             if self.micro_batch_size == 1:
                 raise OutOfMemory(
                     f"Out of memory on {self.device} even with a micro-batch of 1 row "
