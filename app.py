@@ -2,7 +2,10 @@
 
 import streamlit as st
 
+from mactuner import quiet_third_party_loggers
 from pages.common import device_picker
+
+quiet_third_party_loggers()
 
 st.set_page_config(page_title="MacTuner", page_icon="🛠️", layout="wide")
 

@@ -31,6 +31,9 @@ def _load(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the process exit code."""
+    from mactuner import quiet_third_party_loggers
+
+    quiet_third_party_loggers()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m mactuner",
@@ -53,3 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     return int(args._run(args) or 0)
+
+
+def main_exit() -> None:
+    """Entry point of the ``mactuner`` console script (exits with :func:`main`'s code)."""
+    sys.exit(main())

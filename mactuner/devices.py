@@ -165,7 +165,7 @@ def cpu_memory() -> CpuMemory:
 
 
 @functools.lru_cache(maxsize=1)
-def _nvml():
+def nvml():
     """The initialised ``pynvml`` module, or ``None`` (not installed, no driver)."""
     try:
         import pynvml
@@ -176,15 +176,43 @@ def _nvml():
         return None
 
 
-def _nvml_handle(index: int):
-    nvml = _nvml()
-    if nvml is None:
+def cuda_uuid(index: int) -> str | None:
+    """The GPU's UUID as NVML spells it (``GPU-…``), read from torch's device properties.
+
+    Reading properties does not create a CUDA context. ``None`` where torch cannot say.
+    """
+    uuid = getattr(_safe(torch.cuda.get_device_properties, index), "uuid", None)
+    if uuid is None:
         return None
-    # torch maps its ordinal to NVML's through CUDA_VISIBLE_DEVICES (indices or UUIDs)
+    text = str(uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def nvml_handle(index: int):
+    """NVML's handle of torch's ``cuda:index``, or ``None``.
+
+    Matched by UUID: CUDA orders GPUs fastest first (``CUDA_DEVICE_ORDER=FASTEST_FIRST``
+    by default) while NVML orders them by PCI bus, so on a machine with mixed GPUs
+    the same index can name two different cards. Falls back to torch's own
+    NVML index mapping when the UUID is unknown.
+    """
+    lib = nvml()
+    if lib is None:
+        return None
+    uuid = cuda_uuid(index)
+    if uuid is not None:
+        handle = _safe(lib.nvmlDeviceGetHandleByUUID, uuid)
+        if handle is not None:
+            return handle
     nvml_index = _safe(torch.cuda._get_nvml_device_index, index) if os.environ.get("CUDA_VISIBLE_DEVICES") else index
     if nvml_index is None:
         return None
-    return _safe(nvml.nvmlDeviceGetHandleByIndex, nvml_index)
+    return _safe(lib.nvmlDeviceGetHandleByIndex, nvml_index)
+
+
+# the names used before (kept for importers)
+_nvml = nvml
+_nvml_handle = nvml_handle
 
 
 def cuda_memory(device: str | torch.device | int = 0, *, init: bool = True) -> CudaMemory:
@@ -201,8 +229,8 @@ def cuda_memory(device: str | torch.device | int = 0, *, init: bool = True) -> C
     allocated = _safe(torch.cuda.memory_allocated, index)
     reserved = _safe(torch.cuda.memory_reserved, index)
     used = free = total = None
-    handle = _nvml_handle(index)
-    info = _safe(_nvml().nvmlDeviceGetMemoryInfo, handle) if handle is not None else None
+    handle = nvml_handle(index)
+    info = _safe(nvml().nvmlDeviceGetMemoryInfo, handle) if handle is not None else None
     if info is not None:
         used, free, total = int(info.used), int(info.free), int(info.total)
     elif init or _safe(torch.cuda.is_initialized):
@@ -268,10 +296,17 @@ def memory_axes(snapshot: MemorySnapshot) -> dict[str, int | None]:
         if snapshot.recommended_max is not None and snapshot.driver_allocated is not None:
             candidates.append(max(snapshot.recommended_max - snapshot.driver_allocated, 0))
         known = [c for c in candidates if c is not None]
+        # unified memory: "used" is what the whole Mac uses (a training run in another
+        # process included); this app's own Metal share is "reserved"
+        system_used = (
+            snapshot.system_total - snapshot.system_available
+            if snapshot.system_total is not None and snapshot.system_available is not None
+            else None
+        )
         values = {
             "allocated": snapshot.allocated,
             "reserved": snapshot.driver_allocated,
-            "used": snapshot.driver_allocated,
+            "used": system_used,
             "total": total,
             "available": min(known) if known else None,
         }
@@ -440,11 +475,20 @@ def detect_devices() -> list[DeviceInfo]:
 
 
 def probe_device(device: torch.device) -> None:
-    """Allocate a tiny tensor on ``device``: the cheapest proof it really works (torchtune's probe).
+    """Prove ``device`` works, as cheaply as it can be proved (torchtune's probe).
+
+    CPU and MPS: allocate a tiny tensor. CUDA: read the device's properties
+    instead; an allocation would create a CUDA context (hundreds of MB of GPU
+    memory) in the probing process, the Streamlit app, taken from the training
+    process that will really use the GPU. A broken GPU still fails here
+    (``get_device_properties`` raises), and training fails early with the reason.
 
     Raises:
         Exception: whatever torch raises for an unusable device.
     """
+    if device.type == "cuda":
+        torch.cuda.get_device_properties(device.index or 0)
+        return
     torch.empty(1, device=device)
 
 
@@ -549,10 +593,11 @@ def get_optimal_dtype(device: str | torch.device) -> torch.dtype:
     - CUDA: bfloat16 from compute capability 8.0 (Ampere) on, where it is native
       and keeps float32's range; float16 on older GPUs (Volta/Turing have fast
       float16 tensor cores but no bfloat16).
-    - MPS: float16. It is Metal's well-supported fast path; bfloat16 works only
-      on macOS 14+ and not for every op, and float32 is the safe fallback the
-      original advised when an op is missing or MPS is slow (``health()`` says
-      so; callers can always pass ``dtype=torch.float32``).
+    - MPS: bfloat16 on macOS 14 and later (Metal gained it there), float16
+      before. bfloat16 keeps float32's range, so models trained in bfloat16
+      (Qwen, Llama 3 and most recent ones) do not overflow as they can in
+      float16; float32 stays the safe fallback the original advised when an op
+      is missing or MPS is slow (callers can always pass ``dtype=torch.float32``).
     - CPU: bfloat16 when the CPU computes it natively (see
       :func:`cpu_supports_bfloat16`), else float32.
     """
@@ -561,8 +606,32 @@ def get_optimal_dtype(device: str | torch.device) -> torch.dtype:
         major, _ = torch.cuda.get_device_capability(device)
         return torch.bfloat16 if major >= 8 else torch.float16
     if device.type == "mps":
-        return torch.float16
+        return torch.bfloat16 if mps_supports_bfloat16() else torch.float16
     return torch.bfloat16 if cpu_supports_bfloat16() else torch.float32
+
+
+def mps_supports_bfloat16() -> bool:
+    """Whether Metal computes bfloat16 here: macOS 14 (Sonoma) or later."""
+    version = platform.mac_ver()[0]
+    try:
+        return int(version.split(".")[0]) >= 14
+    except ValueError:
+        return False
+
+
+def optimal_dtype_reason(device: str | torch.device) -> str:
+    """One line saying why :func:`get_optimal_dtype` picks what it picks on ``device``."""
+    device = torch.device(device)
+    chosen = dtype_name(get_optimal_dtype(device))
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"{chosen}: compute capability {major}.{minor} "
+                + ("computes bfloat16 natively (8.0 and later)" if chosen == "bfloat16" else "has no bfloat16; float16 is its fast type"))
+    if device.type == "mps":
+        return (f"{chosen}: " + ("macOS 14 or later computes bfloat16 on the GPU, with float32's range"
+                                 if chosen == "bfloat16" else "bfloat16 needs macOS 14; float16 is Metal's fast type before it"))
+    return (f"{chosen}: " + ("this CPU computes bfloat16 natively (AVX512-BF16/AMX or Arm BF16)"
+                             if chosen == "bfloat16" else "this CPU has no native bfloat16, so float32 is its fastest type"))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import psutil
 
-from mactuner.devices import GB, _nvml, _nvml_handle, memory_axes
+from mactuner.devices import GB, memory_axes, nvml, nvml_handle
 
 if TYPE_CHECKING:
     from mactuner.devices import DeviceManager
@@ -258,17 +258,17 @@ class MemoryMonitor:
 
 def _gpu_memory_by_pid(devices: list[str]) -> dict[int, int] | None:
     """CUDA memory per process id across the sampled GPUs (NVML); ``None`` without NVML."""
-    nvml = _nvml()
+    lib = nvml()
     cuda = [d for d in devices if d.startswith("cuda")]
-    if nvml is None or not cuda:
+    if lib is None or not cuda:
         return None
     used: dict[int, int] = collections.defaultdict(int)
     for device in cuda:
-        handle = _nvml_handle(int(device.split(":")[1]))
+        handle = nvml_handle(int(device.split(":")[1]))
         if handle is None:
             continue
         try:
-            processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            processes = lib.nvmlDeviceGetComputeRunningProcesses(handle)
         except Exception:  # noqa: BLE001 - unsupported on some drivers: unknown, not an error
             continue
         for proc in processes:

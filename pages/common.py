@@ -16,7 +16,6 @@ from pathlib import Path
 
 import streamlit as st
 import torch
-from streamlit.runtime.pages_manager import PagesManager  # internal, for ensure_frame()
 
 from mactuner.devices import DeviceManager, DeviceUnavailableError, format_bytes, resolve_device
 from mactuner.monitor import MemoryMonitor
@@ -24,6 +23,26 @@ from mactuner.settings import load_settings, remember_device
 
 DEVICE_KEY = "device"  # st.session_state key holding the chosen device, e.g. "cpu", "cuda:0"
 MONITOR_INTERVAL = 1.0  # seconds between memory samples; ~0.05 % of one core (bench/monitor_overhead.py)
+
+
+def streamlit_internals() -> dict[str, object | None]:
+    """The two Streamlit internals the frame work-around patches (``None`` where a release removed one).
+
+    ``tests/test_streamlit_internals.py`` fails when an upgrade removes either, so the
+    work-around cannot silently stop working.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:
+        PagesManager = None
+    try:
+        from streamlit.runtime.scriptrunner import script_runner
+    except ImportError:
+        script_runner = None
+    return {
+        "PagesManager.uses_pages_directory": PagesManager if hasattr(PagesManager, "uses_pages_directory") else None,
+        "script_runner._mpa_v1": script_runner if hasattr(script_runner, "_mpa_v1") else None,
+    }
 
 
 def ensure_frame() -> None:
@@ -36,10 +55,12 @@ def ensure_frame() -> None:
     switch that off and rerun the same page, this time through ``app.py``; the
     page is found again when its ``url_path`` is its file's name. Pages get
     this by calling :func:`device_manager`, :func:`memory_monitor` or
-    :func:`selected_device`.
+    :func:`selected_device`. Where a Streamlit release no longer has the
+    internal, nothing is patched (the page still works, opened from the frame).
     """
-    if PagesManager.uses_pages_directory:
-        PagesManager.uses_pages_directory = False
+    pages_manager = streamlit_internals()["PagesManager.uses_pages_directory"]
+    if pages_manager is not None and pages_manager.uses_pages_directory:
+        pages_manager.uses_pages_directory = False
         st.rerun()
 
 
@@ -48,10 +69,12 @@ def _always_run_app_script() -> None:
     # ensure_frame() would cost each button click; instead make Streamlit's
     # pages-folder runner run app.py itself (which then routes with
     # st.navigation). Idempotent; skipped if Streamlit's internals change.
-    from streamlit.runtime.scriptrunner import script_runner
-
-    legacy = getattr(script_runner, "_mpa_v1", None)
-    if legacy is None or getattr(legacy, "runs_app_script", False):
+    script_runner = streamlit_internals()["script_runner._mpa_v1"]
+    if script_runner is None:
+        logging.getLogger(__name__).warning("Streamlit has no script_runner._mpa_v1: page-URL work-around not installed")
+        return
+    legacy = script_runner._mpa_v1
+    if getattr(legacy, "runs_app_script", False):
         return
 
     def run_app_script(main_script_path: str) -> None:

@@ -10,6 +10,9 @@ import pytest
 
 from tests.locations import ROOT
 
+# fixtures shared by every test module (faked hardware, the tiny RAG embedder)
+pytest_plugins = ["tests.fake_hardware", "tests.rag_fixtures"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MACTUNER_MODEL_CACHE", str(ROOT / ".cache" / "models"))

@@ -1,6 +1,6 @@
 """Fixtures shared by the RAG tests: a tiny real sentence-transformers embedder.
 
-Import the fixtures into a test module (``from tests.rag_fixtures import tiny_embedder_dir``).
+``tests/conftest.py`` registers these fixtures for every test module (``pytest_plugins``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import streamlit as st
-from fake_hardware import cpu_only, two_cuda_gpus  # noqa: F401 - fixtures
 from streamlit.testing.v1 import AppTest
 
 from mactuner.settings import load_settings, remember_device

@@ -9,7 +9,6 @@ from streamlit.testing.v1 import AppTest
 
 from mactuner import rag
 from tests.app_pages import open_app_page
-from tests.rag_fixtures import tiny_embedder_dir  # noqa: F401 - a fixture
 
 
 

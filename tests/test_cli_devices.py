@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from fake_hardware import cpu_only, mps_mac, two_cuda_gpus  # noqa: F401 - fixtures
 
 from mactuner import paths
 from mactuner.cli import main
@@ -77,7 +76,7 @@ def test_select_refuses_a_missing_gpu(two_cuda_gpus, capsys):
 
 def test_auto_select_with_priority(mps_mac, capsys):
     code, data = run_json(capsys, "auto-select")
-    assert code == 0 and data["current_device"] == "mps" and data["dtype"] == "float16"
+    assert code == 0 and data["current_device"] == "mps" and data["dtype"] == "bfloat16"
     assert load_settings().default_device == "mps"
     code, data = run_json(capsys, "auto-select", "--priority", "cuda,cpu")
     assert data["current_device"] == "cpu"

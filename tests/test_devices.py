@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_hardware import FakeNVML, GiB, cpu_only, mps_mac, two_cuda_gpus  # noqa: F401 - fixtures
+from types import SimpleNamespace
+
+from tests.fake_hardware import GPUS, REAL_PROBE, FakeNVML, GiB
 
 import mactuner.devices as devices
 from mactuner.devices import (
@@ -206,7 +208,7 @@ def test_mps_mac(mps_mac):
     assert mps.memory_total == 16 * GiB  # the recommended working set, not the RAM
     assert mps.to_json()["type"] == "mps" and mps.to_json()["index"] is None
     assert manager.auto_select_device() == torch.device("mps")
-    assert get_optimal_dtype("mps") == torch.float16
+    assert get_optimal_dtype("mps") == torch.bfloat16  # macOS 14.5: Metal computes bfloat16
     with pytest.raises(DeviceUnavailableError, match=r"cuda:5 is not available.*Available: mps, cpu"):
         manager.select_device("cuda:5")
     assert manager.auto_select_device(["cuda", "cpu"]) == torch.device("cpu")
@@ -282,7 +284,7 @@ def test_quick_health_touches_no_device(two_cuda_gpus):
 
 def test_nvml_shows_other_processes_use(two_cuda_gpus, monkeypatch):
     # another program holds 6 GiB on cuda:0; torch in this process knows only its own 2 GiB
-    monkeypatch.setattr(devices, "_nvml", lambda: FakeNVML({4242: 6 * GiB, 4243: 3 * GiB}))
+    monkeypatch.setattr(devices, "nvml", lambda: FakeNVML({4242: 6 * GiB, 4243: 3 * GiB}))
     snapshot = devices.memory_snapshot("cuda:0", init=False)
     assert snapshot.used == 9 * GiB and snapshot.free == 15 * GiB and snapshot.total == 24 * GiB
     assert snapshot.allocated == 2 * GiB
@@ -293,3 +295,68 @@ def test_mps_advice(mps_mac, monkeypatch):
     monkeypatch.delenv("PYTORCH_ENABLE_MPS_FALLBACK", raising=False)
     advice = " ".join(DeviceManager().health(probe=False)["advice"])
     assert "PYTORCH_ENABLE_MPS_FALLBACK=1" in advice and "float32" in advice
+
+
+# --------------------------------------------------------------------------- #
+# issue 13: what a real GPU machine does differently
+# --------------------------------------------------------------------------- #
+
+
+def test_nvml_readings_are_matched_by_uuid_not_index(two_cuda_gpus, monkeypatch):
+    # CUDA lists the RTX 3090 first (fastest first), NVML lists the T4 first (PCI bus order):
+    # matching by index would show the T4's numbers on the 3090's card
+    monkeypatch.setattr(devices, "nvml", lambda: FakeNVML({4242: 6 * GiB}))
+    assert devices.cuda_uuid(0) == f"GPU-{GPUS[0].uuid}"
+    first = devices.memory_snapshot("cuda:0", init=False)
+    second = devices.memory_snapshot("cuda:1", init=False)
+    assert first.total == 24 * GiB and first.used == 6 * GiB
+    assert second.total == 15 * GiB and second.used == 0
+
+
+def test_selecting_a_cuda_gpu_creates_no_cuda_context(two_cuda_gpus, monkeypatch):
+    # the real probe, on the faked GPUs: an allocation on CUDA would create a context
+    allocations = []
+    real_empty = torch.empty
+
+    def empty(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "cuda":
+            allocations.append(device)
+            raise AssertionError("allocated on CUDA just to probe")
+        return real_empty(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(devices, "probe_device", REAL_PROBE)
+    monkeypatch.setattr(torch, "empty", empty)
+    manager = DeviceManager()
+    assert manager.select_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert allocations == [] and two_cuda_gpus["mem_get_info"] == []
+
+
+def test_mps_dtype_follows_macos(monkeypatch):
+    from tests.fake_hardware import fake_mps_mac
+
+    fake_mps_mac(monkeypatch, macos="13.6")
+    assert get_optimal_dtype("mps") == torch.float16
+    assert "macOS 14" in devices.optimal_dtype_reason("mps")
+    fake_mps_mac(monkeypatch, macos="15.1")
+    assert get_optimal_dtype("mps") == torch.bfloat16
+
+
+def test_mps_card_shows_the_whole_macs_use(mps_mac, monkeypatch):
+    # unified memory: a training run in another process uses the same RAM; the app's Metal share is separate
+    monkeypatch.setattr(devices.psutil, "virtual_memory", lambda: SimpleNamespace(total=32 * GiB, available=20 * GiB))
+    axes = devices.memory_axes(devices.memory_snapshot("mps"))
+    assert axes["used"] == 12 * GiB  # system use, not this process's 3 GiB
+    assert axes["reserved"] == 3 * GiB  # this app's own share, labelled as such
+    assert axes["total"] == 16 * GiB
+
+
+def test_cpu_dtype_follows_the_cpu_flags(either_cpu):
+    assert devices.dtype_name(get_optimal_dtype("cpu")) == either_cpu
+    assert devices.optimal_dtype_reason("cpu").startswith(either_cpu)
+
+
+def test_invalid_buffer_size_counts_as_out_of_memory():
+    assert devices.is_out_of_memory(RuntimeError("Invalid buffer size: 12.50 GB"))
+    assert devices.is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)"))
+    assert not devices.is_out_of_memory(RuntimeError("shape mismatch"))

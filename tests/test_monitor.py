@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-from fake_hardware import two_cuda_gpus  # noqa: F401 - fixture
 
 from mactuner.devices import DeviceManager
 from mactuner.monitor import MemoryMonitor, memory_figure
@@ -165,10 +164,10 @@ def test_watched_process_gpu_memory_comes_from_nvml(two_cuda_gpus, monkeypatch):
     import os
 
     import mactuner.devices as devices
-    from fake_hardware import FakeNVML
+    from tests.fake_hardware import FakeNVML
 
-    monkeypatch.setattr(devices, "_nvml", lambda: FakeNVML({os.getpid(): 5 * 1024**3}))
-    monkeypatch.setattr("mactuner.monitor._nvml", devices._nvml)
+    monkeypatch.setattr(devices, "nvml", lambda: FakeNVML({os.getpid(): 5 * 1024**3}))
+    monkeypatch.setattr("mactuner.monitor.nvml", devices.nvml)
     monitor = MemoryMonitor(DeviceManager(), interval=1.0)
     monitor.watch_process(os.getpid(), "trainer")
     monitor.sample_once()

@@ -36,7 +36,6 @@ from mactuner.rag import (
     split_text,
 )
 from tests.locations import ROOT, WIKI_DEMO
-from tests.rag_fixtures import tiny_embedder_dir  # noqa: F401 - a fixture
 
 WIKI = WIKI_DEMO
 
