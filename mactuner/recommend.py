@@ -51,6 +51,20 @@ _GPU_OVERHEAD = 64 * MB
 _ADAM_BYTES = 8
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+# below this many rows, holding rows out for validation costs facts the model never sees:
+# the recommendation trains on every row and turns the validation split off (and says so)
+SMALL_DATASET_ROWS = 100
+# a run gets about this many checkpoints and validation losses, whatever its length
+CHECKPOINTS_PER_RUN = 4
+
+
+def method_available(method: str) -> bool:
+    """Whether the packages ``method`` needs are installed (QLoRA needs bitsandbytes)."""
+    if method != "qlora":
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 @dataclass
@@ -176,6 +190,43 @@ def estimate_memory(
     return MemoryEstimate(int(weights), int(trainable), activations, overhead)
 
 
+def estimate_for_config(config: Any, summary: Any = None, device: str | torch.device | None = None,
+                        *, footprint: ModelFootprint | None = None) -> MemoryEstimate:
+    """The memory estimate of a :class:`mactuner.config.TrainConfig` as the trainer will run it.
+
+    The one rule the fine-tune page, the command line and the tests share: the dtype is the
+    config's, or the device's best on ``"auto"``; the sequence length is the config's
+    ``max_length`` capped by the longest row of ``summary`` (a
+    :class:`mactuner.data.DatasetSummary`); logits are counted only for the trained tokens of
+    the longest row.
+
+    Args:
+        config: the training config.
+        summary: the dataset's summary under the model's tokenizer; ``None``: every row is
+            ``max_length`` long and fully trained.
+        device: where it trains; ``None``: the config's device.
+        footprint: the model's footprint if already read (else read from ``config.model``).
+    """
+    from mactuner.devices import get_optimal_dtype
+    from mactuner.models import model_footprint
+
+    device = torch.device(device if device is not None else (config.device or "cpu"))
+    dtype = get_optimal_dtype(device) if config.dtype in (None, "auto") else parse_dtype(config.dtype)
+    footprint = footprint or model_footprint(config.model, trust_remote_code=getattr(config, "trust_remote_code", False))
+    seq_len = config.max_length
+    trained = None
+    if summary is not None:
+        seq_len = min(config.max_length, max(summary.max_tokens, 1))
+        if getattr(summary, "trained_lengths", None):
+            trained = max(min(n, config.max_length) for n in summary.trained_lengths)
+    return estimate_memory(
+        footprint, method=config.method, dtype=dtype, batch_size=config.batch_size, seq_len=seq_len,
+        lora_rank=config.lora_rank, target_modules=config.target_modules,
+        gradient_checkpointing=config.gradient_checkpointing, trained_tokens_per_row=trained,
+        device_type=device.type,
+    )
+
+
 # --------------------------------------------------------------------------------------
 # recommendations
 
@@ -197,6 +248,10 @@ class Recommendation:
         learning_rate: peak AdamW learning rate.
         epochs: passes over the data.
         gradient_checkpointing: recompute activations to save memory.
+        val_fraction: share of rows held out for the validation loss (0 below
+            ``SMALL_DATASET_ROWS``: a small dataset needs every row to learn from).
+        eval_every, save_every: steps between validation losses / checkpoints, scaled
+            to the run's length so a run gets several of each (0: only at the end).
         reasons: one line per setting, keyed by the setting's name.
         memory: the estimate for these settings.
         free_memory: bytes free on the device when recommending (``None`` if unknown).
@@ -226,6 +281,9 @@ class Recommendation:
     trainable_parameters: int
     dataset_rows: int | None = None
     warnings: list[str] = field(default_factory=list)
+    val_fraction: float = 0.1
+    eval_every: int = 50
+    save_every: int = 100
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora", "full"):
@@ -260,6 +318,9 @@ class Recommendation:
             "learning_rate": self.learning_rate,
             "epochs": self.epochs,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "val_fraction": self.val_fraction,
+            "eval_every": self.eval_every,
+            "save_every": self.save_every,
         }
 
 
@@ -372,7 +433,8 @@ def recommend_hyperparameters(
     method = "lora"
     weights = footprint.weight_bytes(compute)
     if budget is not None and weights > 0.6 * budget:
-        if device.type == "cuda" and footprint.weight_bytes(compute, quantized_4bit=True) < 0.6 * budget:
+        if (device.type == "cuda" and method_available("qlora")
+                and footprint.weight_bytes(compute, quantized_4bit=True) < 0.6 * budget):
             method = "qlora"
             reasons["method"] = (
                 f"QLoRA: the {dtype_name} weights ({weights / GB:.1f} GB) leave too little of the "
@@ -380,6 +442,9 @@ def recommend_hyperparameters(
             )
         else:
             reasons["method"] = "LoRA: the smallest training footprint available on this device"
+            if device.type == "cuda" and not method_available("qlora"):
+                warnings.append("QLoRA (4-bit weights) would fit but needs the bitsandbytes package: "
+                                "pip install 'mactuner[cuda]' (or pip install bitsandbytes), then recommend again.")
             warnings.append(
                 f"The weights alone take {weights / GB:.1f} GB in {dtype_name} with {free_memory / GB:.1f} GB free: "
                 + ("choose a smaller model." if device.type != "cuda" else "even 4-bit QLoRA does not fit; choose a smaller model.")
@@ -453,6 +518,35 @@ def recommend_hyperparameters(
         reasons["epochs"] = f"{epochs:g}: {steps_per_epoch} steps per epoch, about {int(epochs * steps_per_epoch)} in all" + (
             "; a small dataset needs several passes to be learnt" if epochs > 1 else "; one pass is enough updates for this many rows"
         )
+    # validation and checkpoints: never take facts away from a small dataset; scale the intervals
+    # with the run's length so that any run gets checkpoints to resume from before its end
+    if rows is not None and rows < SMALL_DATASET_ROWS:
+        val_fraction = 0.0
+        reasons["val_fraction"] = (
+            f"0 (no validation split): with {rows} rows every row is needed to learn from "
+            f"(below {SMALL_DATASET_ROWS} rows); watch the training loss, and ask the tuned model in Chat"
+        )
+    else:
+        val_fraction = 0.1 if rows is None or rows < 20000 else 0.02
+        reasons["val_fraction"] = (
+            f"{val_fraction:g}: {'a tenth' if val_fraction == 0.1 else 'a fiftieth'} of the rows measure the validation loss, "
+            "which shows over-fitting the training loss hides"
+        )
+    total_steps = None
+    if rows is not None:
+        train_rows = rows - int(rows * val_fraction)
+        total_steps = max(1, math.ceil(epochs * math.ceil(train_rows / (batch * grad_accum))))
+    interval = max(1, math.ceil(total_steps / CHECKPOINTS_PER_RUN)) if total_steps else 50
+    save_every = interval if total_steps is None or total_steps > 1 else 0
+    eval_every = interval if val_fraction > 0 else 0
+    reasons["save_every"] = (
+        f"{save_every}: about {CHECKPOINTS_PER_RUN} checkpoints in {total_steps} steps, so a crash or a cancel "
+        "loses little and resumes from the last one" if total_steps else f"{save_every}: a checkpoint every {save_every} steps"
+    )
+    reasons["eval_every"] = (
+        f"{eval_every}: about {CHECKPOINTS_PER_RUN} validation losses over the run" if eval_every
+        else "0: no validation split, so nothing to evaluate during the run"
+    )
     trainable = footprint.lora_parameters(rank, target_modules)
     return Recommendation(
         model=str(model),
@@ -475,6 +569,9 @@ def recommend_hyperparameters(
         trainable_parameters=trainable,
         dataset_rows=rows,
         warnings=warnings,
+        val_fraction=val_fraction,
+        eval_every=eval_every,
+        save_every=save_every,
     )
 
 

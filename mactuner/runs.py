@@ -435,7 +435,7 @@ def get_run(run: str | os.PathLike) -> RunInfo:
             if status.get("state") == "running" and launch.get("cancel_requested") and launch.get("pid") == pid:
                 # SIGTERM arrived before the trainer was listening for it (still starting up)
                 status.update(state="cancelled", updated_at=time.time(),
-                              message="Cancelled before the first checkpoint; start it again to train.")  # fmt: skip
+                              message="Cancelled before the first checkpoint; start it again to train.")
                 _write_json_atomic(status_file, status)
             elif status.get("state") == "running":
                 log_tail = tail_lines(path / "log.txt")
@@ -483,7 +483,7 @@ def list_runs() -> list[RunInfo]:
                 continue
     # newest first by creation (config.yaml is written once, at the start), so a resumed run keeps its place
     runs.sort(key=lambda r: ((r.path / "config.yaml").stat().st_mtime if (r.path / "config.yaml").exists() else 0.0, r.id),
-              reverse=True)  # fmt: skip
+              reverse=True)
     return runs
 
 
@@ -598,7 +598,7 @@ def start_run(config: Any, *, name: str | None = None, force: bool = False) -> R
         path / "status.json",
         {"state": "running", "pid": None, "step": 0, "total_steps": None, "started_at": now, "updated_at": now,
          "message": "Starting…"},
-    )  # fmt: skip
+    )
     _spawn(path, resume=False, device=device)
     return get_run(path)
 

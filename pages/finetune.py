@@ -52,13 +52,13 @@ def setup_ui() -> None:
     for warning in recommended.warnings:
         st.warning(warning)
     method = st.radio("Method", list(METHODS), index=list(METHODS).index(recommended.method), horizontal=True,
-                      format_func=METHODS.get, help=recommended.reasons.get("method"))  # fmt: skip
+                      format_func=METHODS.get, help=recommended.reasons.get("method"))
     defaults = {**TrainConfig().to_dict(), **recommended.train_config_values()}
-    settings = settings_ui(defaults, recommended.reasons, method)
+    settings = settings_ui(defaults, recommended.reasons, method, device)
     summary_ui(summary, settings["max_length"])
     try:
         config = TrainConfig(**{**defaults, **settings, "model": model, "dataset": str(dataset), "method": method,
-                                "device": device})  # fmt: skip
+                                "device": device})
     except ValueError as exc:
         st.error(str(exc))
         st.stop()

@@ -27,9 +27,9 @@ def chart(title: str, traces: dict[str, tuple[list, list]], key: str, x_title: s
     ``update_layout`` validation costs several times more).
     """
     data = [go.Scatter(x=np.asarray(x, dtype=float), y=np.asarray(y, dtype=float), name=name, mode="lines+markers")
-            for name, (x, y) in traces.items()]  # fmt: skip
+            for name, (x, y) in traces.items()]
     layout = {"title": {"text": title}, "height": 260, "margin": {"t": 40, "b": 30}, "xaxis": {"title": {"text": x_title}},
-              "showlegend": len(traces) > 1, "uirevision": key}  # fmt: skip  # uirevision keeps zoom across redraws
+              "showlegend": len(traces) > 1, "uirevision": key}  # uirevision keeps zoom across redraws
     st.plotly_chart(go.Figure(data=data, layout=layout), key=key)
 
 
@@ -67,7 +67,7 @@ def actions_ui(run: runs.RunInfo) -> None:
         st.warning(str(exc))
     if (run.path / "adapter").is_dir():
         cols[2].download_button("Download adapter (.zip)", lambda: runs.export_adapter_zip(run.id).read_bytes(),
-                                file_name=f"{run.id}-adapter.zip", mime="application/zip", on_click="ignore")  # fmt: skip
+                                file_name=f"{run.id}-adapter.zip", mime="application/zip", on_click="ignore")
 
 
 def checkpoints_ui(run: runs.RunInfo) -> None:
@@ -77,12 +77,12 @@ def checkpoints_ui(run: runs.RunInfo) -> None:
         st.caption("No checkpoint yet.")
         return
     rows = [{"step": c.step, "loss": c.loss, "val loss": c.val_loss, "size (MB)": round(c.size_bytes / 1e6, 1),
-             "saved": datetime.fromtimestamp(c.created)} for c in found]  # fmt: skip
+             "saved": datetime.fromtimestamp(c.created)} for c in found]
     st.dataframe(rows, hide_index=True, key="finetune_checkpoints")
     if not run.is_running:
         left, right = st.columns([1, 3])
         step = left.selectbox("Checkpoint", [c.step for c in found], index=len(found) - 1, key="finetune_ckpt",
-                              format_func=lambda s: f"step {s}", label_visibility="collapsed")  # fmt: skip
+                              format_func=lambda s: f"step {s}", label_visibility="collapsed")
         if right.button("Delete checkpoint", key="finetune_ckpt_delete"):
             try:
                 runs.delete_checkpoint(run.id, step)
@@ -126,7 +126,7 @@ def runs_view(live: bool) -> None:
                    "loss": (r.last_metrics or {}).get("loss"), "val loss": (r.last_eval or {}).get("val_loss"),
                    "device": r.device, "model": Path(r.model or "?").name, "method": r.method,
                    "started": datetime.fromtimestamp(r.started_at) if r.started_at else None}
-                  for r in all_runs], hide_index=True, key="finetune_runs_table")  # fmt: skip
+                  for r in all_runs], hide_index=True, key="finetune_runs_table")
     label = lambda i: f"{i} · {by_id[i].state} · step {by_id[i].step}/{by_id[i].total_steps or '?'}"  # noqa: E731
     if st.session_state.get("finetune_select") in by_id:
         st.session_state["finetune_run"] = st.session_state.pop("finetune_select")

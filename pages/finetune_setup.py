@@ -12,9 +12,9 @@ import streamlit as st
 
 from mactuner import data, paths
 from mactuner.config import TrainConfig
-from mactuner.devices import get_optimal_dtype
+from mactuner.devices import optimal_dtype_reason
 from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
-from mactuner.recommend import estimate_memory, free_memory_bytes, recommend_hyperparameters
+from mactuner.recommend import estimate_for_config, free_memory_bytes, recommend_hyperparameters
 
 GB = 1024**3
 SUMMARY_MAX_LENGTH = 1_000_000  # summarize untruncated; truncation is counted for the chosen max length
@@ -23,7 +23,7 @@ SUMMARY_MAX_LENGTH = 1_000_000  # summarize untruncated; truncation is counted f
 def model_ui() -> str:
     """The model to fine-tune: the built-in default, a hub id, or a local folder / .gguf file."""
     kind = st.radio("Model", ["Built-in (offline)", "Hugging Face hub id", "Local folder or .gguf file"],
-                    horizontal=True, key="finetune_model_kind")  # fmt: skip
+                    horizontal=True, key="finetune_model_kind")
     if kind.startswith("Built-in"):
         st.caption(f"{DEFAULT_MODEL}: ships with MacTuner, no download.")
         return DEFAULT_MODEL
@@ -73,7 +73,7 @@ def footprint_for(model: str):
 def recommend(model: str, dataset: str, device: str, mtime: float):
     """Recommended settings for this model, dataset and device (free memory read now, kept 10 min)."""
     return recommend_hyperparameters(model, device=device, footprint=footprint_for(model),
-                                     summary=summarize(dataset, model, mtime))  # fmt: skip
+                                     summary=summarize(dataset, model, mtime))
 
 
 def summary_ui(summary: data.DatasetSummary, max_length: int) -> None:
@@ -92,7 +92,7 @@ def summary_ui(summary: data.DatasetSummary, max_length: int) -> None:
         st.warning(problem)
 
 
-def settings_ui(recommended: dict, reasons: dict, method: str) -> dict:
+def settings_ui(recommended: dict, reasons: dict, method: str, device: str = "cpu") -> dict:
     """Editable settings starting from the recommended ones (each input's help says why); TrainConfig fields."""
     why = {name: reasons.get(name) or text for name, text in TrainConfig.help().items()}
     cols = st.columns(4)
@@ -115,25 +115,33 @@ def settings_ui(recommended: dict, reasons: dict, method: str) -> dict:
         chosen["lora_rank"] = number(0, "LoRA rank", "lora_rank", 1, 1024)
         chosen["lora_alpha"] = number(1, "LoRA alpha", "lora_alpha", 0.5, 4096.0)
     chosen["gradient_checkpointing"] = cols[2].checkbox("Gradient checkpointing", recommended["gradient_checkpointing"],
-                                                        help=why["gradient_checkpointing"])  # fmt: skip
+                                                        help=why["gradient_checkpointing"])
+    chosen["dtype"] = dtype_ui(cols[3], device)
     with st.expander("Why these settings"):
         st.markdown("\n".join(f"- **{name.replace('_', ' ')}**: {reason}" for name, reason in reasons.items()))
     return chosen
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def dtype_ui(column, device: str) -> str:
+    """Precision: ``auto`` (the device's best, with the reason) or a fixed dtype."""
+    reason = optimal_dtype_reason(device)
+    return column.selectbox(
+        "Precision", DTYPES, key="finetune_dtype", format_func=lambda d: f"auto ({reason.split(':')[0]})" if d == "auto" else d,
+        help=f"auto = {reason}. float16 can overflow on models trained in bfloat16 (the run then stops with "
+             "advice); float32 is the safe, slower fallback.",
+    )
+
+
 def memory_ui(config: TrainConfig, summary: data.DatasetSummary, device: str) -> None:
     """The memory estimate of ``config`` (recomputed as settings change), warned about when it exceeds free memory."""
-    trained = [min(n, config.max_length) for n in summary.trained_lengths]
-    estimate = estimate_memory(
-        footprint_for(config.model), method=config.method, dtype=config.dtype if config.dtype != "auto" else get_optimal_dtype(device),
-        batch_size=config.batch_size, seq_len=min(config.max_length, summary.max_tokens), lora_rank=config.lora_rank,
-        target_modules=config.target_modules, gradient_checkpointing=config.gradient_checkpointing,
-        trained_tokens_per_row=max(trained, default=None), device_type=device.split(":")[0],
-    )  # fmt: skip
+    estimate = estimate_for_config(config, summary, device, footprint=footprint_for(config.model))
     free, _total = free_memory_bytes(device)
     parts = " · ".join(f"{name} {getattr(estimate, name) / GB:.2f} GB" for name in ("weights", "trainable", "activations", "overhead"))
     free_text = f" of {free / GB:.1f} GB free on {device}" if free else ""
     st.markdown(f"**Estimated peak memory: {estimate.total / GB:.2f} GB**{free_text}  \n{parts}")
     if free and estimate.total > free:
         st.warning(f"This needs about {estimate.total / GB:.1f} GB but only {free / GB:.1f} GB is free on {device}: "
-                   "lower the batch size or max length, or turn on gradient checkpointing.")  # fmt: skip
+                   "lower the batch size or max length, or turn on gradient checkpointing.")

@@ -108,7 +108,7 @@ def running_app(env: dict[str, str] | None = None, *, timeout: float = 90.0) -> 
         "--server.headless", "true",
         "--server.fileWatcherType", "none",
         "--browser.gatherUsageStats", "false",
-    ]  # fmt: skip
+    ]
     with open(log_path, "wb") as log:
         # own process group, so the app and anything it started (training
         # runs) are stopped together at the end

@@ -30,7 +30,7 @@ DEMO = str(DEMO_DATASETS["quenmark-alpaca"])
 def tiny_config(model_dir: Path, **changes) -> TrainConfig:
     """A run of a few seconds: the tiny model on the demo data, a checkpoint every 2 steps."""
     values = dict(model=str(model_dir), dataset=DEMO, device="cpu", max_steps=4, batch_size=4, max_length=128,
-                  save_every=2, eval_every=2, log_every=1)  # fmt: skip
+                  save_every=2, eval_every=2, log_every=1)
     values.update(changes)
     return TrainConfig(**values)
 
@@ -108,7 +108,7 @@ def test_page_shows_running_finished_and_failed_runs(trained_run):
     try:
         copy_run(trained_run, "a-finished")
         running = copy_run(trained_run, "b-running", state="running", pid=sleeper.pid, step=2,
-                           started_at=time.time(), message="Step 2/4")  # fmt: skip
+                           started_at=time.time(), message="Step 2/4")
         (running / "adapter").rename(running / "adapter-not-yet")
         (running / "process.json").write_text(
             json.dumps({"pid": sleeper.pid, "create_time": psutil.Process(sleeper.pid).create_time()})

@@ -106,13 +106,13 @@ def test_real_process_exit_code_and_stderr(tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "mactuner", "devices", "select", "cuda:5"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert bad.returncode == 1 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "cuda:5 is not available" in bad.stderr
     good = subprocess.run(
         [sys.executable, "-m", "mactuner", "devices", "list", "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert good.returncode == 0
     data = json.loads(good.stdout)
     assert data["count"] == len(data["devices"]) >= 1 and data["devices"][-1]["type"] == "cpu"

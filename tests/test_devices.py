@@ -29,7 +29,7 @@ from mactuner.settings import remember_device
 DEVICE_INFO_KEYS = {
     "type", "name", "is_available", "memory_total", "memory_allocated",
     "memory_reserved", "compute_capability", "index",
-}  # fmt: skip
+}
 
 
 def keys(found) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import time
+
 
 import pytest
 import torch
@@ -155,11 +155,11 @@ def test_default_model_footprint_loads_fast_and_answers(smollm2_path):
     assert footprint.num_parameters == 134_515_008 and footprint.num_layers == 30
     # float32 weights as saved (the safetensors header is a few kB)
     assert 0 < (smollm2_path / "model.safetensors").stat().st_size - footprint.weight_bytes(torch.float32) < 200_000
-    start = time.perf_counter()
     loaded = load_model(device="cpu", dtype=torch.float32)
-    seconds = time.perf_counter() - start
-    # a converted folder loads in well under a second on an idle 2-core CPU (GGUF: ~16 s)
-    assert seconds < 10, f"loading the converted default model took {seconds:.1f} s"
+    # loaded from the converted safetensors folder, not dequantized from the GGUF again (how fast
+    # that is, is measured by bench/model_load.py, not asserted here)
+    assert not getattr(loaded.model.config, "quantization_config", None)
+    assert not any(path.suffix == ".gguf" for path in smollm2_path.iterdir())
     assert loaded.num_parameters == footprint.num_parameters and loaded.path == str(smollm2_path)
     tok = loaded.tokenizer
     inputs = tok.apply_chat_template(

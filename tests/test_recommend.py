@@ -120,9 +120,15 @@ def test_a_big_model_gets_qlora_on_cuda_and_a_warning_elsewhere():
     with patch("mactuner.devices.resolve_device", return_value=torch.device("cuda", 0)), patch(
         "mactuner.devices.get_optimal_dtype", return_value=torch.bfloat16
     ):
-        on_gpu = recommend_hyperparameters(footprint=big, device="cuda", free_memory=16 * GB)
+        # bitsandbytes installed (the cuda extra): QLoRA
+        with patch("mactuner.recommend.method_available", return_value=True):
+            on_gpu = recommend_hyperparameters(footprint=big, device="cuda", free_memory=16 * GB)
+        # not installed: never recommend a method that cannot run; say how to get it
+        with patch("mactuner.recommend.method_available", lambda method: method != "qlora"):
+            without_bnb = recommend_hyperparameters(footprint=big, device="cuda", free_memory=16 * GB)
     assert on_gpu.method == "qlora" and on_gpu.use_qlora and "4-bit" in on_gpu.reasons["method"]
     assert on_gpu.memory.weights < 5 * GB
+    assert without_bnb.method == "lora" and "bitsandbytes" in without_bnb.warnings[0]
 
 
 def test_recommend_command_prints_text_and_json(tiny_model_dir, capsys):
@@ -216,3 +222,51 @@ def test_estimate_is_within_25_percent_of_a_real_run(smollm2_path, tmp_path, set
     ratio = estimate.total / measured
     print(f"{settings}: estimate {estimate.total / MB:.0f} MiB, measured {measured / MB:.0f} MiB, ratio {ratio:.2f}")
     assert 0.75 <= ratio <= 1.25, f"estimate {estimate.total / MB:.0f} MiB vs measured {measured / MB:.0f} MiB"
+
+
+# --- small datasets, intervals, the page's rule (issue 11, issue 8) --------------------------
+
+
+def test_a_small_dataset_keeps_every_row_for_training(tiny_model_dir, tmp_path):
+    from mactuner.data import load_dataset_file, train_validation_split
+
+    facts = tmp_path / "facts.jsonl"
+    rows = [{"instruction": f"What is the code word number {i}?", "output": f"The code word is word-{i}."} for i in range(4)]
+    facts.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    rec = recommend_hyperparameters(str(tiny_model_dir), facts, "cpu", free_memory=8 * GB)
+    assert rec.val_fraction == 0.0 and "every row is needed" in rec.reasons["val_fraction"]
+    assert rec.eval_every == 0  # nothing to validate on
+    # the trainer's split with the recommended fraction trains on all four rows
+    examples = load_dataset_file(facts).examples
+    train, validation = train_validation_split(examples, rec.train_config_values()["val_fraction"])
+    assert len(train) == 4 and not validation
+
+
+def test_intervals_scale_with_the_runs_length(tiny_model_dir):
+    rec = recommend_hyperparameters(str(tiny_model_dir), DEMO_DATASETS["quenmark-alpaca"], "cpu", free_memory=8 * GB)
+    steps = rec.epochs * -(-rec.dataset_rows // (rec.batch_size * rec.grad_accum))
+    # a checkpoint (and so a resume point) well before the end of the run, a few per run
+    assert 0 < rec.save_every < steps and steps / rec.save_every >= 3
+    assert rec.reasons["save_every"].startswith(f"{rec.save_every}:")
+    big = recommend_hyperparameters(footprint=model_footprint(str(tiny_model_dir)), device="cpu", free_memory=8 * GB)
+    assert big.val_fraction == 0.1  # without a dataset: the usual split
+
+
+def test_estimate_for_config_is_the_estimate_of_the_settings(tiny_model_dir, either_cpu):
+    from mactuner.data import load_dataset_file, summarize_dataset
+    from mactuner.models import load_model
+    from mactuner.recommend import estimate_for_config
+
+    footprint = model_footprint(str(tiny_model_dir))
+    tokenizer = load_model(str(tiny_model_dir), device="cpu").tokenizer
+    summary = summarize_dataset(load_dataset_file(DEMO_DATASETS["quenmark-alpaca"]), tokenizer, max_length=4096)
+    config = TrainConfig(model=str(tiny_model_dir), dataset=str(DEMO_DATASETS["quenmark-alpaca"]), batch_size=4,
+                         max_length=1024, lora_rank=8)
+    got = estimate_for_config(config, summary, "cpu", footprint=footprint)
+    # auto dtype = the CPU's best; the sequence is the longest row, not max_length
+    expected = estimate_memory(footprint, dtype=either_cpu, batch_size=4, seq_len=summary.max_tokens, lora_rank=8,
+                               target_modules=config.target_modules,
+                               trained_tokens_per_row=max(summary.trained_lengths), device_type="cpu")
+    assert got == expected
+    fixed = estimate_for_config(TrainConfig(**{**config.to_dict(), "dtype": "float32"}), summary, "cpu", footprint=footprint)
+    assert fixed.weights == footprint.weight_bytes(torch.float32)

@@ -37,7 +37,7 @@ def make_run(
     path.mkdir(parents=True)
     now = time.time()
     status = {"state": state, "pid": pid, "step": step, "total_steps": total_steps,
-              "started_at": now - 60, "updated_at": now, "message": None}  # fmt: skip
+              "started_at": now - 60, "updated_at": now, "message": None}
     (path / "status.json").write_text(json.dumps(status))
     (path / "config.yaml").write_text(f"model: tiny\ndataset: demo.jsonl\nmethod: lora\ndevice: {device}\n")
     (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics or []))
@@ -49,7 +49,7 @@ def make_run(
 
 def train_record(step: int, loss: float, t: float, total: int = 10) -> dict:
     return {"type": "train", "step": step, "total_steps": total, "loss": loss, "lr": 1e-4, "grad_norm": 1.0,
-            "tokens_per_second": 100.0, "tokens": 64 * step, "memory_bytes": 1_000_000 + step, "time": t}  # fmt: skip
+            "tokens_per_second": 100.0, "tokens": 64 * step, "memory_bytes": 1_000_000 + step, "time": t}
 
 
 @pytest.fixture(autouse=True)
@@ -207,7 +207,7 @@ def tiny_config(model_dir: Path, **changes):
     from mactuner.data import DEMO_DATASETS
 
     values = dict(model=str(model_dir), dataset=str(DEMO_DATASETS["quenmark-alpaca"]), device="cpu",
-                  batch_size=4, max_length=128, save_every=0, eval_every=0, log_every=1)  # fmt: skip
+                  batch_size=4, max_length=128, save_every=0, eval_every=0, log_every=1)
     values.update(changes)
     return TrainConfig(**values)
 
