@@ -72,7 +72,7 @@ def actions_ui(run: runs.RunInfo) -> None:
 
 def checkpoints_ui(run: runs.RunInfo) -> None:
     """The run's complete checkpoints: step, loss, size and time; deletable once the run stopped."""
-    found = runs.checkpoints(run.id)
+    found = runs.run_checkpoints(run.id)
     if not found:
         st.caption("No checkpoint yet.")
         return
