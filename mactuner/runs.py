@@ -607,7 +607,8 @@ def _record_verdict(path: Path) -> RunInfo:
     status, launch, verdict = _read_state(path)
     if verdict.overdue_cancel:
         current = _current_launch(status, launch)
-        _hard_stop(verdict.pid, current.get("create_time"))
+        if _hard_stop(verdict.pid, current.get("create_time")):
+            wait_for_exit(verdict.pid, 2.0)
         status, launch, verdict = _read_state(path)
     if verdict.dead and status.get("state") == "running":
         status.update(state=verdict.state, message=verdict.message, updated_at=time.time())
