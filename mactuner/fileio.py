@@ -174,3 +174,56 @@ def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     except ValueError:
         return False
     return True
+
+
+class OutputNotOurs(FileExistsError):
+    """The output folder holds files MacTuner did not create; the message says how to proceed."""
+
+
+def prepare_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that MacTuner may write its output folder at ``path``, and return it.
+
+    A missing or empty folder, or one carrying MacTuner's marker (:data:`MARKER_FILE`,
+    left in everything it exports) is fine. Anything else — a folder of the person's
+    own files, a file, a symbolic link — is refused unless ``overwrite`` is True
+    (a symbolic link is refused even then: what it points to is never replaced).
+    Merge, quantize and export all check their output through here.
+
+    Raises:
+        OutputNotOurs: the path holds something MacTuner did not create.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise OutputNotOurs(f"{path} is a symbolic link; choose a real folder for the output.")
+    if overwrite or owned_by_mactuner(path):
+        return path
+    what = "is a file" if path.exists() and not path.is_dir() else "holds files MacTuner did not create"
+    raise OutputNotOurs(
+        f"{path} {what}; writing there would delete them. Choose a new or empty folder, "
+        "or pass --overwrite (overwrite=True) to replace it."
+    )
+
+
+def write_output_folder(
+    path: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False, what: str = ""
+) -> Path:
+    """Write an output folder (a merged or quantized model, an export) safely, and return it.
+
+    ``write(staging)`` fills a hidden staging folder next to ``path``; the folder is
+    marked as MacTuner's (:func:`mark_as_ours`), ``path`` is checked again with
+    :func:`prepare_output` (something may have appeared meanwhile) and the staging
+    folder is renamed over it. A failure leaves ``path`` as it was.
+
+    Raises:
+        OutputNotOurs: ``path`` holds something MacTuner did not create and ``overwrite`` is False.
+    """
+    path = prepare_output(path, overwrite)
+    if path.exists() and not path.is_dir():
+        path.unlink()  # a file, and overwrite was asked for
+
+    def fill(staging: Path) -> None:
+        write(staging)
+        mark_as_ours(staging, what)
+        prepare_output(path, overwrite)
+
+    return write_folder_atomically(path, fill, replace=True)

@@ -27,6 +27,12 @@ method                 device  on disk
 Every variant folder also holds ``mactuner_variant.json`` (method, source), and
 :func:`load_variant` reloads any of them. Everything is written under
 ``mactuner.paths.exports_dir()`` unless told otherwise.
+
+Output folders are never someone else's: an existing folder that is not empty and
+lacks MacTuner's marker is refused unless ``overwrite=True`` (``--overwrite``), and
+every folder is written into a hidden staging folder and renamed into place when
+complete (:func:`mactuner.fileio.write_output_folder`). Default names carry the
+run and the step (``<run>-step-00000050-merged``), so two runs never share one.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +47,7 @@ from typing import Any
 
 import torch
 
-from mactuner import paths
+from mactuner import fileio, paths
 from mactuner.chat import (
     GenerationSettings,
     _base_for,
@@ -117,6 +122,14 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:80] or "model"
 
 
+def adapter_label(adapter: str | os.PathLike) -> str:
+    """A name for an adapter that is unique per run and step: ``<run>-step-00000050`` or ``<run>-adapter``."""
+    adapter = Path(adapter)
+    if adapter.parent.name == "checkpoints":  # RUN/checkpoints/step-N
+        return f"{adapter.parent.parent.name}-{adapter.name}"
+    return f"{adapter.parent.name}-{adapter.name}"
+
+
 def _resolve_source(source: str | None) -> str:
     source = source or DEFAULT_MODEL
     return str(default_model_path()) if source == DEFAULT_MODEL else source
@@ -127,6 +140,7 @@ def merge_adapter(
     out_dir: str | os.PathLike | None = None,
     *,
     base: str | None = None,
+    overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
     """Merge a LoRA adapter into its base model and save a plain transformers folder (safetensors).
@@ -137,12 +151,17 @@ def merge_adapter(
 
     Args:
         adapter: a PEFT adapter folder (a run's ``adapter/`` or a ``checkpoints/step-N``).
-        out_dir: where to write; default ``exports_dir()/<run>-<adapter>-merged``.
+        out_dir: where to write; default ``exports_dir()/<run>-step-N-merged`` (or ``<run>-adapter-merged``).
         base: the base model; default the one recorded in the adapter (else the built-in model).
+        overwrite: replace ``out_dir`` even if it holds files MacTuner did not create.
         progress: ``(message, fraction or None)`` callback.
 
     Returns:
         The merged model's folder.
+
+    Raises:
+        mactuner.fileio.OutputNotOurs: ``out_dir`` holds someone else's files (checked
+            before any work and again before the rename).
     """
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -150,8 +169,8 @@ def merge_adapter(
     adapter_path = _check_adapter(adapter)
     base_path = _resolve_source(_base_for(base, adapter_path))
     if out_dir is None:
-        out_dir = paths.exports_dir() / _safe_name(f"{adapter_path.parent.name}-{adapter_path.name}-merged")
-    out_dir = Path(out_dir)
+        out_dir = paths.exports_dir() / _safe_name(f"{adapter_label(adapter_path)}-merged")
+    out_dir = fileio.prepare_output(out_dir, overwrite)  # refuse before minutes of work, not after
     if progress:
         progress(f"Loading base model {base_path}…", 0.1)
     stored_dtype = getattr(AutoConfig.from_pretrained(base_path), "dtype", None) or torch.float32
@@ -165,15 +184,15 @@ def merge_adapter(
     merged.to(stored_dtype)
     if progress:
         progress(f"Saving to {out_dir}…", 0.8)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / VARIANT_FILE).write_text(
-        json.dumps({"method": "merged", "base": base_path, "adapter": str(adapter_path)}, indent=2)
-    )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
+
+    def write(staging: Path) -> None:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / VARIANT_FILE).write_text(
+            json.dumps({"method": "merged", "base": base_path, "adapter": str(adapter_path)}, indent=2)
+        )
+
+    fileio.write_output_folder(out_dir, write, overwrite=overwrite, what=f"merged model of {adapter_path}")
     if progress:
         progress("Merged.", 1.0)
     return out_dir
@@ -188,12 +207,14 @@ def quantize(
     out_dir: str | os.PathLike | None = None,
     *,
     device: str | torch.device | None = None,
+    overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
     """Quantize a model folder (base or merged) with ``method`` and save it (see the module table for the form).
 
     Raises:
         ValueError: the method is unknown or does not run on ``device`` (the message says why).
+        mactuner.fileio.OutputNotOurs: ``out_dir`` holds someone else's files and ``overwrite`` is False.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -204,29 +225,32 @@ def quantize(
     path = _resolve_source(source)
     if out_dir is None:
         out_dir = paths.exports_dir() / _safe_name(f"{Path(path).name}-{method}")
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    out_dir = fileio.prepare_output(out_dir, overwrite)  # refuse before the work, not after
     if progress:
         progress(f"Quantizing {Path(path).name} with {method}…", None)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if method == "int8-dynamic":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         model = _dynamic_int8(model)
-        staging.mkdir(parents=True)
-        model.config.save_pretrained(staging)
-        torch.save(model.state_dict(), staging / DYNAMIC_STATE_FILE)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=_transformers_quant_config(method, device), **_load_kwargs(method, device)
         )
-        model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / VARIANT_FILE).write_text(json.dumps({"method": method, "source": path}, indent=2))
-    del model
-    release_model()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
+
+    def write(staging: Path) -> None:
+        if method == "int8-dynamic":
+            model.config.save_pretrained(staging)
+            torch.save(model.state_dict(), staging / DYNAMIC_STATE_FILE)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / VARIANT_FILE).write_text(json.dumps({"method": method, "source": path}, indent=2))
+
+    try:
+        fileio.write_output_folder(out_dir, write, overwrite=overwrite, what=f"{method} variant of {path}")
+    finally:
+        model = None  # the last reference: release_model can free its memory
+        release_model()
     if progress:
         progress(f"Saved {out_dir}.", 1.0)
     return out_dir
@@ -450,6 +474,7 @@ def compare_variants(
     device: str | torch.device | None = None,
     text: str | None = None,
     out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
     progress: Progress | None = None,
 ) -> QuantizeReport:
     """Make and measure the variants of a model: reference, then each quantization method.
@@ -465,18 +490,25 @@ def compare_variants(
         adapter: optional adapter folder to merge first.
         device: where to quantize and measure.
         text: held-out text for perplexity; default a slice of ``wiki_demo.txt``.
-        out_dir: folder for the variants; default ``exports_dir()/<model>-variants``.
+        out_dir: folder for the variants; default ``exports_dir()/<model>-variants`` (for an adapter,
+            ``<run>-step-N-variants``).
+        overwrite: write into ``out_dir`` even if it holds files MacTuner did not create.
         progress: ``(message, fraction or None)`` callback.
+
+    Raises:
+        mactuner.fileio.OutputNotOurs: ``out_dir`` holds someone else's files and ``overwrite`` is False.
     """
     device = resolve_device(device)
     methods = list(methods) if methods is not None else supported_methods(device)
     text_source = "given text" if text is not None else str(HELD_OUT_TEXT)
     text = text if text is not None else held_out_text()
     if out_dir is None:
-        label = Path(adapter).parent.name + "-" + Path(adapter).name if adapter else Path(_resolve_source(source)).name
+        label = adapter_label(adapter) if adapter else Path(_resolve_source(source)).name
         out_dir = paths.exports_dir() / _safe_name(f"{label}-variants")
-    out_dir = Path(out_dir)
+    out_dir = fileio.prepare_output(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / fileio.MARKER_FILE).exists():
+        fileio.mark_as_ours(out_dir, "quantized variants and their report")
     steps = 1 + len(methods)
 
     def step(i: int, message: str) -> None:
@@ -485,7 +517,7 @@ def compare_variants(
 
     if adapter:
         step(0, "Merging the adapter…")
-        reference_name, reference = "merged", merge_adapter(adapter, out_dir / "merged", base=source)
+        reference_name, reference = "merged", merge_adapter(adapter, out_dir / "merged", base=source, overwrite=overwrite)
     else:
         reference_name, reference = "base", Path(_resolve_source(source))
     report = QuantizeReport(str(device), text_source, 0)
@@ -498,14 +530,14 @@ def compare_variants(
             continue
         step(i, f"Quantizing with {method}…")
         try:
-            folder = quantize(str(reference), method, out_dir / method, device=device)
+            folder = quantize(str(reference), method, out_dir / method, device=device, overwrite=overwrite)
             step(i, f"Measuring {method}…")
             report.variants.append(measure_variant(method, folder, device=device, text=text))
         except Exception as exc:  # noqa: BLE001 - one failing method is a row in the table, not the end
             report.variants.append(VariantResult(method, "", 0, None, None, None, None, "", 0.0, error=str(exc)))
     with torch.inference_mode():
         report.text_tokens = len(_tokenizer_for(reference)(text)["input_ids"][:1024])
-    (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    fileio.write_json_atomic(out_dir / "report.json", report.to_dict())
     step(steps, "Done.")
     return report
 

@@ -15,21 +15,43 @@ RUN/checkpoints/     complete checkpoints (mactuner.checkpoints)
 RUN/adapter/         the final adapter
 ```
 
-A run whose status says ``running`` but whose process is gone is reported (and
-recorded) as ``failed`` with the last lines of its log. The process is matched
-by pid *and* create time, so a recycled pid never passes for a live run.
+A run whose status says ``running`` but whose process is gone is reported as
+``failed`` with the last lines of its log. The process is matched by pid *and*
+create time, so a recycled pid never passes for a live run, and a trainer that
+holds the run's lock (:mod:`mactuner.locks`) is alive whatever its pid says.
+
+Who writes what, so that tabs (threads) and processes never race:
+
+- :func:`get_run` only reads. Recording a dead run's verdict (``failed``, or
+  ``cancelled`` after a cancel) is :func:`reconcile_run`'s job; :func:`list_runs`
+  calls it. It takes the launch lock, so it never judges a run in the middle of
+  its (re)launch, and it only blames the pid of the launch the status belongs to
+  (each launch writes a ``launch_id`` into status.json and process.json).
+- :func:`start_run` and :func:`resume_run` hold :func:`mactuner.locks.launch_lock`
+  across "check the device is free, then launch": one run per device across tabs
+  and processes. A resume also refuses a run folder a trainer still holds, and
+  one whose dataset or settings changed (:mod:`mactuner.fingerprint`).
+- :func:`cancel_run` sends SIGTERM (the trainer saves a checkpoint and stops);
+  a trainer still alive ``kill_after`` seconds later is killed (SIGKILL), by the
+  waiting caller or by the next :func:`reconcile_run`. Checkpoints are written to
+  a staging folder and renamed when complete, so a hard stop keeps every
+  checkpoint saved before it.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +60,8 @@ from typing import Any
 import psutil
 import yaml
 
-from mactuner import paths
+import mactuner
+from mactuner import fileio, fingerprint, locks, paths
 
 STATES = ("running", "finished", "failed", "cancelled")
 LOG_TAIL_LINES = 20
@@ -47,6 +70,12 @@ LOG_TAIL_LINES = 20
 _LAUNCH_GRACE_S = 30.0
 # process create times are derived from boot time and clock ticks: allow jitter
 _CREATE_TIME_SLACK_S = 1.0
+# seconds a cancelled trainer gets to finish its step and save a checkpoint before it is killed
+CANCEL_GRACE_S = 120.0
+# the live view keeps about this many points per series; older ones are thinned
+TAIL_MAX_POINTS = 2000
+TAIL_MAX_INFO = 200  # info records (OOM back-off notes…) kept per run
+_READ_CHUNK = 1 << 20  # metrics.jsonl is read in pieces of this many bytes
 
 # processes started by this app process, kept so their exit is reaped (no zombies)
 _children: dict[int, subprocess.Popen] = {}
@@ -106,10 +135,9 @@ class RunInfo:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    # a reader polling every second must never see a half-written file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    # a reader polling every second never sees half a file, and two writers
+    # (tabs are threads of one process) never share a temporary file
+    fileio.write_json_atomic(path, data)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -159,7 +187,7 @@ class MetricsChunk:
     offset: int
 
 
-def read_metrics(run: str | os.PathLike, offset: int = 0) -> MetricsChunk:
+def read_metrics(run: str | os.PathLike, offset: int = 0, max_bytes: int | None = None) -> MetricsChunk:
     """Read the complete lines of a run's ``metrics.jsonl`` from byte ``offset`` on.
 
     Only lines ending in a newline are read, so a line the trainer is writing
@@ -170,12 +198,19 @@ def read_metrics(run: str | os.PathLike, offset: int = 0) -> MetricsChunk:
     Args:
         run: a run id or a run folder.
         offset: where the previous call stopped (0 for the whole file).
+        max_bytes: read about this much at most (whole lines; a longer single line
+            is still read whole), so a huge file is taken in bounded pieces.
     """
     path = run_path(run) / "metrics.jsonl"
     try:
         with open(path, "rb") as handle:
             handle.seek(offset)
-            data = handle.read()
+            data = handle.read(max_bytes if max_bytes else -1)
+            if max_bytes and len(data) == max_bytes and b"\n" not in data:
+                # one line longer than max_bytes: read on to its end
+                while (more := handle.read(max_bytes)) and b"\n" not in more:
+                    data += more
+                data += more
     except FileNotFoundError:
         return MetricsChunk([], 0)
     end = data.rfind(b"\n") + 1
@@ -190,23 +225,63 @@ def read_metrics(run: str | os.PathLike, offset: int = 0) -> MetricsChunk:
     return MetricsChunk(records, offset + end)
 
 
-class MetricsTail:
-    """All metrics of one run so far, kept up to date by reading only what was appended.
+class _StepSeries:
+    """Records by step, sorted, at most about ``max_points`` of them.
 
-    A resumed run re-records the steps after its checkpoint; ``train`` and
-    ``eval`` keep the latest record per step so charts do not zig-zag.
+    The latest record of a step wins (a resumed run records steps again). When
+    the series outgrows ``max_points``, the older part is thinned (every second
+    record dropped, the first kept) while the newest ``max_points // 2`` stay
+    whole: a long run keeps its recent detail and a coarser view of its start,
+    in bounded memory.
     """
 
-    def __init__(self, run: str | os.PathLike):
+    def __init__(self, max_points: int):
+        self.max_points = max(8, max_points)
+        self.steps: list[int] = []
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, step: int, record: dict[str, Any]) -> None:
+        if not self.steps or step > self.steps[-1]:
+            self.steps.append(step)
+            self.records.append(record)
+        else:
+            i = bisect.bisect_left(self.steps, step)
+            if i < len(self.steps) and self.steps[i] == step:
+                self.records[i] = record
+            else:
+                self.steps.insert(i, step)
+                self.records.insert(i, record)
+        if len(self.steps) > self.max_points:
+            self._thin_older()
+
+    def _thin_older(self) -> None:
+        keep_whole = self.max_points // 2
+        cut = len(self.steps) - keep_whole
+        kept = [0, *range(1, cut, 2)] if cut > 0 else []
+        kept = sorted(set(kept))
+        self.steps = [self.steps[i] for i in kept] + self.steps[cut:]
+        self.records = [self.records[i] for i in kept] + self.records[cut:]
+
+
+class MetricsTail:
+    """The metrics of one run so far, kept up to date by reading only what was appended.
+
+    A resumed run re-records the steps after its checkpoint; ``train`` and
+    ``eval`` keep the latest record per step so charts do not zig-zag. Memory is
+    bounded whatever the run's length: each series holds about ``max_points``
+    records (older steps downsampled, the newest whole), info records the last
+    :data:`TAIL_MAX_INFO`, and the file is read in pieces.
+    """
+
+    def __init__(self, run: str | os.PathLike, max_points: int = TAIL_MAX_POINTS):
         self.path = run_path(run)
+        self.max_points = max_points
         self._reset()
 
     def _reset(self) -> None:
         self.offset = 0
-        self._train: dict[int, dict[str, Any]] = {}
-        self._train_sorted: list[dict[str, Any]] = []
-        self._dirty = False  # a step was recorded again (resume): re-sort
-        self._eval: dict[int, dict[str, Any]] = {}
+        self._train = _StepSeries(self.max_points)
+        self._eval = _StepSeries(self.max_points)
         self.info: list[dict[str, Any]] = []
 
     def update(self) -> int:
@@ -217,32 +292,34 @@ class MetricsTail:
             size = 0
         if size < self.offset:  # the file was replaced by a shorter one: start over
             self._reset()
-        chunk = read_metrics(self.path, self.offset)
-        self.offset = chunk.offset
-        for record in chunk.records:
-            kind = record.get("type")
-            step = record.get("step")
-            if kind == "train" and isinstance(step, int):
-                self._dirty = self._dirty or step in self._train
-                self._train[step] = record
-            elif kind == "eval" and isinstance(step, int):
-                self._eval[step] = record
-            elif kind == "info":
-                self.info.append(record)
-        return len(chunk.records)
+        count = 0
+        while True:
+            chunk = read_metrics(self.path, self.offset, max_bytes=_READ_CHUNK)
+            if chunk.offset == self.offset:
+                break
+            self.offset = chunk.offset
+            count += len(chunk.records)
+            for record in chunk.records:
+                kind = record.get("type")
+                step = record.get("step")
+                if kind == "train" and isinstance(step, int):
+                    self._train.add(step, record)
+                elif kind == "eval" and isinstance(step, int):
+                    self._eval.add(step, record)
+                elif kind == "info":
+                    self.info.append(record)
+            del self.info[:-TAIL_MAX_INFO]
+        return count
 
     @property
     def train(self) -> list[dict[str, Any]]:
-        """Train records, one per step, by step."""
-        if len(self._train_sorted) != len(self._train) or self._dirty:
-            self._train_sorted = [self._train[s] for s in sorted(self._train)]
-            self._dirty = False
-        return self._train_sorted
+        """Train records, one per step, by step (older steps thinned on long runs)."""
+        return self._train.records
 
     @property
     def eval(self) -> list[dict[str, Any]]:
         """Eval records, one per step, by step."""
-        return [self._eval[s] for s in sorted(self._eval)]
+        return self._eval.records
 
     def series(self, name: str, kind: str = "train", max_points: int | None = None) -> tuple[list[int], list[float]]:
         """Steps and values of one metric (``loss``, ``lr``, ``val_loss`` with kind ``eval``…), where recorded.
@@ -402,52 +479,105 @@ def _last_records(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | N
     return train, evaluation
 
 
-def get_run(run: str | os.PathLike) -> RunInfo:
-    """Read one run folder and check its process.
+def _current_launch(status: dict[str, Any], launch: dict[str, Any]) -> dict[str, Any]:
+    """The launch record if it belongs to the launch the status describes, else ``{}``.
 
-    A run recorded as running whose process is gone is returned as ``failed``,
-    and that verdict is written to its ``status.json`` so every viewer agrees.
+    start/resume write a fresh ``launch_id`` into status.json first and into
+    process.json once the process exists: in between, process.json still names
+    the previous (dead) launch, which must not be blamed. A status the trainer
+    wrote itself carries no launch_id; its own pid decides then.
+    """
+    wanted = status.get("launch_id")
+    if wanted is None or launch.get("launch_id") == wanted:
+        return launch
+    return {}
+
+
+@dataclass
+class _Verdict:
+    state: str
+    message: str | None
+    pid: int | None
+    dead: bool = False  # recorded as running, but its process is gone
+    overdue_cancel: bool = False  # cancelled long ago and still alive: to be killed
+    log_tail: str = ""
+
+
+def _judge(path: Path, status: dict[str, Any], launch: dict[str, Any]) -> _Verdict:
+    """What a run's files and process say its state is (reads only)."""
+    state = status.get("state") if status.get("state") in STATES else "failed"
+    current = _current_launch(status, launch)
+    pid = status.get("pid") or current.get("pid")
+    message = status.get("message")
+    if state != "running":
+        return _Verdict(state, message, pid)
+    started_at = _as_epoch(status.get("started_at")) or _as_epoch(current.get("started_at"))
+    # the launch record belongs to the pid it names; a trainer started some
+    # other way (torchrun, by hand) only has its status pid
+    create_time = current.get("create_time") if current.get("pid") == pid else None
+    cancel_at = current.get("cancel_requested") if current.get("pid") == pid else None
+    # the pid first: probing the run lock holds it for an instant, and a poll must not
+    # collide with a trainer taking it at start-up
+    if _process_alive(pid, create_time, started_at) or locks.run_is_locked(path):
+        kill_after = current.get("kill_after", CANCEL_GRACE_S)
+        overdue = bool(cancel_at) and kill_after is not None and time.time() - cancel_at > kill_after
+        return _Verdict("running", message, pid, overdue_cancel=overdue)
+    updated = _as_epoch(status.get("updated_at")) or started_at or 0.0
+    if not pid and time.time() - updated < _LAUNCH_GRACE_S:
+        return _Verdict("running", message, pid)  # being launched
+    if cancel_at:
+        # SIGTERM came before the trainer listened for it, or it was stopped hard
+        found = run_checkpoints(path)
+        message = (f"Cancelled; resume continues from the checkpoint of step {found[-1].step}." if found
+                   else "Cancelled before the first checkpoint; start it again to train.")
+        return _Verdict("cancelled", message, pid, dead=True)
+    log_tail = tail_lines(path / "log.txt")
+    last_line = next((ln for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
+    if pid:
+        message = f"The training process (pid {pid}) stopped without finishing."
+    else:
+        message = "The training process never started."
+    message += f" Last log line: {last_line.strip()}" if last_line else ""
+    return _Verdict("failed", message, pid, dead=True, log_tail=log_tail)
+
+
+def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any], _Verdict]:
+    status_file = path / "status.json"
+    if not status_file.exists():
+        raise RunError(f"{path} is not a training run (no status.json).")
+    status = _read_json(status_file)
+    launch = _read_json(path / "process.json")
+    verdict = _judge(path, status, launch)
+    if verdict.dead:
+        # read again: the trainer may have written its final state just before exiting
+        again = _read_json(status_file)
+        if again.get("state") != "running" or again.get("launch_id") != status.get("launch_id"):
+            status, launch = again, _read_json(path / "process.json")
+            verdict = _judge(path, status, launch)
+    return status, launch, verdict
+
+
+def get_run(run: str | os.PathLike) -> RunInfo:
+    """Read one run folder and check its process (reads only: never writes).
+
+    A run recorded as running whose process is gone is returned as ``failed``
+    (or ``cancelled`` when a cancel was asked for); :func:`reconcile_run`
+    records that verdict so every viewer agrees.
 
     Raises:
         RunError: the folder is not a run.
     """
     _reap_children()
     path = run_path(run)
-    status_file = path / "status.json"
-    if not status_file.exists():
-        raise RunError(f"{path} is not a training run (no status.json).")
-    status = _read_json(status_file)
-    launch = _read_json(path / "process.json")
-    state = status.get("state") if status.get("state") in STATES else "failed"
-    started_at = _as_epoch(status.get("started_at")) or _as_epoch(launch.get("started_at"))
-    pid = status.get("pid") or launch.get("pid")
-    message = status.get("message")
-    log_tail = ""
-    if state == "running":
-        # the launch record belongs to the pid it names; a trainer started some
-        # other way (torchrun, by hand) only has its status pid
-        create_time = launch.get("create_time") if launch.get("pid") == pid else None
-        updated = _as_epoch(status.get("updated_at")) or started_at or status_file.stat().st_mtime
-        launching = not pid and time.time() - updated < _LAUNCH_GRACE_S
-        if not launching and not _process_alive(pid, create_time, started_at):
-            # read again: the trainer may have written its final state just before exiting
-            status = _read_json(status_file)
-            if status.get("state") == "running" and launch.get("cancel_requested") and launch.get("pid") == pid:
-                # SIGTERM arrived before the trainer was listening for it (still starting up)
-                status.update(state="cancelled", updated_at=time.time(),
-                              message="Cancelled before the first checkpoint; start it again to train.")
-                _write_json_atomic(status_file, status)
-            elif status.get("state") == "running":
-                log_tail = tail_lines(path / "log.txt")
-                last_line = next((ln for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
-                message = f"The training process (pid {pid}) stopped without finishing." + (
-                    f" Last log line: {last_line.strip()}" if last_line else ""
-                )
-                status.update(state="failed", message=message, updated_at=time.time())
-                _write_json_atomic(status_file, status)
-            state = status.get("state", "failed")
-            message = status.get("message")
-    if state == "failed" and not log_tail:
+    status, launch, verdict = _read_state(path)
+    return _info(path, status, launch, verdict)
+
+
+def _info(path: Path, status: dict[str, Any], launch: dict[str, Any], verdict: _Verdict) -> RunInfo:
+    current = _current_launch(status, launch)
+    started_at = _as_epoch(status.get("started_at")) or _as_epoch(current.get("started_at"))
+    log_tail = verdict.log_tail
+    if verdict.state == "failed" and not log_tail:
         log_tail = tail_lines(path / "log.txt")
     config = _load_config_dict(path)
     train, evaluation = _last_records(path)
@@ -455,13 +585,13 @@ def get_run(run: str | os.PathLike) -> RunInfo:
     return RunInfo(
         id=path.name,
         path=path,
-        state=state,
-        pid=pid,
+        state=verdict.state,
+        pid=verdict.pid,
         step=int(status.get("step") or (train or {}).get("step") or 0),
         total_steps=int(total) if total else None,
         started_at=started_at,
         updated_at=_as_epoch(status.get("updated_at")),
-        message=message,
+        message=verdict.message,
         device=_normal_device(config.get("device") or launch.get("device")),
         model=config.get("model"),
         method=config.get("method"),
@@ -472,13 +602,53 @@ def get_run(run: str | os.PathLike) -> RunInfo:
     )
 
 
+def _record_verdict(path: Path) -> RunInfo:
+    """Record a dead run's verdict and stop an overdue cancel; the caller holds the launch lock."""
+    status, launch, verdict = _read_state(path)
+    if verdict.overdue_cancel:
+        current = _current_launch(status, launch)
+        if _hard_stop(verdict.pid, current.get("create_time")):
+            wait_for_exit(verdict.pid, 2.0)
+        status, launch, verdict = _read_state(path)
+    if verdict.dead and status.get("state") == "running":
+        status.update(state=verdict.state, message=verdict.message, updated_at=time.time())
+        _write_json_atomic(path / "status.json", status)
+    return _info(path, status, launch, verdict)
+
+
+def reconcile_run(run: str | os.PathLike, lock_timeout: float = 2.0) -> RunInfo:
+    """Make a run's status.json agree with its process, and return the run as :func:`get_run` does.
+
+    The one place that records a dead run (``failed``, or ``cancelled`` after a
+    cancel request) and hard-stops a trainer that outlived its cancel grace
+    (SIGKILL). It holds the launch lock, so it never judges a run half-way
+    through a (re)launch; when another tab holds the lock for longer than
+    ``lock_timeout`` seconds it writes nothing and only reports.
+    """
+    _reap_children()
+    path = run_path(run)
+    status, launch, verdict = _read_state(path)
+    if status.get("state") != "running" or not (verdict.dead or verdict.overdue_cancel):
+        return _info(path, status, launch, verdict)
+    try:
+        with locks.launch_lock(timeout=lock_timeout):
+            return _record_verdict(path)
+    except locks.LockBusy:
+        return _info(path, status, launch, verdict)
+
+
 def list_runs() -> list[RunInfo]:
-    """Every run under ``runs_dir()``, newest first, each with its process checked."""
+    """Every run under ``runs_dir()``, newest first, each reconciled with its process (:func:`reconcile_run`)."""
+    return _list_runs(lambda path: reconcile_run(path))
+
+
+def _list_runs(read) -> list[RunInfo]:
     runs = []
     for path in paths.runs_dir().iterdir():
-        if path.is_dir() and (path / "status.json").exists():
+        # hidden names are folders being deleted; links are not MacTuner's own runs
+        if not path.name.startswith(".") and path.is_dir() and not path.is_symlink() and (path / "status.json").exists():
             try:
-                runs.append(get_run(path))
+                runs.append(read(path))
             except RunError:
                 continue
     # newest first by creation (config.yaml is written once, at the start), so a resumed run keeps its place
@@ -522,23 +692,27 @@ def _new_run_id(name: str | None) -> str:
     return candidate
 
 
-def _spawn(path: Path, resume: bool, device: str | None) -> int:
+def package_root() -> Path:
+    """The folder that holds the imported ``mactuner`` package: the trainer runs there, so it imports this same code."""
+    return Path(mactuner.__file__).resolve().parent.parent
+
+
+def _spawn(path: Path, resume: bool, device: str | None, launch_id: str) -> int:
     """Start the trainer for ``path`` in the background and record its pid and create time."""
     command = [sys.executable, "-m", "mactuner", "train", str(path / "config.yaml"), "--run-dir", str(path)]
     if resume:
         command.append("--resume")
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"  # the log is read live
-    # the package must be importable from the child whatever the app's cwd is
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(path / "log.txt", "ab") as log:
         log.write(f"\n$ {' '.join(command)}\n".encode())
         log.flush()
-        # its own session: no signal aimed at the app (Ctrl+C, its process group) reaches it
+        # `python -m` puts its working folder first on sys.path: started in the folder that
+        # holds this package, the child imports the same mactuner as the app, with no
+        # PYTHONPATH set. Its own session: no signal aimed at the app (Ctrl+C) reaches it.
         child = subprocess.Popen(
             command,
-            cwd=root,
+            cwd=package_root(),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -552,17 +726,31 @@ def _spawn(path: Path, resume: bool, device: str | None) -> int:
         create_time = None  # already gone; get_run will report it failed with its log
     _write_json_atomic(
         path / "process.json",
-        {"pid": child.pid, "create_time": create_time, "started_at": time.time(), "device": device, "command": command},
+        {"pid": child.pid, "create_time": create_time, "started_at": time.time(), "device": device,
+         "command": command, "launch_id": launch_id},
     )
     status = _read_json(path / "status.json")
-    if status.get("state") == "running" and not status.get("pid"):
+    if status.get("state") == "running" and not status.get("pid") and status.get("launch_id") == launch_id:
         status["pid"] = child.pid
         _write_json_atomic(path / "status.json", status)
     return child.pid
 
 
-def _check_device_free(device: str | None, force: bool) -> None:
-    busy = running_on(device) if device else []
+@contextlib.contextmanager
+def _launching():
+    """The launch lock, with a busy lock reported as a RunError (the page shows it)."""
+    try:
+        with locks.launch_lock():
+            yield
+    except locks.LockBusy as exc:
+        raise RunError(str(exc)) from exc
+
+
+def _check_device_free(device: str | None, force: bool, exclude: Path | None = None) -> None:
+    """Refuse when another run trains on ``device``; the caller holds the launch lock."""
+    if not device:
+        return
+    busy = [r for r in _list_runs(_record_verdict) if r.is_running and r.device == device and r.path != exclude]
     if busy and not force:
         run = busy[0]
         raise RunConflict(
@@ -573,63 +761,110 @@ def _check_device_free(device: str | None, force: bool) -> None:
         )
 
 
+def _absolute_paths(config: Any) -> Any:
+    """The config with its dataset (and a local model folder) as absolute paths: the trainer runs elsewhere."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(config):
+        return config
+    changes = {}
+    for name in ("dataset", "model"):
+        value = getattr(config, name, None)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
+            changes[name] = str(Path(value).resolve())
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def start_run(config: Any, *, name: str | None = None, force: bool = False) -> RunInfo:
     """Write a new run folder for ``config`` and start training it in the background.
 
     Returns as soon as the process is started; the run then reports through
-    its folder (:func:`get_run`, :class:`MetricsTail`).
+    its folder (:func:`get_run`, :class:`MetricsTail`). "Is the device free?" and
+    the launch happen under the launch lock: of two tabs (or processes) pressing
+    Start at once, one starts and the other gets :class:`RunConflict`.
 
     Args:
-        config: a ``mactuner.config.TrainConfig`` (anything with ``save(path)``
-            and a ``device`` attribute).
+        config: a ``mactuner.config.TrainConfig`` (anything with ``save(path)``,
+            ``to_dict()`` and a ``device`` attribute).
         name: a short label for the run id (e.g. the dataset's name).
         force: start even if another run is training on the same device.
 
     Raises:
         RunConflict: another run is training on the config's device and ``force`` is False.
     """
+    config = _absolute_paths(config)
     device = _normal_device(getattr(config, "device", None))
-    _check_device_free(device, force)
-    path = paths.runs_dir() / _new_run_id(name)
-    path.mkdir(parents=True)
-    config.save(path / "config.yaml")
-    now = time.time()
-    _write_json_atomic(
-        path / "status.json",
-        {"state": "running", "pid": None, "step": 0, "total_steps": None, "started_at": now, "updated_at": now,
-         "message": "Starting…"},
-    )
-    _spawn(path, resume=False, device=device)
+    prints = fingerprint.compute(config)  # hashing the dataset is done before taking the lock
+    with _launching():
+        _check_device_free(device, force)
+        path = paths.runs_dir() / _new_run_id(name)
+        path.mkdir(parents=True)
+        config.save(path / "config.yaml")
+        fileio.write_json_atomic(path / fingerprint.FINGERPRINT_FILE, prints)
+        now = time.time()
+        launch_id = uuid.uuid4().hex
+        _write_json_atomic(
+            path / "status.json",
+            {"state": "running", "pid": None, "step": 0, "total_steps": None, "started_at": now, "updated_at": now,
+             "message": "Starting…", "launch_id": launch_id},
+        )
+        _spawn(path, resume=False, device=device, launch_id=launch_id)
     return get_run(path)
 
 
-def cancel_run(run: str | os.PathLike, timeout: float | None = None) -> RunInfo:
+def _hard_stop(pid: int | None, create_time: float | None) -> bool:
+    """SIGKILL the trainer ``pid`` (its whole session) if it still is the process created at ``create_time``."""
+    if not pid or not _process_alive(pid, create_time, None):
+        return False
+    try:
+        if os.getpgid(pid) == pid:  # the trainer leads its own session: take its helpers too
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def cancel_run(run: str | os.PathLike, timeout: float | None = None, *, kill_after: float = CANCEL_GRACE_S) -> RunInfo:
     """Ask a running run to stop: SIGTERM, on which the trainer saves a checkpoint and records ``cancelled``.
+
+    A trainer still alive ``kill_after`` seconds later is stopped hard
+    (SIGKILL): by this call when it waits that long, else by the next
+    :func:`reconcile_run` (every runs list does one). A hard stop keeps every
+    complete checkpoint (they are renamed into place only when whole); the run
+    is recorded ``cancelled`` and resumes from the last one.
 
     Args:
         run: the run id or folder.
         timeout: if given, wait up to this many seconds for the process to end.
+        kill_after: seconds of grace (its current step and a checkpoint) before SIGKILL.
 
     Raises:
         RunError: the run is not running.
     """
-    info = get_run(run)
-    if not info.is_running:
-        raise RunError(f"Run {info.id} is not running (it is {info.state}).")
-    launch = _read_json(info.path / "process.json")
-    if launch.get("pid") == info.pid:
-        # remembered so that a trainer killed by the signal while still starting
-        # up is reported as cancelled, not failed
-        launch["cancel_requested"] = time.time()
-        _write_json_atomic(info.path / "process.json", launch)
-    if info.pid:
-        try:
-            os.kill(info.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    path = run_path(run)
+    with _launching():
+        info = get_run(path)
+        if not info.is_running:
+            raise RunError(f"Run {info.id} is not running (it is {info.state}).")
+        status = _read_json(path / "status.json")
+        launch = _read_json(path / "process.json")
+        current = _current_launch(status, launch)
+        create_time = current.get("create_time")
+        if current and current.get("pid") == info.pid:
+            # remembered so that a trainer killed by the signal while still starting
+            # up, or stopped hard, is reported as cancelled, not failed
+            current.update(cancel_requested=time.time(), kill_after=kill_after)
+            _write_json_atomic(path / "process.json", current)
+        if info.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(info.pid, signal.SIGTERM)
     if timeout is not None and info.pid:
-        wait_for_exit(info.pid, timeout)
-    return get_run(run)
+        if not wait_for_exit(info.pid, min(timeout, kill_after)) and kill_after <= timeout:
+            _hard_stop(info.pid, create_time)
+            wait_for_exit(info.pid, max(1.0, timeout - kill_after))
+    return reconcile_run(path)
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:
@@ -650,25 +885,42 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
     return True
 
 
-def checkpoints(run: str | os.PathLike) -> list:
+def run_checkpoints(run: str | os.PathLike) -> list:
     """The run's complete checkpoints (``mactuner.checkpoints.CheckpointInfo``), oldest first."""
     from mactuner.checkpoints import list_checkpoints
 
     return sorted(list_checkpoints(run_path(run)), key=lambda c: c.step)
 
 
+def _own_run_folder(run: str | os.PathLike) -> Path:
+    """A run folder that MacTuner may change: a real folder directly inside ``runs_dir()``.
+
+    Raises:
+        RunError: ``run`` is a symlink, or resolves outside ``runs_dir()``
+            (``../../x``, an absolute path elsewhere).
+    """
+    path = run_path(run)
+    root = paths.runs_dir().resolve()
+    if path.is_symlink():
+        raise RunError(f"{path} is a symbolic link, not a run folder; MacTuner does not change what it points to.")
+    if path.resolve().parent != root:
+        raise RunError(f"{run} is not a run under {root}; MacTuner only changes its own run folders.")
+    return path
+
+
 def delete_checkpoint(run: str | os.PathLike, step: int) -> None:
     """Delete one checkpoint of a run that is not training (the trainer prunes its own while it runs).
 
     Raises:
-        RunError: the run is running or has no checkpoint at that step.
+        RunError: the run is running, outside ``runs_dir()``, or has no checkpoint at that step.
     """
-    info = get_run(run)
+    path = _own_run_folder(run)
+    info = reconcile_run(path)
     if info.is_running:
         raise RunError(f"Run {info.id} is training; cancel it before deleting checkpoints.")
     from mactuner.checkpoints import delete_checkpoint as delete_folder
 
-    match = [c for c in checkpoints(info.path) if c.step == step]
+    match = [c for c in run_checkpoints(info.path) if c.step == step]
     if not match:
         raise RunError(f"Run {info.id} has no checkpoint at step {step}.")
     delete_folder(match[0].path)
@@ -677,34 +929,79 @@ def delete_checkpoint(run: str | os.PathLike, step: int) -> None:
 def resume_run(run: str | os.PathLike, *, force: bool = False) -> RunInfo:
     """Continue a cancelled or failed run from its last complete checkpoint, in the background.
 
+    Under the launch lock: the run must not be held by a trainer
+    (:func:`mactuner.locks.run_is_locked`) nor be running, its dataset and
+    settings must be those it started with (:func:`mactuner.fingerprint.check`),
+    and the device must be free (unless ``force``). A stale cancel request of the
+    previous launch is cleared, so it is never applied to the new one.
+
     Raises:
-        RunError: the run is running or finished, or has no complete checkpoint.
+        RunError: the run is running or finished, has no complete checkpoint, or its
+            dataset or settings changed (the message names what).
         RunConflict: another run trains on the same device and ``force`` is False.
     """
-    info = get_run(run)
-    if info.state not in ("cancelled", "failed"):
-        raise RunError(f"Run {info.id} is {info.state}; only cancelled or failed runs can be resumed.")
-    found = checkpoints(info.path)
-    if not found:
-        raise RunError(f"Run {info.id} has no complete checkpoint to resume from; start it again as a new run.")
-    _check_device_free(info.device, force)
-    status = _read_json(info.path / "status.json")
-    status.update(state="running", pid=None, updated_at=time.time(), message=f"Resuming from step {found[-1].step}…")
-    _write_json_atomic(info.path / "status.json", status)
-    _spawn(info.path, resume=True, device=info.device)
-    return get_run(info.path)
+    path = run_path(run)
+    with _launching():
+        info = _record_verdict(path)
+        if locks.run_is_locked(path):
+            raise RunError(f"Run {info.id} is held by a trainer right now; wait for it to stop before resuming.")
+        if info.state not in ("cancelled", "failed"):
+            raise RunError(f"Run {info.id} is {info.state}; only cancelled or failed runs can be resumed.")
+        found = run_checkpoints(path)
+        if not found:
+            raise RunError(f"Run {info.id} has no complete checkpoint to resume from; start it again as a new run.")
+        try:
+            fingerprint.check(path, _load_config_dict(path))
+        except fingerprint.FingerprintMismatch as exc:
+            raise RunError(str(exc)) from None
+        _check_device_free(info.device, force, exclude=path)
+        launch = _read_json(path / "process.json")
+        if launch.pop("cancel_requested", None) is not None:
+            launch.pop("kill_after", None)
+            _write_json_atomic(path / "process.json", launch)
+        launch_id = uuid.uuid4().hex
+        status = _read_json(path / "status.json")
+        status.update(state="running", pid=None, updated_at=time.time(), launch_id=launch_id,
+                      message=f"Resuming from step {found[-1].step}…")
+        _write_json_atomic(path / "status.json", status)
+        _spawn(path, resume=True, device=info.device, launch_id=launch_id)
+    return get_run(path)
 
 
 def delete_run(run: str | os.PathLike) -> None:
     """Delete a run folder and everything in it.
 
+    Only a real folder directly inside ``runs_dir()`` is deleted: ids such as
+    ``../../x``, absolute paths elsewhere and symbolic links are refused.
+
     Raises:
-        RunError: the run is still training (cancel it first).
+        RunError: the run is still training (cancel it first), or is not one of MacTuner's run folders.
     """
-    info = get_run(run)
-    if info.is_running:
-        raise RunError(f"Run {info.id} is still training; cancel it before deleting it.")
-    shutil.rmtree(info.path)
+    path = _own_run_folder(run)
+    with _launching():  # no resume can start in it while it goes
+        info = _record_verdict(path)
+        if info.is_running or locks.run_is_locked(path):
+            raise RunError(f"Run {info.id} is still training; cancel it before deleting it.")
+        # renamed first: a half-deleted folder is never listed as a run
+        trash = path.with_name(f"{fileio.STAGING_PREFIX}deleting-{path.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _regular_files(folder: Path) -> list[Path]:
+    """Regular files under ``folder``, sorted; symbolic links (to files or folders) are skipped, never followed."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(root, d)))
+        for name in files:
+            file = Path(root, name)
+            try:
+                mode = os.lstat(file).st_mode
+            except OSError:
+                continue
+            if stat.S_ISREG(mode):
+                found.append(file)
+    return sorted(found)
 
 
 def export_adapter_zip(run: str | os.PathLike) -> Path:
@@ -712,19 +1009,34 @@ def export_adapter_zip(run: str | os.PathLike) -> Path:
 
     The zip holds the files of ``RUN/adapter/`` under a folder named after the
     run, so unpacking it gives a folder that ``PeftModel.from_pretrained`` loads.
+    Only regular files are packed: a symbolic link inside the adapter folder is
+    skipped (its target's content never leaves the machine this way). Each call
+    writes its own temporary file, so downloads from several tabs at once never
+    trip over each other.
 
     Raises:
-        RunError: the run has no final adapter (yet).
+        RunError: the run has no final adapter (yet), or its adapter folder is a symbolic link.
     """
     path = run_path(run)
     adapter = path / "adapter"
-    if not adapter.is_dir() or not any(adapter.iterdir()):
+    if adapter.is_symlink():
+        raise RunError(f"{adapter} is a symbolic link; MacTuner only exports an adapter folder it wrote.")
+    files = _regular_files(adapter) if adapter.is_dir() else []
+    if not files:
         raise RunError(f"Run {path.name} has no final adapter; it appears when the run finishes.")
     target = paths.exports_dir() / f"{path.name}-adapter.zip"
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with zipfile.ZipFile(staging, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for file in sorted(adapter.rglob("*")):
-            if file.is_file():
-                archive.write(file, Path(f"{path.name}-adapter") / file.relative_to(adapter))
-    os.replace(staging, target)
+    with fileio.atomic_open(target, "wb") as handle, zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for file in files:
+            try:
+                # O_NOFOLLOW: a file swapped for a link after the walk is refused, not followed
+                fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                continue
+            with os.fdopen(fd, "rb") as source:
+                if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+                    continue
+                info = zipfile.ZipInfo.from_file(file, Path(f"{path.name}-adapter") / file.relative_to(adapter))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(info, "w") as dest:
+                    shutil.copyfileobj(source, dest, 1 << 20)
     return target

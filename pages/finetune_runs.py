@@ -72,7 +72,7 @@ def actions_ui(run: runs.RunInfo) -> None:
 
 def checkpoints_ui(run: runs.RunInfo) -> None:
     """The run's complete checkpoints: step, loss, size and time; deletable once the run stopped."""
-    found = runs.checkpoints(run.id)
+    found = runs.run_checkpoints(run.id)
     if not found:
         st.caption("No checkpoint yet.")
         return
@@ -92,10 +92,26 @@ def checkpoints_ui(run: runs.RunInfo) -> None:
                 st.rerun()
 
 
+def live_history(run: runs.RunInfo) -> runs.MetricsTail:
+    """The selected run's metrics, brought up to date: one bounded tail per tab.
+
+    A :class:`runs.MetricsTail` keeps about ``runs.TAIL_MAX_POINTS`` points per
+    series whatever the run's length, and only the run on screen keeps one (a tab
+    that looked at many runs does not hold all their histories).
+    """
+    tails = st.session_state.setdefault("finetune_tails", {})
+    for other in [key for key in tails if key != run.id]:
+        del tails[other]
+    tail = tails.get(run.id)
+    if tail is None:
+        tail = tails[run.id] = runs.MetricsTail(run.path)
+    tail.update()
+    return tail
+
+
 def run_ui(run: runs.RunInfo) -> None:
     """Progress, state and charts of the selected run."""
-    tail = st.session_state.setdefault(f"finetune_tail_{run.id}", runs.MetricsTail(run.path))
-    tail.update()
+    tail = live_history(run)
     eta = runs.format_duration(runs.eta_seconds(tail.train, run.total_steps, since=run.started_at)) if run.is_running else "–"
     st.progress(run.progress, text=f"{run.state} · step {run.step}/{run.total_steps or '?'} · ETA {eta}")
     if run.message and not run.message.startswith("Step "):  # the progress bar already says which step

@@ -5,12 +5,13 @@ The computing is in :mod:`mactuner.data`, :mod:`mactuner.models` and
 :mod:`mactuner.recommend`; here it is only cached and rendered. Not a page itself.
 """
 
+import hashlib
 from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
 
-from mactuner import data, paths
+from mactuner import data
 from mactuner.config import TrainConfig
 from mactuner.devices import optimal_dtype_reason
 from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
@@ -36,20 +37,37 @@ def model_ui() -> str:
 def dataset_ui() -> Path | None:
     """The dataset file: a demo, an earlier upload, or a new upload (saved under MACTUNER_HOME)."""
     choices = {f"Demo: {name}": path for name, path in data.DEMO_DATASETS.items()}
-    uploads = paths.home() / "uploads"
-    for path in sorted(uploads.iterdir()) if uploads.is_dir() else []:
+    uploads = data.uploads_dir()
+    for path in sorted(uploads.iterdir()) if uploads.is_dir() and not uploads.is_symlink() else []:
         if path.suffix in data.EXTENSIONS and path.is_file() and not path.is_symlink():
             choices[f"Uploaded: {path.name}"] = path
     choice = st.selectbox("Dataset", [*choices, "Upload a file…"], key="finetune_dataset")
     if choice in choices:
         return choices[choice]
     upload = st.file_uploader("Dataset file", type=[e.lstrip(".") for e in data.EXTENSIONS])
-    if upload is None:
-        return None
-    target = paths.home() / "uploads" / Path(upload.name).name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(upload.getvalue())
-    return target
+    return None if upload is None else saved_upload(upload)
+
+
+def saved_upload(upload) -> Path | None:
+    """The upload's file under MACTUNER_HOME, saved once per content (not on every rerun).
+
+    Keyed by the content's hash: a rerun, or the same bytes uploaded again, finds
+    the saved file without writing it again, so its mtime (the summary's cache
+    key) stays and the dataset is not re-read and re-tokenised.
+    """
+    digests = st.session_state.setdefault("finetune_upload_digests", {})  # upload id -> sha256
+    saved = st.session_state.setdefault("finetune_upload_paths", {})  # sha256 -> path
+    digest = digests.get(upload.file_id)
+    if digest is None:
+        digest = digests[upload.file_id] = hashlib.sha256(upload.getvalue()).hexdigest()
+    path = saved.get(digest)
+    if path is None or not path.is_file():
+        try:
+            path = saved[digest] = data.save_upload(upload.name, upload.getvalue())
+        except (OSError, data.DatasetError) as exc:
+            st.error(f"Could not keep the upload: {exc}")
+            return None
+    return path
 
 
 @st.cache_resource(show_spinner="Loading the tokenizer…")

@@ -128,7 +128,7 @@ def test_page_shows_running_finished_and_failed_runs(trained_run):
 
         at = select_run(at, "a-finished")
         [checkpoints] = [d.value for d in at.dataframe if "size (MB)" in d.value.columns]
-        assert list(checkpoints["step"]) == [c.step for c in runs.checkpoints("a-finished")]
+        assert list(checkpoints["step"]) == [c.step for c in runs.run_checkpoints("a-finished")]
         assert at.get("download_button")
 
         at = select_run(at, "c-failed")
@@ -142,14 +142,14 @@ def test_page_shows_running_finished_and_failed_runs(trained_run):
 
 def test_checkpoints_and_runs_are_deleted_from_the_page(trained_run):
     copy_run(trained_run, "done")
-    steps = [c.step for c in runs.checkpoints("done")]
+    steps = [c.step for c in runs.run_checkpoints("done")]
     assert len(steps) >= 2
     at = open_page()
     assert at.selectbox(key="finetune_ckpt").value == steps[-1]  # the latest is preselected
     at.selectbox(key="finetune_ckpt").set_value(steps[0]).run()
     at.button(key="finetune_ckpt_delete").click().run()
     assert not at.exception, at.exception
-    assert [c.step for c in runs.checkpoints("done")] == steps[1:]
+    assert [c.step for c in runs.run_checkpoints("done")] == steps[1:]
     at.button(key="finetune_delete").click().run()
     assert not at.exception, at.exception
     assert runs.list_runs() == [] and not (paths.runs_dir() / "done").exists()

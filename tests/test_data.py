@@ -20,9 +20,11 @@ from mactuner.data import (
     load_dataset_file,
     percentile,
     render_example,
+    save_upload,
     summarize_dataset,
     tokenize_examples,
     train_validation_split,
+    uploads_dir,
 )
 
 
@@ -284,6 +286,52 @@ def test_binary_file(tmp_path):
     bad_parquet.write_bytes(b"not parquet at all")
     with pytest.raises(DatasetError, match=r"^bad\.parquet: not a readable Parquet file"):
         load_dataset_file(bad_parquet)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-16-le", "utf-32", "utf-8-sig"])
+def test_unicode_files_with_a_byte_order_mark_load(tmp_path, encoding):
+    # Windows tools save "Unicode" text as UTF-16 with a BOM (issue 11); utf-16-be/le get their BOM by hand
+    rows = [{"instruction": "Capital of Quenmark?", "output": "Lumetta — ünïcödé ✓"}, {"instruction": "b", "output": "c"}]
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
+    bom = {"utf-16-be": b"\xfe\xff", "utf-16-le": b"\xff\xfe"}.get(encoding, b"")
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(bom + text.encode(encoding))
+    load = load_dataset_file(path)
+    assert load.format == "alpaca" and load.problems == [] and load.total_rows == 2
+    assert load.examples[0].messages[-1]["content"] == "Lumetta — ünïcödé ✓"
+    # a JSON array and a CSV in UTF-16 too, with line numbers still right
+    (tmp_path / "data.json").write_bytes(json.dumps(rows, indent=2, ensure_ascii=False).encode("utf-16"))
+    assert [e.line for e in load_dataset_file(tmp_path / "data.json").examples] == [2, 6]
+    (tmp_path / "data.csv").write_bytes("instruction,output\nq,a\n".encode("utf-16"))
+    assert load_dataset_file(tmp_path / "data.csv").total_rows == 1
+
+
+def test_utf16_without_a_bom_is_still_refused_with_the_fix(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes('{"text": "hello"}\n'.encode("utf-16-le"))
+    with pytest.raises(DatasetError, match=r"looks like a binary file.*UTF-16 text without a byte-order mark"):
+        load_dataset_file(path)
+
+
+def test_json_array_rows_keep_their_line_numbers(tmp_path):
+    rows = [{"instruction": f"q{i}", "output": "a" if i != 2500 else ""} for i in range(3000)]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows, indent=2))
+    load = load_dataset_file(path)
+    # json.dumps(indent=2) puts each row on 4 lines after the opening bracket
+    assert [e.line for e in load.examples[:3]] == [2, 6, 10] and load.examples[-1].line == 2 + 4 * 2999
+    assert [str(p) for p in load.problems] == ["rows.json line 10002: 'output' is empty"]
+
+
+def test_save_upload_keeps_one_file_per_content(tmp_path):
+    first = save_upload("facts.jsonl", b'{"text": "a"}\n')
+    assert first == uploads_dir() / "facts.jsonl"
+    mtime = first.stat().st_mtime_ns
+    assert save_upload("facts.jsonl", b'{"text": "a"}\n') == first and first.stat().st_mtime_ns == mtime
+    second = save_upload("facts.jsonl", b'{"text": "b"}\n')
+    assert second.name == "facts (2).jsonl" and first.read_bytes() == b'{"text": "a"}\n'
+    assert save_upload("sub/dir/../facts.jsonl", b'{"text": "b"}\n') == second
+    assert load_dataset_file(second).examples[0].text == "b"
 
 
 def test_missing_file_folder_and_unsupported_type(tmp_path):

@@ -123,7 +123,7 @@ def test_run_trains_live_survives_reload_and_app_restart_then_cancels(home, tiny
         page.get_by_role("button", name="Cancel (saves a checkpoint)").click()
         wait_for_state(page, "cancelled", 60)
         cancelled = runs.get_run(run.id)
-        [checkpoint] = runs.checkpoints(run.id)[-1:]
+        [checkpoint] = runs.run_checkpoints(run.id)[-1:]
         assert cancelled.state == "cancelled" and checkpoint.step == cancelled.step
         # the page offers it (the checkpoint picker starts at the latest)
         picker = page.get_by_role("combobox", name="Checkpoint")

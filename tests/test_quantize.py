@@ -128,3 +128,78 @@ def test_merge_and_quantize_commands(varied_model_dir, tiny_adapter, tmp_path, c
     out = capsys.readouterr().out
     assert "int8-dynamic" in out and "perplexity" in out
     assert main(["quantize", "--method", "gptq", "--device", "cpu"]) == 2
+
+
+# --- output folders: never delete what MacTuner did not create (issue 9 rows 1-2) -----------
+
+
+def personal_folder(path):
+    """A folder of the person's own files, as `--out ~/my_documents` would name."""
+    path.mkdir(parents=True)
+    (path / "thesis.docx").write_bytes(b"years of work")
+    (path / "notes").mkdir()
+    (path / "notes" / "todo.txt").write_text("call mum")
+    return path
+
+
+def files_under(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_merge_refuses_a_folder_of_the_persons_files_unless_overwrite(varied_model_dir, tiny_adapter, tmp_path, capsys):  # noqa: F811
+    from mactuner.cli import main
+    from mactuner.fileio import MARKER_FILE, OutputNotOurs
+
+    docs = personal_folder(tmp_path / "my_documents")
+    before = files_under(docs)
+    with pytest.raises(OutputNotOurs, match="did not create.*--overwrite"):
+        merge_adapter(tiny_adapter, docs, base=str(varied_model_dir))
+    assert main(["merge", "--adapter", str(tiny_adapter), "--model", str(varied_model_dir), "--out", str(docs)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert files_under(docs) == before and (docs / "thesis.docx").read_bytes() == b"years of work"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    # a file in the way is refused too, and a symbolic link even with overwrite (its target is never replaced)
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(OutputNotOurs, match="is a file"):
+        merge_adapter(tiny_adapter, tmp_path / "a-file", base=str(varied_model_dir))
+    (tmp_path / "link").symlink_to(docs)
+    with pytest.raises(OutputNotOurs, match="symbolic link"):
+        merge_adapter(tiny_adapter, tmp_path / "link", base=str(varied_model_dir), overwrite=True)
+    assert files_under(docs) == before
+
+    # confirmed: the folder is replaced by the merged model, marked as MacTuner's…
+    assert main(["merge", "--adapter", str(tiny_adapter), "--model", str(varied_model_dir), "--out", str(docs),
+                 "--overwrite"]) == 0
+    assert (docs / "model.safetensors").exists() and (docs / MARKER_FILE).exists()
+    assert not (docs / "thesis.docx").exists()
+    # …so merging there again needs no confirmation
+    assert merge_adapter(tiny_adapter, docs, base=str(varied_model_dir)) == docs
+
+
+def test_default_merge_folders_are_unique_per_run_and_step(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
+    import shutil
+
+    from mactuner import paths
+
+    folders = []
+    for run in ("20260101-000000-alpha", "20260101-000001-beta"):
+        step_50 = paths.runs_dir() / run / "checkpoints" / "step-00000050"
+        shutil.copytree(tiny_adapter, step_50)
+        folders.append(merge_adapter(step_50, base=str(varied_model_dir)))
+    assert [f.name for f in folders] == ["20260101-000000-alpha-step-00000050-merged",
+                                         "20260101-000001-beta-step-00000050-merged"]  # fmt: skip
+    assert all((f / "model.safetensors").exists() for f in folders)
+
+
+def test_quantize_out_refuses_the_persons_folder_before_any_work(varied_model_dir, tmp_path, capsys):  # noqa: F811
+    from mactuner.cli import main
+    from mactuner.fileio import OutputNotOurs
+
+    docs = personal_folder(tmp_path / "my_documents")
+    before = files_under(docs)
+    with pytest.raises(OutputNotOurs):
+        quantize(str(varied_model_dir), "int8-dynamic", docs, device="cpu")
+    assert main(["quantize", "--model", str(varied_model_dir), "--method", "int8-dynamic", "--device", "cpu",
+                 "--out", str(docs)]) == 1
+    assert "did not create" in capsys.readouterr().err
+    assert files_under(docs) == before

@@ -93,8 +93,11 @@ def test_running_run_whose_process_died_is_failed_with_its_log_tail():
     assert "RuntimeError: boom" in info.message and str(dead.pid) in info.message
     assert info.log_tail.splitlines()[-1] == "RuntimeError: boom"
     assert len(info.log_tail.splitlines()) == runs.LOG_TAIL_LINES
-    # the verdict is recorded, so every tab and a restarted app agree
-    assert json.loads((paths.runs_dir() / "r2" / "status.json").read_text())["state"] == "failed"
+    status_file = paths.runs_dir() / "r2" / "status.json"
+    # get_run only reads; the runs list records the verdict, so every tab and a restarted app agree
+    assert json.loads(status_file.read_text())["state"] == "running"
+    [listed] = runs.list_runs()
+    assert listed.state == "failed" and json.loads(status_file.read_text())["state"] == "failed"
 
 
 def test_recycled_pid_is_not_taken_for_the_run(sleeper):
@@ -239,7 +242,7 @@ def test_background_runs_with_a_real_trainer(tiny_model_dir):
     wait_until(lambda: tail.update() >= 0 and len(tail.train) >= 3, 90, "three train records")
     cancelled = runs.cancel_run(run.id, timeout=60)
     assert cancelled.state == "cancelled", cancelled.log_tail
-    [*_, checkpoint] = runs.checkpoints(run.id)
+    [*_, checkpoint] = runs.run_checkpoints(run.id)
     assert checkpoint.step == cancelled.step >= 3
     with pytest.raises(runs.RunError, match="not running"):
         runs.cancel_run(run.id)
@@ -260,7 +263,7 @@ def test_cancel_while_the_trainer_starts_up_is_cancelled_not_failed(tiny_model_d
     run = runs.start_run(tiny_config(tiny_model_dir, max_steps=400))
     cancelled = runs.cancel_run(run.id, timeout=60)  # long before the first step
     assert cancelled.state == "cancelled", (cancelled.message, cancelled.log_tail)
-    assert runs.checkpoints(run.id) == []
+    assert runs.run_checkpoints(run.id) == []
     with pytest.raises(runs.RunError, match="no complete checkpoint"):
         runs.resume_run(run.id)
 
@@ -272,7 +275,10 @@ def test_series_are_thinned_for_charts_but_keep_the_latest_point():
     steps, losses = tail.series("loss", max_points=1000)
     assert 800 <= len(steps) <= 1001 and steps[0] == 1 and steps[-1] == 2500
     assert losses[-1] == pytest.approx(1 / 2500)
-    assert len(tail.series("loss")[0]) == 2500
+    # the tail itself is bounded: older steps thinned, the newest half kept whole
+    all_steps = tail.series("loss")[0]
+    assert len(all_steps) <= runs.TAIL_MAX_POINTS and all_steps[0] == 1 and all_steps[-1] == 2500
+    assert all_steps[-runs.TAIL_MAX_POINTS // 2 :] == list(range(2501 - runs.TAIL_MAX_POINTS // 2, 2501))
     seconds, mib = tail.memory_series(max_points=100)
     assert seconds[0] == 0.0 and seconds[-1] == 2499.0 and len(seconds) <= 101
 

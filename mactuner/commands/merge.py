@@ -1,8 +1,10 @@
-"""``python -m mactuner merge --adapter DIR [--out DIR] [--model BASE]``.
+"""``python -m mactuner merge --adapter DIR [--out DIR] [--model BASE] [--overwrite]``.
 
 Merges a LoRA adapter into its base model and saves a standard transformers
 folder (safetensors) that plain ``AutoModelForCausalLM.from_pretrained`` loads.
-Prints the folder. Exit codes: 0 done, 1 failed (the message says why).
+Prints the folder. An existing ``--out`` folder holding files MacTuner did not
+create is refused (nothing is deleted) unless ``--overwrite`` is given.
+Exit codes: 0 done, 1 failed (the message says why).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="PEFT adapter folder (a run's adapter/ or checkpoints/step-N)")
     parser.add_argument("--out", help="output folder (default: under MACTUNER_HOME/exports)")
     parser.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds files MacTuner did not create (they are deleted)")
     parser.add_argument("--json", action="store_true", help='print {"path": …} as JSON')
 
 
@@ -30,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.json
     try:
         folder = merge_adapter(
-            args.adapter, args.out, base=args.model,
+            args.adapter, args.out, base=args.model, overwrite=args.overwrite,
             progress=None if quiet else (lambda message, _fraction: print(message, file=sys.stderr)),
         )
     except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:

@@ -5,7 +5,9 @@ under ``MACTUNER_HOME/exports`` and measures each one against the unquantized
 reference: size on disk, memory after load, tokens/s, perplexity on held-out
 text (default: a slice of the shared ``wiki_demo.txt``; ``--text-file`` for
 your own). A method the device cannot run is listed with the reason.
-``--list`` shows the methods and whether this device supports them.
+``--list`` shows the methods and whether this device supports them. An existing
+``--out`` folder holding files MacTuner did not create is refused (nothing is
+deleted) unless ``--overwrite`` is given.
 
 Exit codes: 0 done (even if some method was refused), 1 failed, 2 bad arguments.
 """
@@ -31,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, mps, cuda or cuda:N (default: remembered, else automatic)")
     parser.add_argument("--text-file", help="held-out text for perplexity")
     parser.add_argument("--out", help="output folder for the variants")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it holds files MacTuner did not create")
     parser.add_argument("--list", action="store_true", help="list the methods and exit")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         text = Path(args.text_file).read_text(encoding="utf-8", errors="replace") if args.text_file else None
         report = compare_variants(
-            args.model, args.methods, adapter=args.adapter, device=device, text=text, out_dir=args.out,
+            args.model, args.methods, adapter=args.adapter, device=device, text=text, out_dir=args.out, overwrite=args.overwrite,
             progress=None if args.json else (lambda message, _fraction: print(message, file=sys.stderr)),
         )
     except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:
