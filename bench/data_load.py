@@ -28,7 +28,7 @@ def rows(count: int) -> list[dict]:
          "input": "" if i % 3 else f"Context for {i}: " + "lorem ipsum " * 20,
          "output": f"On day {i} the almanac records fair weather and {i % 7} ships in Lumetta harbour."}
         for i in range(count)
-    ]  # fmt: skip
+    ]
 
 
 def best_of(path: Path, repeat: int) -> float:
@@ -57,10 +57,10 @@ def main() -> None:
             results.append((size, best_of(array, args.repeat), best_of(lines, args.repeat)))
     base_size, base_array, base_lines = results[0]
     print(f"{'rows':>7}  {'JSON array (s)':>14}  {'JSONL (s)':>9}  {'JSON/JSONL':>10}  "
-          f"{'array x' + str(base_size):>12}  {'JSONL x' + str(base_size):>12}")  # fmt: skip
+          f"{'array x' + str(base_size):>12}  {'JSONL x' + str(base_size):>12}")
     for size, array_s, lines_s in results:
         print(f"{size:>7}  {array_s:>14.3f}  {lines_s:>9.3f}  {array_s / lines_s:>10.2f}  "
-              f"{array_s / base_array:>12.2f}  {lines_s / base_lines:>12.2f}")  # fmt: skip
+              f"{array_s / base_array:>12.2f}  {lines_s / base_lines:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -714,6 +714,30 @@ def trim_host_heap() -> None:
             pass
 
 
+# glibc's malloc raises its mmap threshold after every large free, up to 32 MiB, so a training
+# step's many 1-30 MiB activations end up in the heap, where freed blocks stay resident and
+# fragment: the process's peak RSS measured 2.79 GiB for a LoRA step whose live tensors peak
+# near 1.2 GiB (SmolLM2-135M, float32, batch 4 x 512, checkpointing). A fixed threshold sends
+# every allocation above it to mmap, which returns it to the system when freed: 1.78 GiB.
+HOST_MMAP_THRESHOLD = 1 << 20  # bytes
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def limit_host_heap_growth(threshold: int = HOST_MMAP_THRESHOLD) -> bool:
+    """Keep a CPU training process's resident memory close to its live tensors (Linux glibc).
+
+    Fixes malloc's mmap threshold at ``threshold`` bytes (and so turns off its dynamic
+    growth): allocations above it are mapped and unmapped on their own instead of
+    fragmenting the heap. Returns whether it took effect (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
 def empty_device_cache(device: str | torch.device | None = None) -> None:
     """Collect garbage, trim the host heap and empty the allocator cache of ``device``.
 

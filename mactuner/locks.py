@@ -60,11 +60,15 @@ class RunLock:
         self.path = Path(run_dir) / RUN_LOCK_FILE
         self._lock = FileLock(str(self.path), is_singleton=False)
 
-    def acquire(self) -> RunLock:
-        """Take the lock at once or raise :class:`LockBusy`."""
+    def acquire(self, timeout: float = 2.0) -> RunLock:
+        """Take the lock within ``timeout`` seconds or raise :class:`LockBusy`.
+
+        The short wait covers :func:`run_is_locked`, which holds the lock for an
+        instant while it probes; a real second trainer holds it for its whole life.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._lock.acquire(timeout=0)
+            self._lock.acquire(timeout=timeout)
         except Timeout as exc:
             raise LockBusy(
                 f"Another trainer is already working in {self.path.parent}; "

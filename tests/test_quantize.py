@@ -187,7 +187,7 @@ def test_default_merge_folders_are_unique_per_run_and_step(varied_model_dir, tin
         shutil.copytree(tiny_adapter, step_50)
         folders.append(merge_adapter(step_50, base=str(varied_model_dir)))
     assert [f.name for f in folders] == ["20260101-000000-alpha-step-00000050-merged",
-                                         "20260101-000001-beta-step-00000050-merged"]  # fmt: skip
+                                         "20260101-000001-beta-step-00000050-merged"]
     assert all((f / "model.safetensors").exists() for f in folders)
 
 

@@ -19,11 +19,11 @@ def write_long_metrics(count: int) -> None:
     (path / "status.json").write_text(json.dumps({"state": "running", "pid": None, "step": count}))
     line = ('{{"type": "train", "step": {s}, "total_steps": {n}, "epoch": 0.5, "loss": {l:.6f}, "lr": 0.0002, '
             '"grad_norm": 1.25, "tokens_per_second": 812.5, "tokens": {t}, "memory_bytes": 123456789, '
-            '"time": {s}.5}}\n')  # fmt: skip
+            '"time": {s}.5}}\n')
     with open(path / "metrics.jsonl", "w") as handle:
         for start in range(1, count + 1, 10_000):
             handle.write("".join(line.format(s=s, n=count, l=1 / s, t=64 * s)
-                                 for s in range(start, min(start + 10_000, count + 1))))  # fmt: skip
+                                 for s in range(start, min(start + 10_000, count + 1))))
             if start % 50_000 == 1:
                 handle.write(json.dumps({"type": "eval", "step": start, "val_loss": 1.0, "time": start}) + "\n")
                 handle.write(json.dumps({"type": "info", "message": "micro-batch halved", "time": start}) + "\n")
@@ -109,5 +109,5 @@ def test_trimming_a_600_turn_chat_does_linear_work(tiny_model_dir):
     kept_from = next(i for i, t in enumerate(turns) if t["content"] in text and t["role"] == "user")
     earlier = max(i for i in range(kept_from) if turns[i]["role"] == "user")
     longer = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *turns[earlier:]],
-                                           add_generation_prompt=True, return_dict=True)["input_ids"]  # fmt: skip
+                                           add_generation_prompt=True, return_dict=True)["input_ids"]
     assert len(longer) > budget

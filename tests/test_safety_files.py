@@ -82,7 +82,7 @@ def test_adapter_zip_skips_symbolic_links(tmp_path):
 
 
 @pytest.mark.parametrize("name", [".", "..", "a\x00b.jsonl", "x" * 300 + ".jsonl", "../../escape.jsonl",
-                                  "/etc/passwd", "C:\\Users\\me\\data.jsonl", ".bashrc", ""])  # fmt: skip
+                                  "/etc/passwd", "C:\\Users\\me\\data.jsonl", ".bashrc", ""])
 def test_upload_names_are_made_safe(name):
     saved = data.save_upload(name, b'{"text": "hello"}\n')
     assert saved.parent == data.uploads_dir() and saved.read_bytes() == b'{"text": "hello"}\n'
@@ -125,10 +125,10 @@ def test_two_tabs_uploading_one_name_never_overwrite_each_other():
 def test_two_processes_uploading_one_name_never_overwrite_each_other(tmp_path):
     code = ("import sys, time\nfrom pathlib import Path\nfrom mactuner import data\n"
             "while not Path(sys.argv[2]).exists(): time.sleep(0.005)\n"
-            "print(data.save_upload('data.jsonl', sys.argv[1].encode()))")  # fmt: skip
+            "print(data.save_upload('data.jsonl', sys.argv[1].encode()))")
     go = tmp_path / "go"
     processes = [subprocess.Popen([sys.executable, "-c", code, f'{{"text": "{i}"}}\n', str(go)], cwd=ROOT,
-                                  stdout=subprocess.PIPE, text=True) for i in range(4)]  # fmt: skip
+                                  stdout=subprocess.PIPE, text=True) for i in range(4)]
     go.touch()
     saved = [p.communicate(timeout=60)[0].strip() for p in processes]
     assert len(set(saved)) == 4

@@ -85,7 +85,7 @@ def resumable_run(template: Path, tmp_path: Path, run_id: str = "20260101-000000
     dead.wait()
     fileio.write_json_atomic(path / "process.json", {"pid": dead.pid, "create_time": time.time() - 100,
                                                      "started_at": time.time() - 100, "device": "cpu",
-                                                     "cancel_requested": time.time() - 50})  # fmt: skip
+                                                     "cancel_requested": time.time() - 50})
     status = json.loads((path / "status.json").read_text())
     assert status["state"] == "cancelled"
     status["pid"] = dead.pid
@@ -96,7 +96,7 @@ def resumable_run(template: Path, tmp_path: Path, run_id: str = "20260101-000000
 def python(code: str, *args: str) -> subprocess.Popen:
     """A real second process (another app, or the command line) on the same MACTUNER_HOME."""
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True)
 
 
 def released_together(count: int, action):
@@ -204,7 +204,7 @@ def test_resume_refuses_a_folder_a_trainer_holds(cancelled_run_template, tmp_pat
 
     path = resumable_run(cancelled_run_template, tmp_path)
     holder = python("import sys, time\nfrom mactuner.locks import RunLock\nheld = RunLock(sys.argv[1]).acquire()\n"
-                    "print('held', flush=True)\ntime.sleep(60)", str(path))  # fmt: skip
+                    "print('held', flush=True)\ntime.sleep(60)", str(path))
     try:
         assert holder.stdout.readline().strip() == "held"
         assert locks.run_is_locked(path)
@@ -299,7 +299,7 @@ def test_fingerprint_ignores_settings_that_do_not_change_the_training(tmp_path):
     moved = tmp_path / "moved.jsonl"
     shutil.copy(dataset, moved)
     fingerprint.check(tmp_path, {**config.to_dict(), "dataset": str(moved), "device": "cuda",
-                                 "save_every": 7, "eval_every": 3, "gradient_checkpointing": True})  # fmt: skip
+                                 "save_every": 7, "eval_every": 3, "gradient_checkpointing": True})
     with pytest.raises(fingerprint.FingerprintMismatch, match="batch_size 4 → 8"):
         fingerprint.check(tmp_path, {**config.to_dict(), "batch_size": 8})
     fingerprint.check(tmp_path / "no-record", config)  # a run from before fingerprints: not checked
@@ -327,7 +327,7 @@ def test_800_polls_from_threads_while_the_trainer_writes_never_fail():
         while not stop.is_set():
             step += 1
             fileio.write_json_atomic(path / "status.json", {"state": "running", "pid": os.getpid(), "step": step,
-                                                            "total_steps": 10**6, "started_at": time.time()})  # fmt: skip
+                                                            "total_steps": 10**6, "started_at": time.time()})
 
     def polls(_):
         states = set()
@@ -355,11 +355,11 @@ def test_800_polls_from_threads_while_the_trainer_writes_never_fail():
 def test_polls_from_another_process_while_this_one_writes_never_fail():
     path = finished_run()
     code = ("from mactuner import runs\nfor _ in range(300):\n    runs.get_run('done'); runs.list_runs()\n"
-            "print('ok')")  # fmt: skip
+            "print('ok')")
     pollers = [python(code) for _ in range(3)]
     while any(p.poll() is None for p in pollers):
         fileio.write_json_atomic(path / "status.json", {"state": "running", "pid": os.getpid(), "step": 1,
-                                                        "total_steps": 10, "started_at": time.time()})  # fmt: skip
+                                                        "total_steps": 10, "started_at": time.time()})
     for p in pollers:
         out, err = p.communicate()
         assert p.returncode == 0 and out.strip() == "ok", err
@@ -412,13 +412,13 @@ def test_an_ignored_cancel_is_stopped_hard_by_the_next_poll(tmp_path):
     (path / "config.yaml").write_text("model: tiny\ndevice: cpu\n")
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, "
                                  "signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(120)"],
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert stubborn.stdout.readline().strip() == "ready"
     created = psutil.Process(stubborn.pid).create_time()
     fileio.write_json_atomic(path / "process.json", {"pid": stubborn.pid, "create_time": created,
-                                                     "started_at": time.time(), "device": "cpu"})  # fmt: skip
+                                                     "started_at": time.time(), "device": "cpu"})
     fileio.write_json_atomic(path / "status.json", {"state": "running", "pid": stubborn.pid, "step": 3,
-                                                    "total_steps": 10, "started_at": time.time()})  # fmt: skip
+                                                    "total_steps": 10, "started_at": time.time()})
     assert runs.cancel_run("stuck", kill_after=1).state == "running"  # asked; still alive
     time.sleep(1.5)
     assert stubborn.poll() is None  # nobody killed it yet: a read does not
