@@ -16,7 +16,7 @@ import torch
 from mactuner import checkpoints
 from mactuner.checkpoints import delete_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from mactuner.train import Trainer, TrainingCallback, TrainingError, train
-from train_support import tiny_config, train_losses, write_fact_dataset
+from tests.train_support import tiny_config, train_losses, write_fact_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_a_kill_in_the_middle_of_a_save_leaves_the_last_good_checkpoint(tiny_mod
         staging = []
         while time.time() < deadline and not staging:
             assert process.poll() is None, "the trainer ended before the save it should stall in"
-            staging = [p for p in (run_dir / "checkpoints").glob(".staging-step-00000004-*") if (p / checkpoints.STATE_TENSORS).exists()]
+            staging = [p for p in (run_dir / "checkpoints").glob(".staging-step-00000004.*") if (p / checkpoints.STATE_TENSORS).exists()]
             time.sleep(0.3)
         assert staging, "no save in progress was seen"
     finally:

@@ -15,7 +15,7 @@ import torch
 
 from mactuner.checkpoints import list_checkpoints
 from mactuner.train import OutOfMemory, Trainer, TrainingCallback, TrainingError, is_out_of_memory, train
-from train_support import read_metrics, tiny_config, train_losses, write_fact_dataset
+from tests.train_support import read_metrics, tiny_config, train_losses, write_fact_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,10 @@ def test_lora_loss_falls_and_the_run_folder_tells_the_story(tiny_model_dir, fact
 
     # the callbacks saw the same story as the files
     kinds = [k for k, _ in recorder.calls]
-    assert kinds[0] == "begin" and kinds[-1] == "end" and kinds.count("train") == 16 and kinds.count("checkpoint") == 2
+    # start-up stages come first (info records), then begin, the steps, and end last
+    assert recorder.calls[0][0] == "info" and recorder.calls[0][1]["stage"] == "loading"
+    assert kinds.index("begin") < kinds.index("train") and kinds.count("begin") == 1
+    assert kinds[-1] == "end" and kinds.count("train") == 16 and kinds.count("checkpoint") == 2
     assert [i for k, i in recorder.calls if k == "train"][-1]["loss"] == train_records[-1]["loss"]
 
 
