@@ -14,7 +14,8 @@ used at least ``threshold`` (default 0.75) of a core on average over the last
 ``window`` seconds (default 3). Short bursts, such as the Streamlit app's own
 threads redrawing a page once a second or a browser painting it, average well
 below that and leave every thread to the work: giving up half the cores for a
-burst costs more than the burst does.
+burst costs more than the burst does. Until ``window`` seconds of readings exist,
+the default stands.
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ class CpuThreads:
                 self._history.popleft()
             start = self._history[0]
             elapsed = now.clock - start.clock
+            if elapsed < self.window:
+                # too short a view to tell a burst from a busy core
+                return self._previous if self._previous is not None else self.default
             self.others = max(0.0, ((now.busy - start.busy) - (now.own - start.own)) / elapsed)
             # cores held by others: a core counts from `threshold` of it on average
             taken = math.floor(self.others + 1.0 - self.threshold)

@@ -183,6 +183,8 @@ class Trainer:
             device = self.dist.device
         self.device = device
         self.compute_dtype = get_optimal_dtype(device) if config.dtype == "auto" else getattr(torch, config.dtype)
+        # from now on, so that the first steps are judged over the seconds of loading
+        self._threads = CpuThreads() if device.type == "cpu" else None
 
         if self.run_dir is not None and self.dist.is_main:
             if self.resume and checkpoints.latest_checkpoint(self.run_dir) is None:
@@ -222,7 +224,6 @@ class Trainer:
         else:
             # the adapter's initial weights used the seed; dropout starts from it too
             torch.manual_seed(config.seed)
-        self._threads = CpuThreads() if device.type == "cpu" else None
         self._memory = PeakMemory(device)
         self._set_up = True
 
@@ -506,18 +507,18 @@ class Trainer:
         dtype = dtype_name(self.compute_dtype)
         if self.compute_dtype == torch.float16:
             advice = (
-                "float16 overflows on this model: train in bfloat16 (dtype: bfloat16) where the device supports it, "
-                "or in float32 (dtype: float32)"
+                "The model overflows float16: train in bfloat16 (dtype: bfloat16) where the device supports it, "
+                "or in float32 (dtype: float32)."
             )
         elif self.compute_dtype == torch.bfloat16:
-            advice = "train in float32 (dtype: float32)"
+            advice = "Train in float32 (dtype: float32), or lower the learning rate."
         else:
-            advice = "lower the learning rate or set max_grad_norm, and check the dataset for broken rows"
+            advice = "Lower the learning rate or set max_grad_norm, and check the dataset for broken rows."
         first = self._non_finite[0]
         raise NonFiniteLoss(
-            f"Stopped: the loss was not a finite number for {NON_FINITE_STEPS} steps in a row "
-            f"(steps {first}–{self.step}, computing in {dtype}), so nothing was learned from them. To fix it, {advice}; "
-            f"a lower learning rate can help too. The weights are as after step {first - 1}."
+            f"Stopped at step {self.step}: the loss was not a finite number for {NON_FINITE_STEPS} steps in a row "
+            f"(steps {first}–{self.step}, computing in {dtype}), so those steps were skipped and nothing was learned "
+            f"from them. {advice} The weights are as after step {first - 1}."
         )
 
     def _plan(self, epoch: int) -> list[list[int]]:
