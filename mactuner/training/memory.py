@@ -5,11 +5,13 @@ estimated peak must be the step's high point. What the peak means depends on the
 device, and each report says which (``memory_kind``):
 
 - ``cuda_peak_allocated``: ``torch.cuda.max_memory_allocated`` since the interval
-  began (the peak counter is reset at the first step of each interval).
-- ``rss_peak`` (Linux CPU): the process's peak resident set size since the interval
-  began (the kernel's high-water mark ``VmHWM``, reset through ``/proc/self/clear_refs``).
-- ``rss_sampled`` (other CPUs): the largest resident set size seen at the samples
-  (after each micro-batch's forward pass, the activation peak, and at the report).
+  began (the trainer resets CUDA's peak counter at the first step of each interval).
+- ``rss_sampled`` (CPU): the process's resident set size, the largest seen at the
+  samples (after each micro-batch's forward pass, where the activations peak, after
+  its backward pass, and after the optimizer step); when the process's lifetime peak
+  (``ru_maxrss``) rose during the interval, that peak, which is then exact. The
+  kernel's peak counter is never reset: other readers of it (benchmarks, the
+  estimator's test) keep a whole-process peak.
 - ``mps_driver_sampled``: the largest Metal driver allocation seen at the same samples
   (MPS has no peak counter).
 
@@ -23,7 +25,7 @@ working set, so an allocation beyond it raises instead.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import sys
 
 import psutil
 import torch
@@ -31,8 +33,6 @@ import torch
 # the cap of a training process on MPS, as a fraction of the recommended working set
 MPS_MEMORY_FRACTION = 1.0
 MPS_WATERMARK_ENV = "PYTORCH_MPS_HIGH_WATERMARK_RATIO"
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_STATUS = Path("/proc/self/status")
 
 
 def limit_mps_memory(fraction: float = MPS_MEMORY_FRACTION) -> int | None:
@@ -50,43 +50,34 @@ def limit_mps_memory(fraction: float = MPS_MEMORY_FRACTION) -> int | None:
     return int(recommended() * fraction) if recommended is not None else None
 
 
-def _hwm_bytes() -> int | None:
+def lifetime_peak_rss() -> int | None:
+    """The process's peak resident set size so far (``ru_maxrss``), in bytes; None where unknown."""
     try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        import resource
+    except ImportError:  # Windows
         return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    return True
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
 
 
 class PeakMemory:
     """The peak memory of ``device`` over report intervals.
 
-    Call :meth:`start` at the first step of an interval (it resets the peak),
-    :meth:`sample` where memory peaks (cheap; only used where no counter exists),
+    Call :meth:`start` at the first step of an interval, :meth:`sample` where memory
+    peaks (cheap: a host call, no device sync; unused on CUDA, which counts itself),
     and :meth:`read` at the report. Nothing is reset after a read, so whoever reads
-    the device's own peak counters after training still sees the last steps.
+    CUDA's peak counter after training still sees the last steps.
     """
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self._peak = 0
+        self._lifetime = None
         self._open = False
         if self.device.type == "cuda":
             self.kind = "cuda_peak_allocated"
         elif self.device.type == "mps":
             self.kind = "mps_driver_sampled"
-        elif _hwm_bytes() is not None and _reset_hwm():
-            self.kind = "rss_peak"
         else:
             self.kind = "rss_sampled"
 
@@ -102,14 +93,14 @@ class PeakMemory:
         self._open = True
         if self.kind == "cuda_peak_allocated":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.kind == "rss_peak":
-            _reset_hwm()
-        else:
-            self._peak = self._now()
+            return
+        self._peak = self._now()
+        if self.kind == "rss_sampled":
+            self._lifetime = lifetime_peak_rss()
 
     def sample(self) -> None:
         """Note the memory in use now (only where the device keeps no peak itself)."""
-        if self.kind in ("rss_sampled", "mps_driver_sampled"):
+        if self.kind != "cuda_peak_allocated":
             self._peak = max(self._peak, self._now())
 
     def read(self) -> int:
@@ -117,7 +108,10 @@ class PeakMemory:
         self._open = False
         if self.kind == "cuda_peak_allocated":
             return int(torch.cuda.max_memory_allocated(self.device))
-        if self.kind == "rss_peak":
-            return _hwm_bytes() or self._now()
         self.sample()
+        if self.kind == "rss_sampled" and self._lifetime is not None:
+            lifetime = lifetime_peak_rss()
+            if lifetime is not None and lifetime > self._lifetime:
+                # the process's all-time peak was reached in this interval: that is its peak, exactly
+                self._peak = max(self._peak, lifetime)
         return self._peak

@@ -80,6 +80,8 @@ class TrainResult:
     micro_batch_size: int
     losses: list[float] = field(default_factory=list)  # per step, this process's session only
     message: str = ""
+    peak_memory_bytes: int | None = None  # the largest memory_bytes reported in this session
+    memory_kind: str | None = None  # what it measures (see mactuner.training.memory)
 
 
 @dataclass
@@ -128,6 +130,7 @@ class Trainer:
         self.losses: list[float] = []
         self.last_val_loss: float | None = None
         self.tokens_seen = 0
+        self.peak_memory_bytes: int | None = None
         self._writer: RunFolderWriter | None = None
         self._lock: RunLock | None = None
         self._ended = False
@@ -441,7 +444,7 @@ class Trainer:
                         "grad_norm": outcome.grad_norm,
                         "tokens_per_second": report_tokens / elapsed if elapsed > 0 else 0.0,
                         "tokens": self.tokens_seen,
-                        "memory_bytes": self._memory.read(),
+                        "memory_bytes": self._note_peak(self._memory.read()),
                         "memory_kind": self._memory.kind,
                         "micro_batch_size": self.micro_batch_size,
                         "cpu_threads": threads,
@@ -490,7 +493,13 @@ class Trainer:
             micro_batch_size=self.micro_batch_size,
             losses=list(self.losses),
             message=message,
+            peak_memory_bytes=self.peak_memory_bytes,
+            memory_kind=self._memory.kind,
         )
+
+    def _note_peak(self, value: int) -> int:
+        self.peak_memory_bytes = max(self.peak_memory_bytes or 0, value)
+        return value
 
     def _check_finite(self, outcome: StepOutcome) -> None:
         """Count skipped steps in a row; stop the run when there are ``NON_FINITE_STEPS`` of them."""
@@ -596,6 +605,7 @@ class Trainer:
         self.scheduler.step()
         if self.master_weights is not None and not skipped:
             self.master_weights.copy_to_model()
+        self._memory_sample()  # the optimizer's state is allocated at its first step
         # flush the gradients as soon as we can, no need for this memory anymore
         self._zero_grad()
         return StepOutcome(loss=loss, grad_norm=norm_value, real_tokens=real_tokens, lr=lr, skipped=skipped)
@@ -622,6 +632,7 @@ class Trainer:
             if self._scaler is not None:
                 loss = self._scaler.scale(loss)
             loss.backward()
+            self._memory_sample()
             if self.master_weights is not None:
                 self.master_weights.collect_gradients()
             loss_total += loss_sum.detach()
