@@ -13,7 +13,7 @@ training_state.pt      optimizer, scheduler and RNG states (tensors and plain va
 
 Atomic: everything is written into a hidden staging folder
 (``checkpoints/.staging-step-…``), each file and the folder are fsynced, then the
-folder is renamed to its final name in one step. A process killed mid-save
+folder is renamed to its final name in one step (:func:`mactuner.fileio.write_folder_atomically`). A process killed mid-save
 leaves only a staging folder, which is never listed, never resumed from and
 removed by the next run that starts in the folder.
 """
@@ -27,14 +27,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from mactuner.fileio import STAGING_PREFIX, fsync_dir, unique_temp_name, write_folder_atomically  # noqa: F401 - write_folder_atomically re-exported
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "training_state.pt"
 _NAME = re.compile(r"^step-(\d{8})$")
-_STAGING_PREFIX = ".staging-"
+_STAGING_PREFIX = STAGING_PREFIX  # the name it had
 # fault injection for the tests: sleep this long in the middle of a save, after the
 # weights are written and before the checkpoint is complete, so a test can kill it there
 PAUSE_ENV = "MACTUNER_CHECKPOINT_PAUSE_S"
@@ -119,8 +120,9 @@ def delete_checkpoint(path: str | os.PathLike) -> None:
     if not _NAME.match(path.name) or path.parent.name != CHECKPOINTS_DIR or not path.is_dir():
         raise ValueError(f"{path} is not a checkpoint folder (RUN/checkpoints/step-NNNNNNNN)")
     # rename first so a half-deleted folder is never listed as a checkpoint
-    trash = path.with_name(f"{_STAGING_PREFIX}deleting-{path.name}-{os.getpid()}")
+    trash = unique_temp_name(path, prefix=f"{STAGING_PREFIX}deleting-")
     os.replace(path, trash)
+    fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -146,63 +148,23 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
 
 
 def remove_staging(run_dir: str | os.PathLike) -> list[Path]:
-    """Remove leftovers of saves that were interrupted (call when no save can be in progress)."""
-    folder = checkpoints_dir(run_dir)
-    removed = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(_STAGING_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
+    """Remove leftovers of saves that a crash interrupted: staging folders of checkpoints and of
+    the final adapter (only the trainer writes those).
 
-
-def _fsync_tree(folder: Path) -> None:
-    # data first, then the directory entries, so the rename publishes complete files
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Have ``write(staging)`` fill a hidden staging folder, sync it, then rename it to ``target``.
-
-    An existing ``target`` is replaced (the old one is moved aside first, then deleted).
+    Call it only while holding the run folder's lock (:class:`mactuner.locks.RunLock`): then no save
+    can be in progress.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f"{_STAGING_PREFIX}{target.name}-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    write(staging)
-    _fsync_tree(staging)
-    if target.exists():
-        old = target.with_name(f"{_STAGING_PREFIX}old-{target.name}-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-    _fsync_dir(target.parent)
-    return target
+    removed = []
+    folder = checkpoints_dir(run_dir)
+    found = list(folder.iterdir()) if folder.is_dir() else []
+    if Path(run_dir).is_dir():
+        ours = (f"{STAGING_PREFIX}{ADAPTER_DIR}.", f"{STAGING_PREFIX}old-{ADAPTER_DIR}.")
+        found += [p for p in Path(run_dir).iterdir() if p.name.startswith(ours)]
+    for p in found:
+        if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def save_checkpoint(
@@ -239,7 +201,7 @@ def save_checkpoint(
         pause = float(os.environ.get(PAUSE_ENV) or 0)
         if pause > 0:
             time.sleep(pause)
-        # written last: a folder without it is not a checkpoint
+        # written last: a folder without it is not a checkpoint (the whole folder is synced before its rename)
         (staging / STATE_JSON).write_text(json.dumps({**state, "step": step, "created": time.time()}, indent=2))
 
     path = write_folder_atomically(checkpoints_dir(run_dir) / checkpoint_name(step), write)

@@ -196,12 +196,9 @@ class TrainConfig:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the config as YAML (atomically: a half-written config is never read)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-        return path
+        from mactuner.fileio import write_text_atomic
+
+        return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainConfig:

@@ -16,7 +16,7 @@ import torch
 from mactuner import checkpoints
 from mactuner.checkpoints import delete_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from mactuner.train import Trainer, TrainingCallback, TrainingError, train
-from train_support import tiny_config, train_losses, write_fact_dataset
+from tests.train_support import tiny_config, train_losses, write_fact_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_a_kill_in_the_middle_of_a_save_leaves_the_last_good_checkpoint(tiny_mod
         staging = []
         while time.time() < deadline and not staging:
             assert process.poll() is None, "the trainer ended before the save it should stall in"
-            staging = [p for p in (run_dir / "checkpoints").glob(".staging-step-00000004-*") if (p / checkpoints.STATE_TENSORS).exists()]
+            staging = [p for p in (run_dir / "checkpoints").glob(".staging-step-00000004.*") if (p / checkpoints.STATE_TENSORS).exists()]
             time.sleep(0.3)
         assert staging, "no save in progress was seen"
     finally:
@@ -153,3 +153,34 @@ def test_resume_needs_a_checkpoint_and_a_fresh_run_refuses_a_used_folder(tiny_mo
     train(config, tmp_path / "used")
     with pytest.raises(TrainingError, match="already holds checkpoints.*--resume"):
         train(config, tmp_path / "used")
+
+
+def test_leftovers_of_interrupted_saves_are_removed_and_nothing_else(tmp_path):
+    """What a crash mid-save leaves (staging folders of a checkpoint and of the final adapter) goes;
+    complete checkpoints, the adapter and other hidden files stay."""
+    from mactuner.fileio import unique_temp_name
+
+    run_dir = tmp_path / "run"
+    folder = run_dir / "checkpoints"
+    complete = folder / "step-00000002"
+    complete.mkdir(parents=True)
+    (complete / checkpoints.STATE_JSON).write_text("{}")
+    (complete / checkpoints.STATE_TENSORS).write_bytes(b"x")
+    (run_dir / "adapter").mkdir()
+    leftovers = [
+        unique_temp_name(folder / "step-00000004", prefix=".staging-"),
+        unique_temp_name(run_dir / "adapter", prefix=".staging-"),
+        unique_temp_name(run_dir / "adapter", prefix=".staging-old-"),
+    ]
+    for path in leftovers:
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes(b"half")
+    others = [run_dir / ".trainer.lock", run_dir / ".process.json.1-2-abc.tmp", run_dir / ".staging-export"]
+    others[0].write_text("")
+    others[1].write_text("{}")
+    others[2].mkdir()
+
+    removed = checkpoints.remove_staging(run_dir)
+    assert sorted(removed) == sorted(leftovers) and not any(p.exists() for p in leftovers)
+    assert all(p.exists() for p in others) and complete.is_dir() and (run_dir / "adapter").is_dir()
+    assert [c.step for c in list_checkpoints(run_dir)] == [2]

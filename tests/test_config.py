@@ -148,3 +148,28 @@ def test_example_config_sets_every_key_with_a_comment():
     for line in text.splitlines():
         if line and not line.startswith((" ", "#")):
             assert "#" in line, f"example.yaml key without its trade-off: {line}"
+
+
+def test_concurrent_saves_never_fail_or_leave_half_a_file(tmp_path):
+    """Tabs are threads of one process: many saves of one path at once each land whole."""
+    import threading
+
+    target = tmp_path / "run" / "config.yaml"
+    configs = [TrainConfig(dataset=f"data/{i}.jsonl", lora_rank=i + 1) for i in range(8)]
+    errors: list[BaseException] = []
+
+    def save(config: TrainConfig) -> None:
+        try:
+            for _ in range(20):
+                config.save(target)
+        except BaseException as error:  # noqa: BLE001 - the test inspects it
+            errors.append(error)
+
+    threads = [threading.Thread(target=save, args=(c,)) for c in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert TrainConfig.load(target) in configs
+    assert [p.name for p in target.parent.iterdir()] == ["config.yaml"]  # no temporary file left behind

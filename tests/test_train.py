@@ -15,7 +15,7 @@ import torch
 
 from mactuner.checkpoints import list_checkpoints
 from mactuner.train import OutOfMemory, Trainer, TrainingCallback, TrainingError, is_out_of_memory, train
-from train_support import read_metrics, tiny_config, train_losses, write_fact_dataset
+from tests.train_support import read_metrics, tiny_config, train_losses, write_fact_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,10 @@ def test_lora_loss_falls_and_the_run_folder_tells_the_story(tiny_model_dir, fact
 
     # the callbacks saw the same story as the files
     kinds = [k for k, _ in recorder.calls]
-    assert kinds[0] == "begin" and kinds[-1] == "end" and kinds.count("train") == 16 and kinds.count("checkpoint") == 2
+    # start-up stages come first (info records), then begin, the steps, and end last
+    assert recorder.calls[0][0] == "info" and recorder.calls[0][1]["stage"] == "loading"
+    assert kinds.index("begin") < kinds.index("train") and kinds.count("begin") == 1
+    assert kinds[-1] == "end" and kinds.count("train") == 16 and kinds.count("checkpoint") == 2
     assert [i for k, i in recorder.calls if k == "train"][-1]["loss"] == train_records[-1]["loss"]
 
 
@@ -288,3 +291,90 @@ def test_smollm2_learns_the_demo_facts(smollm2_path, tmp_path):
     assert result.losses[-1] < result.losses[0] / 3, result.losses
     after = answers(load_chat_model(adapter=result.adapter_path, device="cpu"))
     assert stated(after) == [f["answer_keyword"] for f in facts], list(zip(before, after))
+
+
+def test_progress_shows_stages_before_the_first_step(tiny_model_dir, facts_file, tmp_path):
+    """Loading, tokenising and warming up are announced in status.json and metrics.jsonl, in order."""
+    run_dir = tmp_path / "run"
+
+    class StatusAtEachStage(TrainingCallback):
+        def __init__(self):
+            self.seen: list[tuple[str, str, str]] = []
+
+        def on_info(self, info):
+            if info.get("stage"):
+                # the run folder's writer is called first: status.json already says it
+                status = json.loads((run_dir / "status.json").read_text())
+                self.seen.append((info["stage"], info["message"], status["message"]))
+
+    watcher = StatusAtEachStage()
+    train(tiny_config(tiny_model_dir, facts_file, max_steps=2), run_dir, callbacks=[watcher])
+
+    assert [stage for stage, _, _ in watcher.seen] == ["loading", "tokenising", "warming_up"]
+    assert all(message == status for _, message, status in watcher.seen)
+    assert "Loading" in watcher.seen[0][1] and "Tokenising 24 rows" in watcher.seen[1][1]
+    records = read_metrics(run_dir)
+    stages = [i for i, r in enumerate(records) if r.get("stage")]
+    first_step = next(i for i, r in enumerate(records) if r["type"] == "train")
+    assert [records[i]["stage"] for i in stages] == ["loading", "tokenising", "warming_up"] and stages[-1] < first_step
+
+
+def test_a_one_step_run_trains_at_a_positive_learning_rate(tiny_model_dir, facts_file, tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    # the defaults' warm-up ratio and cosine decay on a run of one step
+    config = tiny_config(tiny_model_dir, facts_file, max_steps=1, warmup_steps=None, lr_scheduler="cosine", learning_rate=1e-3)
+    result = train(config, run_dir)
+    (record,) = [r for r in read_metrics(run_dir) if r["type"] == "train"]
+    assert record["lr"] == pytest.approx(1e-3)
+    # LoRA's B matrices start at zero: after the one step they are not
+    weights = load_file(result.adapter_path / "adapter_model.safetensors")
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_peak_memory_is_reported_with_its_kind(tiny_model_dir, facts_file, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, facts_file, max_steps=3), run_dir)
+    records = [r for r in read_metrics(run_dir) if r["type"] == "train"]
+    assert {r["memory_kind"] for r in records} == {"rss_sampled"}
+    assert all(r["memory_bytes"] > 50 * 2**20 for r in records)  # the process's peak, torch and the model included
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_training_keeps_no_master_copy(tiny_model_dir, facts_file, dtype):
+    trainer = Trainer(tiny_config(tiny_model_dir, facts_file, dtype=dtype, target_modules=["q_proj", "v_proj"]))
+    trainer.setup()
+    optimized = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert all(p.dtype == torch.float32 for p in optimized)
+    if dtype == "float32":
+        # AdamW updates the model's own weights: no second copy
+        assert trainer.master is None and all(any(p is q for q in trainer.trainable) for p in optimized)
+    else:
+        assert trainer.master is not None and all(p.dtype == torch.bfloat16 for p in trainer.trainable)
+        assert not any(p is q for p in optimized for q in trainer.trainable)
+
+
+def test_the_host_waits_for_the_device_once_per_step_not_per_micro_batch(tiny_model_dir, facts_file, monkeypatch):
+    """``.item()`` / ``.tolist()`` calls in a step do not grow with the number of micro-batches."""
+
+    def reads_per_step(grad_accum: int) -> dict[str, int]:
+        trainer = Trainer(
+            tiny_config(tiny_model_dir, facts_file, batch_size=2, grad_accum=grad_accum, val_fraction=0.0, target_modules=["q_proj", "v_proj"])
+        )
+        trainer.setup()
+        counts = {"item": 0, "tolist": 0}
+        with monkeypatch.context() as patch:
+            for name in counts:
+                original = getattr(torch.Tensor, name)
+
+                def counted(self, *args, _name=name, _original=original, **kwargs):
+                    counts[_name] += 1
+                    return _original(self, *args, **kwargs)
+
+                patch.setattr(torch.Tensor, name, counted)
+            trainer._train_step()
+        return counts
+
+    one, four = reads_per_step(1), reads_per_step(4)
+    assert one == four and four["tolist"] == 1, (one, four)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mactuner.train import train
-from train_support import tiny_config, train_losses, write_fact_dataset
+from tests.train_support import tiny_config, train_losses, write_fact_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,836 @@
+"""The trainer: LoRA, QLoRA and full fine-tuning of a causal LM, one readable loop.
+
+``Trainer(config, run_dir).run()`` goes setup → train → cleanup:
+
+- **setup** takes the run folder's lock first (a second trainer on the folder stops
+  there, having changed nothing), then loads the model in the device's precision,
+  wraps it (LoRA / QLoRA) or not (full), tokenizes and splits the data, plans the
+  batches, builds AdamW and the schedule, and restores the last checkpoint when
+  resuming. Each stage is announced (status message and an ``info`` record), so
+  progress shows from the first second.
+- **train** runs optimizer steps. Each step is a fixed *global batch* of rows,
+  cut into micro-batches (and across processes under ``torchrun``). The loss is
+  the sum over every trained token divided by the number of trained tokens in
+  the whole global batch, so the gradient is the same however the batch is cut:
+  one process or two, micro-batch 4 or 1 after an out-of-memory back-off. The
+  host waits for the device once per step (the loss and gradient norm are read
+  together); a step whose loss is not finite is skipped, and
+  ``NON_FINITE_STEPS`` of them in a row stop the run as failed, with the fix.
+- **cleanup** releases the process group and the run folder's lock; the final
+  adapter (``RUN/adapter``, a standard PEFT folder) and the final state are
+  written at the end of ``train``.
+
+Precision. Frozen base weights are held in the device's compute dtype
+(``get_optimal_dtype``: bfloat16 on a CPU with AVX512-BF16, ~3.7x faster matmuls
+than float32). The adapter computes in that dtype too, with float32 master
+weights (:class:`~mactuner.training.master_weights.MasterWeights`) when that dtype
+is 16-bit. Checkpoints and the final adapter hold the float32 weights. Full
+fine-tuning keeps float32 weights and runs the forward pass under autocast. The
+cross-entropy is computed in float32, with logits only where a token is trained
+(:mod:`mactuner.training.losses`).
+
+Progress goes to callbacks (:class:`~mactuner.training.callbacks.TrainingCallback`)
+and, when a run folder is given, to ``RUN/metrics.jsonl`` and ``RUN/status.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from mactuner import checkpoints
+from mactuner.config import TrainConfig
+from mactuner.cpu_threads import CpuThreads
+from mactuner.data import IGNORE_INDEX
+from mactuner.devices import dtype_name, empty_device_cache, get_optimal_dtype, is_out_of_memory, resolve_device
+from mactuner.locks import LockBusy, RunLock
+from mactuner.training.batching import MicroBatch, Unit, collate, make_units, plan_epoch
+from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
+from mactuner.training.distributed import Distributed, init_distributed
+from mactuner.training.errors import NonFiniteLoss, OutOfMemory, RunFolderBusy, TrainingError
+from mactuner.training.losses import LOSS_CHUNK_TOKENS, linear_cross_entropy, lr_factor
+from mactuner.training.master_weights import MasterWeights
+from mactuner.training.memory import PeakMemory, limit_mps_memory
+
+# a run stops, marked failed, after this many optimizer steps in a row whose loss is not finite
+NON_FINITE_STEPS = 3
+
+
+@dataclass
+class TrainResult:
+    """How a training ended."""
+
+    state: str  # "finished" or "cancelled" (a failure raises instead)
+    step: int
+    total_steps: int
+    train_loss: float | None
+    val_loss: float | None
+    run_dir: Path | None
+    adapter_path: Path | None
+    micro_batch_size: int
+    losses: list[float] = field(default_factory=list)  # per step, this process's session only
+    message: str = ""
+    peak_memory_bytes: int | None = None  # the largest memory_bytes reported in this session
+    memory_kind: str | None = None  # what it measures (see mactuner.training.memory)
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did."""
+
+    loss: float  # mean loss per trained token of the global batch
+    grad_norm: float
+    real_tokens: int  # non-padding tokens of the global batch
+    lr: float  # the learning rate this step used
+    skipped: bool  # not applied: the loss or the gradients were not finite
+
+
+class Trainer:
+    """Fine-tunes ``config.model`` on ``config.dataset``; see the module docstring.
+
+    Args:
+        config: the run's settings.
+        run_dir: the run folder (config, status, metrics, checkpoints, adapter);
+            None trains without writing anything (tests, quick experiments).
+        callbacks: progress receivers, called in order.
+        resume: continue from the last complete checkpoint in ``run_dir``.
+        verbose: also print progress lines on stdout.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: str | os.PathLike | None = None,
+        callbacks: Iterable[TrainingCallback] = (),
+        resume: bool = False,
+        verbose: bool = False,
+    ):
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.resume = resume
+        self.callbacks = list(callbacks)
+        self.verbose = verbose
+        self._stop = threading.Event()
+        self.dist = Distributed()
+        self.model = None
+        self.tokenizer = None
+        self.master_weights: MasterWeights | None = None
+        self.micro_batch_size = config.batch_size
+        self.step = 0
+        self.losses: list[float] = []
+        self.last_val_loss: float | None = None
+        self.tokens_seen = 0
+        self.peak_memory_bytes: int | None = None
+        self._writer: RunFolderWriter | None = None
+        self._lock: RunLock | None = None
+        self._ended = False
+        self._non_finite: list[int] = []  # the steps of the current run of non-finite losses
+        self._set_up = False
+
+    # -- public controls
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current step (it saves a checkpoint first)."""
+        self._stop.set()
+
+    def run(self) -> TrainResult:
+        """setup → train → cleanup, with the run folder's status kept true on failure."""
+        try:
+            if not self._set_up:
+                self.setup()
+            return self.train()
+        except BaseException as error:
+            self._record_failure(error)
+            raise
+        finally:
+            self.cleanup()
+
+    @property
+    def master(self) -> list[torch.Tensor] | None:
+        """The float32 master weights, or None when the model trains its own weights."""
+        return self.master_weights.master if self.master_weights is not None else None
+
+    # -- setup
+
+    def setup(self) -> None:
+        """Lock the run folder, load the model and data, build the optimizer; restore when resuming.
+
+        Raises:
+            RunFolderBusy: another trainer holds ``run_dir`` (nothing was changed).
+            TrainingError: anything else that stops the run; the message says what to do.
+        """
+        try:
+            self._setup()
+        except BaseException as error:
+            self._record_failure(error)
+            self.cleanup()
+            raise
+
+    def _setup(self) -> None:
+        config = self.config
+        # first of all: a second trainer on this folder must stop before touching anything
+        self._take_run_lock()
+        self.dist = init_distributed(_device_type(config.device))
+        device = resolve_device(config.device)
+        if device.type == "cuda" and self.dist.enabled:
+            device = self.dist.device
+        self.device = device
+        self.compute_dtype = get_optimal_dtype(device) if config.dtype == "auto" else getattr(torch, config.dtype)
+        # from now on, so that the first steps are judged over the seconds of loading
+        self._threads = CpuThreads() if device.type == "cpu" else None
+
+        if self.run_dir is not None and self.dist.is_main:
+            if self.resume and checkpoints.latest_checkpoint(self.run_dir) is None:
+                raise TrainingError(f"Nothing to resume in {self.run_dir}: it has no complete checkpoint.")
+            if not self.resume and checkpoints.list_checkpoints(self.run_dir):
+                raise TrainingError(f"{self.run_dir} already holds checkpoints: resume it (--resume) or pick a new run folder.")
+            # leftovers of a save that a crash interrupted (no save can be running: the lock is ours)
+            checkpoints.remove_staging(self.run_dir)
+            config.save(self.run_dir / "config.yaml")
+            self._writer = RunFolderWriter(self.run_dir)
+            self.callbacks.insert(0, self._writer)
+        if self.verbose and self.dist.is_main:
+            self.callbacks.append(PrintProgress())
+
+        if not config.dataset:
+            raise TrainingError("No dataset: set `dataset` to the path of a JSON, JSONL, CSV, Parquet or TXT file.")
+        if config.method == "qlora" and device.type != "cuda":
+            raise TrainingError(
+                f"QLoRA needs an NVIDIA GPU (bitsandbytes 4-bit kernels run on CUDA only); this run is on {device}. "
+                "Use method: lora instead: on a small model it fits in memory and trains at the same quality."
+            )
+        if device.type == "mps":
+            cap = limit_mps_memory()
+            if cap is not None:
+                self._info(
+                    f"MPS memory capped at the GPU's recommended working set ({cap / 2**30:.1f} GiB), so running out "
+                    "of memory halves the micro-batch instead of swapping."
+                )
+
+        self._stage("loading", f"Loading {config.model} ({config.method}, {dtype_name(self.compute_dtype)} on {device})…")
+        torch.manual_seed(config.seed)
+        self._load_model()
+        self._prepare_data()
+        self._build_optimizer()
+        if self.resume:
+            self._restore(checkpoints.latest_checkpoint(self.run_dir) if self.run_dir is not None else None)
+        else:
+            # the adapter's initial weights used the seed; dropout starts from it too
+            torch.manual_seed(config.seed)
+        self._memory = PeakMemory(device)
+        self._set_up = True
+
+    def _take_run_lock(self) -> None:
+        """Hold ``RUN/.trainer.lock`` (rank 0 only: the processes of one torchrun share a folder)."""
+        if self.run_dir is None or int(os.environ.get("RANK", "0")) != 0:
+            return
+        lock = RunLock(self.run_dir)
+        try:
+            lock.acquire()
+        except LockBusy as error:
+            raise RunFolderBusy(f"{error} This trainer stopped without changing anything.") from None
+        self._lock = lock
+
+    def _load_model(self) -> None:
+        config = self.config
+        from mactuner.models import ModelSourceError, load_model
+
+        self._autocast = False
+        if config.method == "qlora":
+            from mactuner.training.qlora import load_4bit
+
+            model, tokenizer, self.model_path = load_4bit(config.model, self.device, self.compute_dtype, config.trust_remote_code)
+        else:
+            # full fine-tuning keeps float32 weights and autocasts (see the module docstring)
+            weights_dtype = torch.float32 if config.method == "full" else self.compute_dtype
+            self._autocast = config.method == "full" and self.compute_dtype != torch.float32
+            try:
+                loaded = load_model(
+                    config.model, device=self.device, dtype=weights_dtype, trust_remote_code=config.trust_remote_code
+                )
+            except ModelSourceError as error:
+                raise TrainingError(str(error)) from error
+            model, tokenizer = loaded.model, loaded.tokenizer
+            self.model_path = loaded.path
+        model.config.use_cache = False
+        if config.gradient_checkpointing:
+            # non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads needed)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.method in ("lora", "qlora"):
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=config.target_modules,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            # the adapter is initialised in float32 (it becomes the master copy below)
+            try:
+                model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+            except ValueError as error:
+                raise TrainingError(f"LoRA cannot be applied to {config.model}: {error}") from error
+            self.causal_lm = model.get_base_model()
+        else:
+            self.causal_lm = model
+            for p in model.parameters():
+                p.requires_grad_(True)
+        model.train()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise TrainingError(f"No weight is trainable: target_modules {config.target_modules} matched no layer of {config.model}.")
+        if MasterWeights.needed(config.method, self.compute_dtype):
+            self.master_weights = MasterWeights(self.trainable, self.compute_dtype)
+        self.num_trainable = sum(p.numel() for p in self.trainable)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        # computing logits only at trained positions needs the plain "norm → lm_head" ending
+        lm_config = self.causal_lm.config
+        self._head_only_where_trained = not any(
+            getattr(lm_config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        )
+
+    def _prepare_data(self) -> None:
+        from mactuner.data import DatasetError, load_dataset_file, tokenize_examples, train_validation_split
+
+        config = self.config
+        try:
+            load = load_dataset_file(config.dataset, config.dataset_format)
+        except DatasetError as error:
+            raise TrainingError(f"The dataset cannot be used: {error}") from error
+        self._stage("tokenising", f"Tokenising {len(load.examples):,} rows of {Path(config.dataset).name}…")
+        for problem in load.problems[:20]:
+            self._info(f"Skipped a row: {problem}")
+        if len(load.problems) > 20:
+            self._info(f"… and {len(load.problems) - 20} more unusable rows ({len(load.problems)} in all).")
+        train_examples, val_examples = train_validation_split(load.examples, config.val_fraction, config.seed)
+        problems: list = []
+        train_rows = tokenize_examples(train_examples, self.tokenizer, config.max_length, config.assistant_only_loss, problems)
+        val_rows = tokenize_examples(val_examples, self.tokenizer, config.max_length, config.assistant_only_loss, problems)
+        for problem in problems[:20]:
+            self._info(f"Skipped a row: {problem}")
+
+        def trained(rows):
+            kept = [r for r in rows if any(x != IGNORE_INDEX for x in r["labels"][1:])]
+            return kept, len(rows) - len(kept)
+
+        train_rows, dropped_train = trained(train_rows)
+        val_rows, dropped_val = trained(val_rows)
+        if dropped_train + dropped_val:
+            self._info(
+                f"{dropped_train + dropped_val} rows have no trained token left after truncation to "
+                f"{config.max_length} tokens and are left out; raise max_length to keep them."
+            )
+        if not train_rows:
+            raise TrainingError(f"{config.dataset}: no usable training rows ({len(load.problems)} unusable).")
+        self.data_format = load.format
+        self.train_units = make_units(train_rows, config.packing, config.max_length, config.seed)
+        self.val_units = make_units(val_rows, config.packing, config.max_length, config.seed)
+        self.global_batch = config.batch_size * config.grad_accum * self.dist.world_size
+        self.steps_per_epoch = math.ceil(len(self.train_units) / self.global_batch)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        self.warmup_steps = (
+            config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * self.total_steps)
+        )
+        self._plans: dict[int, list[list[int]]] = {}
+
+    @property
+    def _optimized(self) -> list[torch.Tensor]:
+        """The tensors AdamW updates: the float32 master weights, or the weights themselves."""
+        return self.master_weights.master if self.master_weights is not None else self.trainable
+
+    def _build_optimizer(self) -> None:
+        config = self.config
+        # no weight decay on biases and norms (standard practice; LoRA has neither)
+        decay = [p for p in self._optimized if p.ndim >= 2]
+        no_decay = [p for p in self._optimized if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": config.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, self.total_steps, self.warmup_steps, config.lr_scheduler),
+        )
+        self._scaler = None
+        if self.compute_dtype == torch.float16 and self.device.type in ("cuda", "mps"):
+            # float16 gradients underflow without loss scaling
+            self._scaler = torch.amp.GradScaler(self.device.type)
+
+    def _restore(self, info: checkpoints.CheckpointInfo | None) -> None:
+        """Load adapter, optimizer, scheduler, RNG and position from a checkpoint (every process)."""
+        if info is None:
+            raise TrainingError("Nothing to resume: no complete checkpoint.")
+        state, tensors = checkpoints.load_checkpoint_state(info.path)
+        checkpoints.load_adapter_weights(self.model, info.path)
+        if self.master_weights is not None:
+            saved = tensors.get("master") or [p.detach().float() for p in self.trainable]
+            self.master_weights.load(saved)
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        torch.set_rng_state(tensors["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in tensors["rng"]:
+            torch.cuda.set_rng_state(tensors["rng"]["cuda"], self.device)
+        self.step = int(state["step"])
+        self.micro_batch_size = int(state.get("micro_batch_size", self.config.batch_size))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.last_val_loss = state.get("val_loss")
+        self._info(f"Resumed from {info.path.name} (step {self.step}).")
+
+    # -- train
+
+    def train(self) -> TrainResult:
+        """Run optimizer steps until ``total_steps`` or a stop request; returns how it ended.
+
+        Raises:
+            NonFiniteLoss: the loss was not finite for ``NON_FINITE_STEPS`` steps in a row.
+            OutOfMemory: even a micro-batch of one row does not fit.
+        """
+        if not self._set_up:
+            self.setup()
+        config = self.config
+        restore_handler = self._install_sigterm()
+        begin = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "message": (
+                f"Training {config.model} ({config.method}, {self.num_trainable:,} of {self.num_parameters:,} "
+                f"weights trainable) on {self.device} in {dtype_name(self.compute_dtype)}: "
+                f"{len(self.train_units)} training units, {len(self.val_units)} validation, "
+                f"{self.total_steps} steps of {self.global_batch}."
+            ),
+        }
+        self._emit("on_train_begin", begin)
+        self._info(begin["message"])
+        if self.step < self.total_steps:
+            self._stage("warming_up", f"Warming up: step {self.step + 1} of {self.total_steps} (the first one is the slowest)…")
+        # throughput counts training time only, not evaluations or checkpoints
+        report_tokens, report_seconds = 0, 0.0
+        state = "finished"
+        try:
+            while self.step < self.total_steps:
+                threads = self._threads.update() if self._threads is not None else None
+                self._memory.start()
+                started = time.perf_counter()
+                outcome = self._train_step()
+                report_seconds += time.perf_counter() - started
+                self.step += 1
+                self.losses.append(outcome.loss)
+                self.tokens_seen += outcome.real_tokens
+                report_tokens += outcome.real_tokens
+                if self.step % config.log_every == 0 or self.step == self.total_steps or outcome.skipped:
+                    elapsed = report_seconds
+                    record = {
+                        "type": "train",
+                        "step": self.step,
+                        "total_steps": self.total_steps,
+                        "epoch": round(self.step / self.steps_per_epoch, 4),
+                        "loss": outcome.loss,
+                        "lr": outcome.lr,
+                        "grad_norm": outcome.grad_norm,
+                        "tokens_per_second": report_tokens / elapsed if elapsed > 0 else 0.0,
+                        "tokens": self.tokens_seen,
+                        "memory_bytes": self._note_peak(self._memory.read()),
+                        "memory_kind": self._memory.kind,
+                        "micro_batch_size": self.micro_batch_size,
+                        "cpu_threads": threads,
+                        "time": time.time(),
+                    }
+                    if outcome.skipped:
+                        record["skipped"] = True
+                    self._emit("on_train_report", record)
+                    report_tokens, report_seconds = 0, 0.0
+                self._check_finite(outcome)
+                last = self.step == self.total_steps
+                stopping = self._agree_to_stop()
+                if self.val_units and ((config.eval_every and self.step % config.eval_every == 0) or last):
+                    self.last_val_loss = self.evaluate()
+                    self._emit("on_eval_report", {"type": "eval", "step": self.step, "val_loss": self.last_val_loss, "time": time.time()})
+                if (config.save_every and self.step % config.save_every == 0) or last or stopping:
+                    self._save_checkpoint()
+                if stopping:
+                    state = "cancelled"
+                    break
+            if self.step >= self.total_steps:
+                state = "finished"
+                adapter = self._save_final()
+            else:
+                adapter = None
+        finally:
+            restore_handler()
+        if state == "finished":
+            message = f"Finished: {self.step} steps"
+            if self.losses:
+                message += f", final loss {self.losses[-1]:.4f}"
+            if self.last_val_loss is not None:
+                message += f", validation loss {self.last_val_loss:.4f}"
+            message += "."
+        else:
+            message = f"Stopped at step {self.step} of {self.total_steps}; a checkpoint was saved, resume to continue."
+        self._end(state, message)
+        return TrainResult(
+            state=state,
+            step=self.step,
+            total_steps=self.total_steps,
+            train_loss=self.losses[-1] if self.losses else None,
+            val_loss=self.last_val_loss,
+            run_dir=self.run_dir,
+            adapter_path=adapter,
+            micro_batch_size=self.micro_batch_size,
+            losses=list(self.losses),
+            message=message,
+            peak_memory_bytes=self.peak_memory_bytes,
+            memory_kind=self._memory.kind,
+        )
+
+    def _note_peak(self, value: int) -> int:
+        self.peak_memory_bytes = max(self.peak_memory_bytes or 0, value)
+        return value
+
+    def _check_finite(self, outcome: StepOutcome) -> None:
+        """Count skipped steps in a row; stop the run when there are ``NON_FINITE_STEPS`` of them."""
+        if not outcome.skipped:
+            self._non_finite = []
+            return
+        self._non_finite.append(self.step)
+        self._info(
+            f"Step {self.step}: the loss is not a finite number ({outcome.loss}); the update was skipped "
+            f"({len(self._non_finite)} of {NON_FINITE_STEPS} in a row before the run stops)."
+        )
+        if len(self._non_finite) < NON_FINITE_STEPS:
+            return
+        dtype = dtype_name(self.compute_dtype)
+        if self.compute_dtype == torch.float16:
+            advice = (
+                "The model overflows float16: train in bfloat16 (dtype: bfloat16) where the device supports it, "
+                "or in float32 (dtype: float32)."
+            )
+        elif self.compute_dtype == torch.bfloat16:
+            advice = "Train in float32 (dtype: float32), or lower the learning rate."
+        else:
+            advice = "Lower the learning rate or set max_grad_norm, and check the dataset for broken rows."
+        first = self._non_finite[0]
+        raise NonFiniteLoss(
+            f"Stopped at step {self.step}: the loss was not a finite number for {NON_FINITE_STEPS} steps in a row "
+            f"(steps {first}–{self.step}, computing in {dtype}), so those steps were skipped and nothing was learned "
+            f"from them. {advice} The weights are as after step {first - 1}."
+        )
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            self._plans = {
+                epoch: plan_epoch(self.train_units, self.global_batch, self.config.seed, epoch, not self.config.packing)
+            }
+        return self._plans[epoch]
+
+    def _train_step(self) -> StepOutcome:
+        """One optimizer step over the global batch for ``self.step``; halves the micro-batch on OOM."""
+        epoch, index = divmod(self.step, self.steps_per_epoch)
+        global_batch = [self.train_units[i] for i in self._plan(epoch)[index]]
+        # every process knows the whole global batch, so the normaliser and the token count need no communication
+        trained_tokens = sum(u.trained_tokens for u in global_batch)
+        real_tokens = sum(len(u.input_ids) for u in global_batch)
+        # this process's share: interleaved so that each gets similar lengths
+        mine = global_batch[self.dist.rank :: self.dist.world_size]
+        rng_state = torch.get_rng_state()
+        while True:
+            try:
+                loss_sum = self._accumulate(mine, trained_tokens)
+                failed = False
+            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+                if not is_out_of_memory(error):
+                    raise
+                failed = True
+                # keep the words only: the exception's traceback would keep the step's tensors alive
+                oom_message = str(error).split("\n")[0]
+            # all processes must agree before the gradient all-reduce, or one would wait forever
+            if not self.dist.any(failed):
+                break
+            self._zero_grad()
+            loss_sum = None
+            empty_device_cache(self.device)
+            if self.micro_batch_size == 1:
+                raise OutOfMemory(
+                    f"Out of memory on {self.device} even with a micro-batch of 1 row "
+                    f"({self.config.max_length} tokens max). Lower max_length, turn on gradient_checkpointing, "
+                    + ("use a smaller model or LoRA instead of full fine-tuning, " if self.config.method == "full" else "use a smaller model, ")
+                    + "or close other programs using the device's memory."
+                    + (f" ({oom_message})" if failed else "")
+                )
+            old = self.micro_batch_size
+            self.micro_batch_size = max(1, old // 2)
+            self._info(
+                f"Out of memory at step {self.step + 1} with a micro-batch of {old}: micro-batch halved to "
+                f"{self.micro_batch_size}; the effective batch stays {self.global_batch} rows through gradient accumulation."
+            )
+            # the retried step draws the same dropout masks as a step that fitted
+            torch.set_rng_state(rng_state)
+
+        lr = self.scheduler.get_last_lr()[0]
+        loss_sum = self._all_reduce_gradients(loss_sum)
+        if self._scaler is not None:
+            self._scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self._optimized if p.grad is not None]
+        if self.config.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._optimized, self.config.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        # the step's one wait for the device: the loss and the gradient norm, read together
+        loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
+        loss = loss_value / max(1, trained_tokens)
+        # a float16 scaler skips steps with infinite gradients itself (and lowers its scale)
+        skipped = not math.isfinite(loss) or (self._scaler is None and not math.isfinite(norm_value))
+        if skipped:
+            pass  # no update from a non-finite loss; the gradients are dropped below
+        elif self._scaler is not None:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self.optimizer.step()
+        # the schedule follows the step count either way
+        self.scheduler.step()
+        if self.master_weights is not None and not skipped:
+            self.master_weights.copy_to_model()
+        self._memory_sample()  # the optimizer's state is allocated at its first step
+        # flush the gradients as soon as we can, no need for this memory anymore
+        self._zero_grad()
+        return StepOutcome(loss=loss, grad_norm=norm_value, real_tokens=real_tokens, lr=lr, skipped=skipped)
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.trainable:
+            p.grad = None
+
+    def _accumulate(self, units: list[Unit], trained_tokens: int) -> torch.Tensor:
+        """Forward and backward over ``units`` in micro-batches; gradients add up in ``.grad``.
+
+        Returns the summed loss as a float32 tensor on the device (read by the caller, once per step).
+        """
+        loss_total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for start in range(0, len(units), self.micro_batch_size):
+            batch = collate(units[start : start + self.micro_batch_size], self.pad_id, self.device)
+            loss_sum = self._loss_sum(batch)
+            # the activations are all alive here: the step's memory peak
+            self._memory_sample()
+            # dividing by the global batch's trained tokens (not this micro-batch's mean) makes
+            # the sum of the gradients over micro-batches and processes the exact gradient
+            loss = loss_sum / trained_tokens
+            if self._scaler is not None:
+                loss = self._scaler.scale(loss)
+            loss.backward()
+            self._memory_sample()
+            if self.master_weights is not None:
+                self.master_weights.collect_gradients()
+            loss_total += loss_sum.detach()
+            del batch, loss_sum, loss
+        return loss_total
+
+    def _memory_sample(self) -> None:
+        memory = getattr(self, "_memory", None)
+        if memory is not None:
+            memory.sample()
+
+    def _loss_sum(self, batch: MicroBatch) -> torch.Tensor:
+        """Summed cross-entropy over the batch's trained tokens (float32)."""
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.compute_dtype) if self._autocast else contextlib.nullcontext()
+        )
+        positions = batch.positions
+        with autocast:
+            if not self._head_only_where_trained:
+                logits = self.causal_lm(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+                trained = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
+                return F.cross_entropy(trained.float(), batch.targets, reduction="sum")
+            backbone = self.causal_lm.base_model
+            hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)[0]
+            # the next token is predicted only where it is trained: the LM head runs there alone
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+            head = self.causal_lm.get_output_embeddings()
+            if type(head) is torch.nn.Linear and head.bias is None:
+                weight = head.weight if not self._autocast else head.weight.to(self.compute_dtype)
+                return linear_cross_entropy(hidden.to(weight.dtype), weight, batch.targets, LOSS_CHUNK_TOKENS)
+            # an adapted head (LoRA on lm_head): the plain route
+            return F.cross_entropy(head(hidden).float(), batch.targets, reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss per trained token over the validation units (all processes together)."""
+        if not self.val_units:
+            return None
+        self.model.eval()
+        units = sorted(self.val_units, key=lambda u: len(u.input_ids))
+        mine = units[self.dist.rank :: self.dist.world_size]
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        count = 0
+        for start in range(0, len(mine), self.micro_batch_size):
+            chunk = mine[start : start + self.micro_batch_size]
+            total += self._loss_sum(collate(chunk, self.pad_id, self.device))
+            count += sum(u.trained_tokens for u in chunk)
+        self.model.train()
+        stats = torch.stack([total, torch.tensor(float(count), device=self.device)])
+        self.dist.sum_(stats)
+        loss_sum, tokens = stats.tolist()
+        return loss_sum / max(1.0, tokens)
+
+    # -- distributed helpers
+
+    def _agree_to_stop(self) -> bool:
+        return self.dist.any(self._stop.is_set())
+
+    def _all_reduce_gradients(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """Sum gradients and the loss over processes: one flat all-reduce per optimizer step.
+
+        Returns the summed loss (``loss_sum`` itself when training alone).
+        """
+        if not self.dist.enabled:
+            return loss_sum
+        params = self._optimized
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [loss_sum.reshape(1).float()])
+        self.dist.sum_(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+        return flat[offset]
+
+    # -- saving
+
+    def _master_weights_in_model(self):
+        """Let the model hold the float32 master weights while it is saved (nothing runs meanwhile)."""
+        return self.master_weights.in_model() if self.master_weights is not None else contextlib.nullcontext()
+
+    def _save_checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        if self.dist.is_main:
+            rng = {"torch": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            with self._master_weights_in_model():
+                info = self._write_checkpoint(rng)
+            checkpoints.prune_checkpoints(self.run_dir, self.config.keep_last)
+            self._emit("on_checkpoint", {"step": self.step, "path": str(info.path), "loss": info.loss, "val_loss": info.val_loss})
+        self.dist.barrier()
+
+    def _write_checkpoint(self, rng: dict[str, Any]) -> checkpoints.CheckpointInfo:
+        tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng}
+        if self.master_weights is not None:
+            tensors["master"] = self.master_weights.master
+        return checkpoints.save_checkpoint(
+            self.run_dir,
+            self.step,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            state={
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "epoch": self.step / self.steps_per_epoch,
+                "loss": self.losses[-1] if self.losses else None,
+                "val_loss": self.last_val_loss,
+                "micro_batch_size": self.micro_batch_size,
+                "tokens_seen": self.tokens_seen,
+                "method": self.config.method,
+                "model": self.config.model,
+            },
+            tensors=tensors,
+        )
+
+    def _save_final(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        target = self.run_dir / checkpoints.ADAPTER_DIR
+        if self.dist.is_main:
+
+            def write(folder: Path) -> None:
+                self.model.save_pretrained(folder, safe_serialization=True)
+                self.tokenizer.save_pretrained(folder)
+
+            with self._master_weights_in_model():
+                checkpoints.write_folder_atomically(target, write)
+        self.dist.barrier()
+        return target
+
+    # -- signals and reporting
+
+    def _install_sigterm(self):
+        """SIGTERM → stop after the current step (with a checkpoint). Returns the undo function."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum, frame):
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def _emit(self, method: str, info: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        for callback in self.callbacks:
+            getattr(callback, method)(info)
+
+    def _info(self, message: str) -> None:
+        self._emit("on_info", {"type": "info", "message": message, "time": time.time()})
+
+    def _stage(self, stage: str, message: str) -> None:
+        """A start-up stage: an ``info`` record with ``stage``, and the status message."""
+        self._emit("on_info", {"type": "info", "stage": stage, "message": message, "time": time.time()})
+
+    def _end(self, state: str, message: str) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._emit("on_train_end", {"state": state, "step": self.step, "message": message})
+
+    def _record_failure(self, error: BaseException) -> None:
+        """Tell the callbacks (and so status.json) that the run failed, once; a busy folder is left untouched."""
+        if isinstance(error, RunFolderBusy):
+            return
+        self._end("failed", _describe(error))
+
+    def cleanup(self) -> None:
+        """Leave the process group and release the run folder (the model stays for inspection)."""
+        self.dist.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _device_type(device: str | None) -> str:
+    if device:
+        return device.split(":")[0]
+    return resolve_device(None).type
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "Interrupted."
+    return f"{type(error).__name__}: {error}" if not isinstance(error, TrainingError) else str(error)
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | os.PathLike | None = None,
+    callbacks: Iterable[TrainingCallback] = (),
+    resume: bool = False,
+    verbose: bool = False,
+) -> TrainResult:
+    """Train with ``config`` (see :class:`Trainer`); returns how it ended."""
+    return Trainer(config, run_dir, callbacks, resume, verbose).run()
