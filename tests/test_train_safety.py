@@ -196,3 +196,24 @@ def test_a_second_trainer_process_exits_non_zero_and_the_first_carries_on(tiny_m
     assert first.returncode == 0, output
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "cancelled" and status["pid"] == first.pid
+
+
+# --- a resume checks what it resumes ------------------------------------------------
+
+
+def test_resume_on_a_replaced_dataset_is_refused_before_anything_changes(tiny_model_dir, facts_file, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(tiny_model_dir, facts_file, max_steps=4, save_every=2)
+    assert train(config, run_dir=run_dir).state == "finished"
+    saved = [c.step for c in list_checkpoints(run_dir)]
+    # the person replaces the file between Cancel and Resume (fewer rows, same name)
+    write_fact_dataset(facts_file)
+    facts_file.write_text("\n".join(facts_file.read_text().splitlines()[:6]) + "\n")
+    with pytest.raises(Exception, match="dataset") as caught:
+        Trainer(config, run_dir=run_dir, resume=True).run()
+    assert "new run" in str(caught.value)
+    assert [c.step for c in list_checkpoints(run_dir)] == saved  # nothing touched
+    # the same data resumes fine
+    write_fact_dataset(facts_file)
+    more = tiny_config(tiny_model_dir, facts_file, max_steps=4, save_every=2)
+    assert Trainer(more, run_dir=run_dir, resume=True).run().state == "finished"

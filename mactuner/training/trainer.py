@@ -48,11 +48,18 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from mactuner import checkpoints
+from mactuner import checkpoints, fingerprint
 from mactuner.config import TrainConfig
 from mactuner.cpu_threads import CpuThreads
 from mactuner.data import IGNORE_INDEX
-from mactuner.devices import dtype_name, empty_device_cache, get_optimal_dtype, is_out_of_memory, resolve_device
+from mactuner.devices import (
+    dtype_name,
+    empty_device_cache,
+    get_optimal_dtype,
+    is_out_of_memory,
+    limit_host_heap_growth,
+    resolve_device,
+)
 from mactuner.locks import LockBusy, RunLock
 from mactuner.training.batching import MicroBatch, Unit, collate, make_units, plan_epoch
 from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
@@ -188,15 +195,26 @@ class Trainer:
         self.compute_dtype = get_optimal_dtype(device) if config.dtype == "auto" else getattr(torch, config.dtype)
         # from now on, so that the first steps are judged over the seconds of loading
         self._threads = CpuThreads() if device.type == "cpu" else None
+        if device.type == "cpu":
+            # large freed activations go back to the system instead of fragmenting the heap
+            limit_host_heap_growth()
 
         if self.run_dir is not None and self.dist.is_main:
             if self.resume and checkpoints.latest_checkpoint(self.run_dir) is None:
                 raise TrainingError(f"Nothing to resume in {self.run_dir}: it has no complete checkpoint.")
             if not self.resume and checkpoints.list_checkpoints(self.run_dir):
                 raise TrainingError(f"{self.run_dir} already holds checkpoints: resume it (--resume) or pick a new run folder.")
+            # resume only what this run started on: the same dataset content and training settings
+            if self.resume:
+                try:
+                    fingerprint.check(self.run_dir, config)
+                except fingerprint.FingerprintMismatch as error:
+                    raise TrainingError(str(error)) from error
             # leftovers of a save that a crash interrupted (no save can be running: the lock is ours)
             checkpoints.remove_staging(self.run_dir)
             config.save(self.run_dir / "config.yaml")
+            if not self.resume or not (self.run_dir / fingerprint.FINGERPRINT_FILE).exists():
+                fingerprint.record(self.run_dir, config)
             self._writer = RunFolderWriter(self.run_dir)
             self.callbacks.insert(0, self._writer)
         if self.verbose and self.dist.is_main:
