@@ -110,7 +110,7 @@ def rename_ui(run: runs.RunInfo) -> None:
             st.session_state["finetune_name_problem"] = str(exc)
 
     st.text_input("Run name", run_display_name(run.id), key=f"finetune_name_{run.id}", max_chars=80, on_change=rename,
-                  help=f"Shown in the runs list and the chat's adapter list; the run's folder stays {run.id}.")  # fmt: skip
+                  help=f"Shown in the runs list and the run picker; the run's folder stays {run.id}.")  # fmt: skip
     if problem := st.session_state.pop("finetune_name_problem", None):
         st.warning(problem)
 

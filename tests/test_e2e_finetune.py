@@ -92,7 +92,7 @@ def test_run_trains_live_survives_reload_and_app_restart_then_cancels(home, tiny
         path_box.fill(str(tiny_model_dir))
         path_box.press("Enter")
         wait_for_app(page)
-        steps_box = page.get_by_role("spinbutton", name="Max steps (0: from epochs)")
+        steps_box = page.get_by_role("spinbutton", name="Max steps")
         steps_box.fill("5000")  # far more than the test lets it run: it is cancelled
         steps_box.press("Enter")
         wait_for_app(page)
