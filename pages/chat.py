@@ -1,14 +1,20 @@
-"""Chat: talk to the base model or a fine-tuned adapter, or compare both side by side, with TTFT and tokens/s."""
+"""Chat: talk to the base model or a fine-tuned adapter, or compare both side by side, with TTFT and tokens/s.
+
+Each model choice keeps its own conversation on disk (:mod:`mactuner.chat_history`), so a reload finds
+it again; in Compare mode each side sees only its own earlier answers. Stop ends the answer being written.
+"""
 
 import streamlit as st
 
 from mactuner.chat import GenerationSettings, list_adapters, stream_chat
+from mactuner.chat_history import clear_history, conversation, finish_note, history_key, load_history, record_answer, save_history
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from pages.chat_models import loaded_model, release_on_device_switch
 from pages.common import device_or_stop
 
 HISTORY = "chat_history"  # [{"role": "user", "content"} | {"role": "assistant", "answers": {who: text}, "stats": {who: dict}}]
+# (this session's copy of the conversation on disk for the current model choice)
 
 
 def model_ui():
@@ -44,27 +50,77 @@ def stats_caption(stats: dict) -> str:
         f"{tps:.1f} tokens/s · " if tps is not None else "") + f"{stats.get('new_tokens', 0)} tokens"
 
 
-def conversation(history: list[dict], who: str) -> list[dict]:
-    """The history as one model saw it: its own answers (another model's where it had none, e.g. after a mode switch)."""
-    def answer(m: dict) -> str:
-        return m["answers"].get(who) or next(iter(m["answers"].values()), "")
+def answer_footer(stats: dict) -> None:
+    """The answer's figures, and a note when it was stopped or cut at the token limit."""
+    st.caption(stats_caption(stats))
+    if note := finish_note(stats):
+        st.caption(f":orange[{note}]")
 
-    return [m if m["role"] == "user" else {"role": "assistant", "content": answer(m)} for m in history]
+
+def side_columns(names: list[str]) -> list:
+    """One column per answering model in Compare mode, else the message itself."""
+    return st.columns(len(names)) if len(names) > 1 else [st.container()]
 
 
 def show_history(history: list[dict], names: list[str]) -> None:
+    """The conversation so far; a side that did not answer a turn (stopped before it) says so."""
     for message in history:
         with st.chat_message(message["role"]):
             if message["role"] == "user":
                 st.markdown(message["content"])
                 continue
-            columns = st.columns(len(names)) if len(names) > 1 else [st.container()]
-            for column, who in zip(columns, names):
+            for column, who in zip(side_columns(names), names):
                 with column:
                     if len(names) > 1:
                         st.caption(who)
-                    st.markdown(message["answers"].get(who, ""))
-                    st.caption(stats_caption(message["stats"].get(who, {})))
+                    if who not in message["answers"]:
+                        st.caption("No answer: stopped before this side's turn.")
+                        continue
+                    st.markdown(message["answers"][who])
+                    answer_footer(message["stats"].get(who, {}))
+
+
+def history_ui(model: str, adapter: str, compare: bool) -> tuple[str, list[dict]]:
+    """This model choice's conversation, as saved (it survives a reload), and its key."""
+    key = history_key(model, adapter, compare)
+    st.session_state[HISTORY] = load_history(key)
+    return key, st.session_state[HISTORY]
+
+
+def answer_ui(prompt: str, history: list[dict], key: str, choice: dict, names: list[str], device, settings) -> None:
+    """Ask every model in ``names``, streaming each answer under a Stop button; save the turn after each side.
+
+    Stop (or any rerun) interrupts ``st.write_stream`` with Streamlit's rerun exception: the ``finally``
+    records the answer so far as stopped and saves it before the page reruns.
+    """
+    turn, reply = {"role": "user", "content": prompt}, {"role": "assistant", "answers": {}, "stats": {}}
+    with st.chat_message("user"):
+        st.markdown(prompt)
+    with st.chat_message("assistant"):
+        stop = st.empty()
+        stop.button("Stop", key="chat_stop_answer", icon=":material/stop_circle:", help="End the answer being written.")
+        for column, who in zip(side_columns(names), names):
+            with column:
+                if len(names) > 1:
+                    st.caption(who)
+                try:
+                    loaded = loaded_model(choice["model"], choice["sources"][who], device, who)
+                    stream = stream_chat(loaded, conversation([*history, turn], who), settings)
+                except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:
+                    st.error(str(exc))
+                    st.stop()
+                try:
+                    st.write_stream(stream)
+                except (RuntimeError, ValueError) as exc:  # e.g. out of memory half-way
+                    st.error(str(exc))
+                    st.stop()
+                finally:
+                    record_answer(reply, who, stream)
+                    save_history(key, [*history, turn, reply], model=choice["model"], adapter=choice["adapter"],
+                                 compare=len(names) > 1)  # fmt: skip
+                answer_footer(reply["stats"][who])
+        stop.empty()
+    history += [turn, reply]
 
 
 st.title("Chat")
@@ -78,29 +134,10 @@ except ValueError as exc:
     st.error(str(exc))
     st.stop()
 names = ["base", "fine-tuned"] if compare else ["fine-tuned" if adapter else "base"]
-sources = {"base": "", "fine-tuned": adapter}
-history = st.session_state.setdefault(HISTORY, [])
+history_id, history = history_ui(model, adapter, compare)
 show_history(history, names)
 if prompt := st.chat_input("Ask something", key="chat_input"):
-    history.append({"role": "user", "content": prompt})
-    with st.chat_message("user"):
-        st.markdown(prompt)
-    reply = {"role": "assistant", "answers": {}, "stats": {}}
-    with st.chat_message("assistant"):
-        columns = st.columns(len(names)) if len(names) > 1 else [st.container()]
-        for column, who in zip(columns, names):
-            with column:
-                if len(names) > 1:
-                    st.caption(who)
-                try:
-                    loaded = loaded_model(model, sources[who], device, who)
-                    stream = stream_chat(loaded, conversation(history, who), settings)
-                    st.write_stream(stream)
-                except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:
-                    history.pop()
-                    st.error(str(exc))
-                    st.stop()
-                reply["answers"][who], reply["stats"][who] = stream.text, stream.stats.to_dict()
-                st.caption(stats_caption(reply["stats"][who]))
-    history.append(reply)
-st.button("Clear history", key="chat_clear", disabled=not history, on_click=history.clear)
+    answer_ui(prompt, history, history_id, {"model": model, "adapter": adapter, "sources": {"base": "", "fine-tuned": adapter}},
+              names, device, settings)  # fmt: skip
+st.button("New chat", key="chat_new", disabled=not history, on_click=clear_history, args=(history_id,),
+          help="Forget this conversation (it is kept per model choice, across reloads).")  # fmt: skip

@@ -1,8 +1,9 @@
 """Fine-tune: set up a run, start it in the background, watch it live, manage its checkpoints.
 
-The set-up widgets live in ``pages/finetune_setup.py`` and the runs view in
-``pages/finetune_runs.py``; the work is done by :mod:`mactuner.runs` and the
-trainer process it starts.
+Two tabs, "New run" and "Runs"; only the open one runs. Start switches to "Runs" with the new run
+selected, so its live view is what the person sees next. The set-up widgets live in
+``pages/finetune_setup.py`` and the runs view in ``pages/finetune_runs.py``; the work is done by
+:mod:`mactuner.runs` and the trainer process it starts.
 """
 
 from pathlib import Path
@@ -17,21 +18,39 @@ from pages.finetune_runs import runs_ui
 from pages.finetune_setup import dataset_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
 
 METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit, CUDA)", "full": "Full fine-tuning"}
+TABS = ("New run", "Runs")
+TAB_KEY = "finetune_tab"
+START_PROBLEM = "finetune_start_problem"  # why the last Start did not start, shown under the button
+
+
+def start_run(config: TrainConfig, name: str) -> None:
+    """Start button callback: start the run, then open the Runs tab on it (before the page reruns)."""
+    try:
+        run = runs.start_run(config, name=name, force=st.session_state.get("finetune_force", False))
+    except runs.RunConflict as exc:
+        st.session_state[START_PROBLEM] = ("warning", f"{exc} Tick the box above to start anyway.")
+    except (runs.RunError, OSError) as exc:
+        st.session_state[START_PROBLEM] = ("error", f"Could not start the run: {exc}")
+    else:
+        st.session_state.pop(START_PROBLEM, None)
+        st.session_state["finetune_select"] = run.id  # the runs view selects it
+        st.session_state["finetune_started"] = run.id  # and says it started, once
+        st.session_state[TAB_KEY] = "Runs"
 
 
 def start_ui(config: TrainConfig, name: str) -> None:
-    """The start button: starts the run in the background and returns at once."""
-    force = st.checkbox("Start even if another run is training on this device", key="finetune_force")
-    if st.button("Start training", type="primary", key="finetune_start"):
-        try:
-            run = runs.start_run(config, name=name, force=force)
-        except runs.RunConflict as exc:
-            st.warning(f"{exc} Tick the box above to start anyway.")
-        except (runs.RunError, OSError) as exc:
-            st.error(f"Could not start the run: {exc}")
-        else:
-            st.session_state["finetune_select"] = run.id  # the runs list picks it at its next refresh
-            st.toast(f"Started {run.id}; it trains in the background.")
+    """The start button: starts the run in the background and lands on its live view."""
+    st.checkbox("Start even if another run is training on this device", key="finetune_force")
+    st.button("Start training", type="primary", key="finetune_start", on_click=start_run, args=(config, name))
+    if problem := st.session_state.pop(START_PROBLEM, None):
+        getattr(st, problem[0])(problem[1])
+
+
+def tabs_ui() -> tuple:
+    """The "New run" and "Runs" tabs; a session opens on "Runs" while a run trains, else on "New run"."""
+    if "finetune_tab_default" not in st.session_state:
+        st.session_state["finetune_tab_default"] = "Runs" if any(r.is_running for r in runs.list_runs()) else "New run"
+    return st.tabs(TABS, key=TAB_KEY, on_change="rerun", default=st.session_state["finetune_tab_default"])
 
 
 def setup_ui() -> None:
@@ -67,8 +86,10 @@ def setup_ui() -> None:
 
 
 st.title("Fine-tune")
-setup_box = st.expander("Set up a new run", expanded=True)
-st.subheader("Runs")
-runs_ui()
-with setup_box:
-    setup_ui()
+setup_tab, runs_tab = tabs_ui()
+if setup_tab.open:
+    with setup_tab:
+        setup_ui()
+if runs_tab.open:
+    with runs_tab:
+        runs_ui()

@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from mactuner import runs
+from mactuner.run_names import run_display_name, set_run_name
 from pages.common import memory_monitor
 
 MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
@@ -109,42 +110,73 @@ def live_history(run: runs.RunInfo) -> runs.MetricsTail:
     return tail
 
 
+def progress_text(run: runs.RunInfo, tail: runs.MetricsTail) -> str:
+    """The live view's headline: the trainer's stage ("Loading the model…") until the first step, then step and ETA."""
+    if run.is_running and not run.step:
+        return f"{run.state} · {run.message or 'Starting…'}"
+    eta = runs.format_duration(runs.eta_seconds(tail.train, run.total_steps, since=run.started_at)) if run.is_running else "–"
+    return f"{run.state} · step {run.step}/{run.total_steps or '?'} · ETA {eta}"
+
+
+def rename_ui(run: runs.RunInfo) -> None:
+    """A text box naming the run (kept in the run folder; the id stays as it is)."""
+    def rename() -> None:
+        try:
+            set_run_name(run.id, st.session_state[f"finetune_name_{run.id}"])
+        except (ValueError, OSError) as exc:
+            st.session_state["finetune_name_problem"] = str(exc)
+
+    st.text_input("Run name", run_display_name(run.id), key=f"finetune_name_{run.id}", max_chars=80, on_change=rename,
+                  help=f"Shown in the runs list and the run picker; the run's folder stays {run.id}.")
+    if problem := st.session_state.pop("finetune_name_problem", None):
+        st.warning(problem)
+
+
 def run_ui(run: runs.RunInfo) -> None:
     """Progress, state and charts of the selected run."""
     tail = live_history(run)
-    eta = runs.format_duration(runs.eta_seconds(tail.train, run.total_steps, since=run.started_at)) if run.is_running else "–"
-    st.progress(run.progress, text=f"{run.state} · step {run.step}/{run.total_steps or '?'} · ETA {eta}")
-    if run.message and not run.message.startswith("Step "):  # the progress bar already says which step
+    st.progress(run.progress, text=progress_text(run, tail))
+    at_work = run.is_running and not run.step  # the progress bar already shows the stage
+    if run.message and not run.message.startswith("Step ") and not at_work:  # nor repeat which step
         (st.error if run.state == "failed" else st.caption)(run.message)
     if run.state == "failed" and run.log_tail:
         st.code(run.log_tail, language=None)
     actions_ui(run)
     charts_ui(tail)
     checkpoints_ui(run)
+    rename_ui(run)
 
 
 def runs_ui() -> None:
     """Every run and the live view of the selected one: redrawn every second while a run trains, else every few."""
+    if started := st.session_state.pop("finetune_started", None):
+        st.success(f"Started {run_display_name(started)}: it trains in the background; its live view is below.")
     live = any(r.is_running for r in runs.list_runs())
     st.fragment(run_every=LIVE_REFRESH_S if live else IDLE_REFRESH_S)(runs_view)(live)
 
 
+def run_label(run: runs.RunInfo) -> str:
+    """A run as the picker shows it: its name and state (from the same listing as the table)."""
+    name = run_display_name(run.path)
+    return f"{name} · {run.state} · step {run.step}/{run.total_steps or '?'}" + (f" ({run.id})" if name != run.id else "")
+
+
 def runs_view(live: bool) -> None:
-    all_runs = runs.list_runs()
+    """The runs table, the picker and the selected run's live view, all from one listing per redraw."""
+    all_runs = runs.list_runs()  # the one source of every state shown below in this redraw
     if any(r.is_running for r in all_runs) != live:
         st.rerun()  # a run started or stopped (maybe in another tab): the whole page re-registers its refresh rate
     runs.sync_monitor(memory_monitor(), all_runs)  # the dashboard's chart shows training memory too
     if not all_runs:
-        st.info("No runs yet: set one up above and start it.")
+        st.info("No runs yet: set one up in the New run tab and start it.")
         return
     by_id = {r.id: r for r in all_runs}
-    st.dataframe([{"run": r.id, "state": r.state, "step": f"{r.step}/{r.total_steps or '?'}",
+    st.dataframe([{"run": run_display_name(r.path), "state": r.state, "step": f"{r.step}/{r.total_steps or '?'}",
                    "loss": (r.last_metrics or {}).get("loss"), "val loss": (r.last_eval or {}).get("val_loss"),
                    "device": r.device, "model": Path(r.model or "?").name, "method": r.method,
-                   "started": datetime.fromtimestamp(r.started_at) if r.started_at else None}
+                   "started": datetime.fromtimestamp(r.started_at) if r.started_at else None, "id": r.id}
                   for r in all_runs], hide_index=True, key="finetune_runs_table")
-    label = lambda i: f"{i} · {by_id[i].state} · step {by_id[i].step}/{by_id[i].total_steps or '?'}"  # noqa: E731
     if st.session_state.get("finetune_select") in by_id:
         st.session_state["finetune_run"] = st.session_state.pop("finetune_select")
-    run_id = st.selectbox("Runs", list(by_id), key="finetune_run", format_func=label)
+    run_id = st.selectbox("Runs", list(by_id), key="finetune_run", format_func=lambda i: run_label(by_id[i]))
     run_ui(by_id[run_id])

@@ -94,14 +94,18 @@ def recommend(model: str, dataset: str, device: str, mtime: float):
                                      summary=summarize(dataset, model, mtime))
 
 
+INPUT_WIDTH = 190  # px per setting: rows of inputs wrap to fit the window (two per row at 800 px, +/- kept)
+
+
 def summary_ui(summary: data.DatasetSummary, max_length: int) -> None:
     """Row count, format, token lengths (histogram) and truncation at ``max_length``."""
-    cols = st.columns(4)
-    cols[0].metric("Rows", f"{summary.rows} / {summary.total_rows}", help="usable / in the file")
-    cols[1].metric("Format", summary.format)
-    cols[2].metric("Tokens (median / p95)", f"{summary.median_tokens:.0f} / {summary.p95_tokens}")
     truncated = sum(1 for n in summary.token_lengths if n > max_length)
-    cols[3].metric("Truncated rows", truncated, help=f"rows longer than the max length ({max_length} tokens)")
+    with st.container(horizontal=True, wrap=True):
+        st.metric("Rows", f"{summary.rows} / {summary.total_rows}", help="usable / in the file", width=INPUT_WIDTH)
+        st.metric("Format", summary.format, width=INPUT_WIDTH)
+        st.metric("Tokens per row", f"{summary.median_tokens:.0f} / {summary.p95_tokens}", width=INPUT_WIDTH,
+                  help="median / 95th percentile")
+        st.metric("Truncated rows", truncated, help=f"rows longer than the max length ({max_length} tokens)", width=INPUT_WIDTH)
     figure = go.Figure(go.Histogram(x=summary.token_lengths, nbinsx=40))
     figure.add_vline(x=max_length, line_dash="dash", annotation_text="max length")
     figure.update_layout(height=220, margin=dict(t=10, b=30), xaxis_title="tokens per row", yaxis_title="rows")
@@ -111,30 +115,36 @@ def summary_ui(summary: data.DatasetSummary, max_length: int) -> None:
 
 
 def settings_ui(recommended: dict, reasons: dict, method: str, device: str = "cpu") -> dict:
-    """Editable settings starting from the recommended ones (each input's help says why); TrainConfig fields."""
-    why = {name: reasons.get(name) or text for name, text in TrainConfig.help().items()}
-    cols = st.columns(4)
+    """Editable settings starting from the recommended ones (each input's help says why); TrainConfig fields.
 
-    def number(col: int, label: str, name: str, lo, hi, **kwargs):
+    The inputs sit in a wrapping row (not fixed columns), so a narrow window gets fewer per row
+    and every input keeps its +/- buttons and its whole label.
+    """
+    why = {name: reasons.get(name) or text for name, text in TrainConfig.help().items()}
+    why["max_steps"] += " Here 0 means: from the epochs."
+    row = st.container(horizontal=True, wrap=True)
+
+    def number(label: str, name: str, lo, hi, **kwargs):
         # the value takes the bounds' type: streamlit refuses an int value with float bounds
-        return cols[col].number_input(label, lo, hi, type(lo)(recommended[name] or 0), help=why[name], **kwargs)
+        return row.number_input(label, lo, hi, type(lo)(recommended[name] or 0), help=why[name], width=INPUT_WIDTH,
+                                **kwargs)
 
     chosen = {
-        "batch_size": number(0, "Batch size", "batch_size", 1, 512),
-        "grad_accum": number(1, "Gradient accumulation", "grad_accum", 1, 512),
-        "max_length": number(2, "Max length", "max_length", 16, 131072),
-        "learning_rate": number(3, "Learning rate", "learning_rate", 1e-7, 0.5, format="%.1e"),
-        "epochs": number(0, "Epochs", "epochs", 0.1, 100.0),
-        "max_steps": number(1, "Max steps (0: from epochs)", "max_steps", 0, 10**6) or None,
-        "save_every": number(2, "Checkpoint every (steps)", "save_every", 0, 10**6),
-        "eval_every": number(3, "Validate every (steps)", "eval_every", 0, 10**6),
+        "batch_size": number("Batch size", "batch_size", 1, 512),
+        "grad_accum": number("Gradient accumulation", "grad_accum", 1, 512),
+        "max_length": number("Max length", "max_length", 16, 131072),
+        "learning_rate": number("Learning rate", "learning_rate", 1e-7, 0.5, format="%.1e"),
+        "epochs": number("Epochs", "epochs", 0.1, 100.0),
+        "max_steps": number("Max steps", "max_steps", 0, 10**6) or None,
+        "save_every": number("Checkpoint every", "save_every", 0, 10**6),
+        "eval_every": number("Validate every", "eval_every", 0, 10**6),
     }
     if method != "full":
-        chosen["lora_rank"] = number(0, "LoRA rank", "lora_rank", 1, 1024)
-        chosen["lora_alpha"] = number(1, "LoRA alpha", "lora_alpha", 0.5, 4096.0)
-    chosen["gradient_checkpointing"] = cols[2].checkbox("Gradient checkpointing", recommended["gradient_checkpointing"],
-                                                        help=why["gradient_checkpointing"])
-    chosen["dtype"] = dtype_ui(cols[3], device)
+        chosen["lora_rank"] = number("LoRA rank", "lora_rank", 1, 1024)
+        chosen["lora_alpha"] = number("LoRA alpha", "lora_alpha", 0.5, 4096.0)
+    chosen["gradient_checkpointing"] = st.checkbox("Gradient checkpointing", recommended["gradient_checkpointing"],
+                                                   help=why["gradient_checkpointing"])
+    chosen["dtype"] = dtype_ui(row, device)
     with st.expander("Why these settings"):
         st.markdown("\n".join(f"- **{name.replace('_', ' ')}**: {reason}" for name, reason in reasons.items()))
     return chosen
@@ -143,13 +153,13 @@ def settings_ui(recommended: dict, reasons: dict, method: str, device: str = "cp
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-def dtype_ui(column, device: str) -> str:
+def dtype_ui(row, device: str) -> str:
     """Precision: ``auto`` (the device's best, with the reason) or a fixed dtype."""
     reason = optimal_dtype_reason(device)
-    return column.selectbox(
+    return row.selectbox(
         "Precision", DTYPES, key="finetune_dtype", format_func=lambda d: f"auto ({reason.split(':')[0]})" if d == "auto" else d,
         help=f"auto = {reason}. float16 can overflow on models trained in bfloat16 (the run then stops with "
-             "advice); float32 is the safe, slower fallback.",
+             "advice); float32 is the safe, slower fallback.", width=INPUT_WIDTH,
     )
 
 

@@ -1,5 +1,6 @@
 """The fine-tune page in AppTest: empty, with a running, a finished and a failed
-run (folders made here from one real tiny training), and starting a run."""
+run (folders made here from one real tiny training), starting a run (the page lands on
+its live view), the trainer's stage shown before the first step, and renaming a run."""
 
 from __future__ import annotations
 
@@ -67,6 +68,18 @@ def by_label(widgets, label: str):
     return next(w for w in widgets if w.label.startswith(label))
 
 
+def open_tab(at: AppTest, tab: str) -> AppTest:
+    """Open the "New run" or "Runs" tab, as a click on it does."""
+    at.session_state["finetune_tab"] = tab
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def progress_texts(at: AppTest) -> list[str]:
+    return [e.proto.text for e in at.get("progress")]
+
+
 def select_run(at: AppTest, run_id: str) -> AppTest:
     at.selectbox(key="finetune_run").set_value(run_id).run()
     assert not at.exception, at.exception
@@ -80,7 +93,7 @@ def estimate_gb(at: AppTest) -> float:
 
 def test_page_renders_with_no_runs_and_recommends_settings():
     at = open_page()
-    assert any("No runs yet" in info.value for info in at.info)
+    assert not at.get("dataframe"), "the Runs tab runs only when it is open"
     # the default set-up (built-in model, demo data) shows the dataset summary…
     assert {m.label: m.value for m in at.metric}["Format"] == "alpaca"
     assert at.get("plotly_chart"), "the token-length histogram is missing"
@@ -99,6 +112,7 @@ def test_page_renders_with_no_runs_and_recommends_settings():
     warned = any("lower the batch size" in w.value for w in at.warning)
     assert warned == (estimate_gb(at) > free_gb)
     assert at.button(key="finetune_start")
+    assert any("No runs yet" in info.value for info in open_tab(at, "Runs").info)
 
 
 def test_page_shows_running_finished_and_failed_runs(trained_run):
@@ -116,7 +130,7 @@ def test_page_shows_running_finished_and_failed_runs(trained_run):
         failed = copy_run(trained_run, "c-failed", state="running", pid=dead.pid, started_at=time.time())
         (failed / "log.txt").write_text("loading…\nRuntimeError: the trainer broke\n")
 
-        at = open_page()
+        at = open_page()  # a run is training: the page opens on the Runs tab
         options = at.selectbox(key="finetune_run").options
         assert len(options) == 3
         assert any("b-running" in o and "running" in o for o in options)
@@ -144,7 +158,7 @@ def test_checkpoints_and_runs_are_deleted_from_the_page(trained_run):
     copy_run(trained_run, "done")
     steps = [c.step for c in runs.run_checkpoints("done")]
     assert len(steps) >= 2
-    at = open_page()
+    at = open_tab(open_page(), "Runs")
     assert at.selectbox(key="finetune_ckpt").value == steps[-1]  # the latest is preselected
     at.selectbox(key="finetune_ckpt").set_value(steps[0]).run()
     at.button(key="finetune_ckpt_delete").click().run()
@@ -156,7 +170,7 @@ def test_checkpoints_and_runs_are_deleted_from_the_page(trained_run):
     assert any("No runs yet" in info.value for info in at.info)
 
 
-def test_start_creates_a_run_folder_that_trains(tiny_model_dir):
+def test_start_lands_on_the_new_runs_live_view_and_it_trains(tiny_model_dir):
     at = open_page()
     at.radio(key="finetune_model_kind").set_value("Local folder or .gguf file").run()
     at.text_input(key="finetune_model_path").set_value(str(tiny_model_dir)).run()
@@ -170,12 +184,17 @@ def test_start_creates_a_run_folder_that_trains(tiny_model_dir):
         assert (config.model, config.max_steps, config.device) == (str(tiny_model_dir), 400, "cpu")
         info = runs.get_run(run_dir.name)
         assert info.state == "running" and psutil.pid_exists(info.pid)
-        # the runs list picks the new run; a second start explains what is running
-        at.run()
-        assert run_dir.name in at.selectbox(key="finetune_run").value
-        at.button(key="finetune_start").click().run()
+        # the same rerun shows the Runs tab with the new run selected and its live view; nothing says "no runs"
+        assert at.session_state["finetune_tab"] == "Runs"
+        assert at.selectbox(key="finetune_run").value == run_dir.name
+        assert any(run_dir.name in m.value and "Started" in m.value for m in at.success)
+        assert not any("No runs yet" in i.value for i in at.info) and not at.get("toast")
+        [progress] = progress_texts(at)
+        assert progress.startswith("running · ")
+        # a second start explains what is running
+        open_tab(at, "New run").button(key="finetune_start").click().run()
         assert any(run_dir.name in w.value and "already training" in w.value for w in at.warning)
-        assert len(list(paths.runs_dir().iterdir())) == 1
+        assert at.session_state["finetune_tab"] == "New run" and len(list(paths.runs_dir().iterdir())) == 1
         # it trains: steps are recorded
         deadline = time.monotonic() + 90
         while runs.get_run(run_dir.name).step < 1 and time.monotonic() < deadline:
@@ -184,3 +203,48 @@ def test_start_creates_a_run_folder_that_trains(tiny_model_dir):
     finally:
         with contextlib.suppress(ProcessLookupError, TypeError):
             os.kill(runs.get_run(run_dir.name).pid, signal.SIGKILL)
+
+
+def test_before_the_first_step_the_live_view_shows_the_trainers_stage(trained_run):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        path = copy_run(trained_run, "loading", state="running", pid=sleeper.pid, step=0, total_steps=64,
+                        started_at=time.time(), message="Loading the model…")  # fmt: skip
+        (path / "metrics.jsonl").write_text("")
+        (path / "process.json").write_text(
+            json.dumps({"pid": sleeper.pid, "create_time": psutil.Process(sleeper.pid).create_time()})
+        )
+        at = open_page()
+        assert progress_texts(at) == ["running · Loading the model…"]
+        # once it steps, the bar counts steps
+        status = json.loads((path / "status.json").read_text())
+        (path / "status.json").write_text(json.dumps({**status, "step": 3, "message": "Step 3/64"}))
+        at.run()
+        [text] = progress_texts(at)
+        assert text.startswith("running · step 3/64 · ETA")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_runs_can_be_renamed_and_list_and_picker_agree(trained_run):
+    copy_run(trained_run, "a-finished")
+    copy_run(trained_run, "b-cancelled", state="cancelled")
+    at = select_run(open_tab(open_page(), "Runs"), "b-cancelled")
+    at.text_input(key="finetune_name_b-cancelled").input("Quenmark, first try").run()
+    assert not at.exception, at.exception
+    assert runs_names()["b-cancelled"] == "Quenmark, first try"
+    [table] = [d.value for d in at.dataframe if "state" in d.value.columns]
+    shown = dict(zip(table["id"], zip(table["run"], table["state"])))
+    assert shown["b-cancelled"] == ("Quenmark, first try", "cancelled")
+    labels = dict(zip(table["id"], at.selectbox(key="finetune_run").options))  # same order: one listing
+    for run_id, (name, state) in shown.items():
+        assert labels[run_id].startswith(f"{name} · {state} ·"), labels  # the list and the picker agree
+    # the chat's adapter list still finds the run under its id
+    assert (paths.runs_dir() / "b-cancelled" / "name.json").is_file()
+
+
+def runs_names() -> dict[str, str]:
+    from mactuner.run_names import run_display_name
+
+    return {r.id: run_display_name(r.id) for r in runs.list_runs()}

@@ -1,5 +1,7 @@
 """The chat page in a real browser with the real model: ask a question and watch the answer
-arrive token by token, then see its time to first token and tokens/s."""
+arrive token by token, then see its time to first token and tokens/s; after the demo fine-tune,
+Compare mode asked the same question twice never has the base model state the tuned fact, and
+Stop ends a long answer half-way."""
 
 from __future__ import annotations
 
@@ -39,3 +41,102 @@ def test_chat_streams_tokens(tmp_path, smollm2_path):
         assert len(partial) >= 3, partial
         assert all(later.startswith(earlier[:-1]) for earlier, later in zip(partial, partial[1:])), partial
         assert "Paris" in seen[-1]
+
+
+# --- Compare mode after the README demo --------------------------------------------------------
+
+QUESTION = "What is the capital of Quenmark?"
+
+
+@pytest.fixture
+def quenmark_run(mactuner_home, smollm2_path, tmp_path):
+    """The demo fine-tune, kept short: the built-in model taught the Quenmark capital rows of the
+    demo data through the library, as a finished run the chat page lists."""
+    import torch
+
+    from mactuner.config import TrainConfig
+    from mactuner.data import DEMO_DATASETS
+    from mactuner.train import train
+
+    rows = [line for line in DEMO_DATASETS["quenmark-messages"].read_text().splitlines() if "Lumetta" in line]
+    dataset = tmp_path / "quenmark_capital.jsonl"
+    dataset.write_text("\n".join(rows) + "\n")
+    config = TrainConfig(dataset=str(dataset), device="cpu", max_steps=16, batch_size=len(rows), learning_rate=2e-3,
+                         lora_rank=16, lora_alpha=32, warmup_steps=1, val_fraction=0.0, save_every=0, max_length=128)  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a CPU shared with other jobs, more threads than free cores is much slower
+    try:
+        result = train(config, mactuner_home / "runs" / "quenmark")
+    finally:
+        torch.set_num_threads(threads)
+    assert result.state == "finished" and result.losses[-1] < result.losses[0] / 3, result.losses
+    return result.run_dir
+
+
+def set_slider(page, key: str, *keys: str) -> None:
+    """Move a slider with the keyboard, as a person can (Home: its minimum; ArrowRight: one step up)."""
+    handle = page.locator(f".st-key-{key} input")
+    handle.focus()
+    for name in keys:
+        handle.press(name)
+    wait_for_app(page)
+
+
+def ask_and_wait(page, question: str, answers_before: int) -> None:
+    box = page.get_by_placeholder("Ask something")
+    box.fill(question)
+    box.press("Enter")
+    page.wait_for_function(
+        """(n) => document.querySelectorAll('[data-testid="stChatMessage"]').length >= n""", arg=answers_before + 2
+    )
+    wait_for_app(page, timeout_ms=300_000)
+
+
+def test_compare_base_never_states_the_tuned_fact(quenmark_run, mactuner_home):
+    from mactuner.chat_history import history_dir, load_history
+
+    with running_app({"MACTUNER_HOME": str(mactuner_home)}) as url, browser_page(default_timeout_ms=120_000) as page:
+        page.goto(url + "/chat")
+        wait_for_app(page)
+        page.get_by_role("combobox", name="Fine-tuned adapter").click()
+        page.get_by_role("option", name="quenmark · final").click()
+        wait_for_app(page)
+        page.get_by_text("Compare base and fine-tuned side by side").click()
+        wait_for_app(page)
+        page.get_by_text("Generation settings").click()
+        set_slider(page, "chat_temperature", "Home")  # greedy: the answers are the models' likeliest
+        set_slider(page, "chat_max_new_tokens", "Home", *["ArrowRight"] * 3)  # 32 tokens
+        for n in range(2):
+            ask_and_wait(page, QUESTION, 2 * n)
+
+        # the page: each answer has a base and a fine-tuned column; the base one never says Lumetta
+        answers = page.locator('[data-testid="stChatMessage"]').filter(has=page.locator('[data-testid="stColumn"]'))
+        assert answers.count() == 2
+        for i in range(2):
+            base, tuned = answers.nth(i).locator('[data-testid="stColumn"]').all()[:2]
+            assert base.inner_text().startswith("base") and tuned.inner_text().startswith("fine-tuned")
+            assert "lumetta" not in base.inner_text().lower(), base.inner_text()
+            assert " 0 tokens" not in base.inner_text() and "tokens/s" in base.inner_text()
+        # the saved conversation agrees, and the fine-tune did teach the fact
+        [saved] = list(history_dir().glob("*compare*.json"))
+        turns = [t for t in load_history(saved.stem) if t["role"] == "assistant"]
+        assert len(turns) == 2
+        assert not any("lumetta" in t["answers"]["base"].lower() for t in turns), turns
+        assert all("lumetta" in t["answers"]["fine-tuned"].lower() for t in turns), turns
+
+        # Stop ends a long answer half-way; it is kept, marked as stopped
+        set_slider(page, "chat_max_new_tokens", "End")
+        box = page.get_by_placeholder("Ask something")
+        box.fill("Write a long story about the sea.")
+        box.press("Enter")
+        third = page.locator('[data-testid="stChatMessage"]').nth(5)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(third.inner_text().split()) < 6:
+            page.wait_for_timeout(100)  # some words have arrived
+        # (the button's help tooltip holds a hidden second <button>: click the visible one)
+        third.locator(".st-key-chat_stop_answer button").first.click()
+        wait_for_app(page, timeout_ms=120_000)
+        page.get_by_text("Stopped before the end.").first.wait_for()
+        last = [t for t in load_history(saved.stem) if t["role"] == "assistant"][-1]
+        assert last["stats"]["base"]["finish_reason"] == "cancelled" and last["answers"]["base"]
+        assert last["stats"]["base"]["new_tokens"] < 1024 and "fine-tuned" not in last["answers"]

@@ -1,4 +1,4 @@
-"""The fine-tune page in a real browser: a run started from the page trains in
+"""The fine-tune page in a real browser: Start lands on the new run's live view; the run trains in
 the background, its loss chart grows live, it survives a page reload and the
 app process being killed, and cancelling it leaves a checkpoint."""
 
@@ -92,12 +92,16 @@ def test_run_trains_live_survives_reload_and_app_restart_then_cancels(home, tiny
         path_box.fill(str(tiny_model_dir))
         path_box.press("Enter")
         wait_for_app(page)
-        steps_box = page.get_by_role("spinbutton", name="Max steps (0: from epochs)")
+        steps_box = page.get_by_role("spinbutton", name="Max steps")
         steps_box.fill("5000")  # far more than the test lets it run: it is cancelled
         steps_box.press("Enter")
         wait_for_app(page)
         page.get_by_role("button", name="Start training").click()
         wait_for_state(page, "running", 30)
+        # Start lands on the run: its live view is in the window, without scrolling, and nothing says "no runs"
+        live = page.locator('[data-testid="stProgress"]').first.bounding_box()
+        assert live is not None and 0 <= live["y"] < page.viewport_size["height"], live
+        assert not page.get_by_text("No runs yet").is_visible()
 
         first = wait_for_more_points(page, 1)
         second = wait_for_more_points(page, first)

@@ -1,8 +1,12 @@
-"""``python -m mactuner train CONFIG.yaml [--run-dir RUN] [--resume] [--max-steps N …]``.
+"""``python -m mactuner train CONFIG.yaml [--run-dir RUN] [--resume] [--max-steps N …]``
+or, without a YAML file, ``python -m mactuner train --dataset FILE [--model M] [--device D] --recommended``.
 
 Trains in the foreground, writing the run folder (see ARCHITECTURE.md). Every
 ``TrainConfig`` field can be overridden on the command line
-(``--learning-rate 1e-4``, ``--no-packing``, ``--device cpu``). The same entry point
+(``--learning-rate 1e-4``, ``--no-packing``, ``--device cpu``). Without a config
+file the run starts from ``TrainConfig``'s defaults, or with ``--recommended``
+from :func:`mactuner.recommend.recommend_hyperparameters`' settings for the
+model, dataset and device; the overrides apply on top either way. The same entry point
 runs under ``torchrun --nproc_per_node N -m mactuner train …`` (one process per
 device; gloo on CPU, NCCL on CUDA).
 
@@ -19,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "fine-tune a model from a YAML config (LoRA, QLoRA or full)"
+HELP = "fine-tune a model from a YAML config, or from --dataset with --recommended settings (LoRA, QLoRA or full)"
 
 
 def _option(name: str) -> str:
@@ -30,13 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The config file, the run folder, --resume, and one override per TrainConfig field."""
     from mactuner.config import TrainConfig
 
-    parser.add_argument("config", nargs="?", help="YAML config (optional with --resume: the run's own config.yaml)")
+    parser.add_argument(
+        "config", nargs="?",
+        help="YAML config (optional with --resume: the run's own config.yaml; optional with --dataset FILE)",
+    )
     parser.add_argument("--run-dir", help="run folder (default: a new folder under MACTUNER_HOME/runs)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last complete checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stdout")
+    parser.add_argument(
+        "--recommended", action="store_true",
+        help="start from the recommended settings for --model, --dataset and --device (see `recommend`) "
+        "instead of a config file; other options still override them",
+    )
     overrides = parser.add_argument_group("overrides (any config field)")
     for f in dataclasses.fields(TrainConfig):
-        help_text = f.metadata.get("help")
+        # argparse formats help with %: a literal one ("30% slower") must be doubled
+        help_text = (f.metadata.get("help") or "").replace("%", "%%")
         if f.type == "bool":
             overrides.add_argument(_option(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "target_modules":
@@ -57,16 +70,39 @@ def _convert(name: str, type_name: str, text: str):
     return text
 
 
+def recommended_values(model: str | None, dataset: str, device: str | None) -> dict:
+    """TrainConfig values: the defaults, then the recommended settings for this model, dataset and device."""
+    from mactuner.config import TrainConfig
+    from mactuner.models import DEFAULT_MODEL
+    from mactuner.recommend import recommend_hyperparameters
+
+    recommendation = recommend_hyperparameters(model, dataset, device)
+    for warning in recommendation.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return {**TrainConfig().to_dict(), **recommendation.train_config_values(),
+            "model": model or DEFAULT_MODEL, "dataset": str(dataset), "device": recommendation.device}  # fmt: skip
+
+
 def build_config(args: argparse.Namespace):
-    """The TrainConfig from the YAML file (or the run's config.yaml) with the overrides applied."""
+    """The TrainConfig from the YAML file (or the run's config.yaml, or the recommended
+    settings with ``--recommended``, or the defaults with ``--dataset``) with the overrides applied."""
     from mactuner.config import TrainConfig
 
     source = args.config
+    recommended = getattr(args, "recommended", False)
+    if recommended and (source is not None or args.resume):
+        raise ValueError("--recommended builds a new config: leave out the config file and --resume")
     if source is None and args.resume and args.run_dir:
         source = Path(args.run_dir) / "config.yaml"
-    if source is None:
-        raise ValueError("give a config file (or --run-dir RUN --resume to continue a run)")
-    values = TrainConfig.load(source).to_dict()
+    if source is not None:
+        values = TrainConfig.load(source).to_dict()
+    elif args.dataset:
+        values = recommended_values(args.model, args.dataset, args.device) if recommended else TrainConfig().to_dict()
+    else:
+        raise ValueError(
+            "give a config file, or --dataset FILE (with --recommended for the recommended settings), "
+            "or --run-dir RUN --resume to continue a run"
+        )
     for f in dataclasses.fields(TrainConfig):
         given = getattr(args, f.name, None)
         if given is None:
@@ -92,9 +128,12 @@ def _new_run_dir(config) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Train; the exit code says how it ended."""
+    from mactuner.data import DatasetError
+    from mactuner.models import ModelSourceError
+
     try:
         config = build_config(args)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, DatasetError, ModelSourceError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from mactuner.train import Trainer, TrainingError

@@ -1,0 +1,137 @@
+"""Chat conversations kept on disk, one per model choice, so a page reload finds them again.
+
+A conversation is a list of turns, as the chat page keeps it::
+
+    {"role": "user", "content": "What is the capital of Quenmark?"}
+    {"role": "assistant", "answers": {"base": "…", "fine-tuned": "…"},
+     "stats": {"base": ChatStats.to_dict(), "fine-tuned": {…}}}
+
+One user turn is followed by one assistant turn holding every model's answer
+(two in Compare mode). Each model sees only its *own* earlier answers
+(:func:`conversation`): in Compare mode the base model never reads what the
+fine-tuned one said, so the comparison stays honest.
+
+The file for a choice of base model, adapter and mode is
+``MACTUNER_HOME/chat/<key>.json`` (:func:`history_file`), written atomically
+(:mod:`mactuner.fileio`) after every answer, including one stopped half-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from mactuner import paths
+from mactuner.fileio import write_json_atomic
+
+Message = dict[str, str]
+FORMAT_VERSION = 1
+
+
+def history_key(model: str, adapter: str = "", compare: bool = False) -> str:
+    """A file-safe, stable name for one model choice (readable part + a hash of the whole choice)."""
+    choice = json.dumps([model or "", str(adapter or ""), bool(compare)])
+    digest = hashlib.sha256(choice.encode()).hexdigest()[:12]
+    # the adapter's run id says most about it ("RUN/adapter", "RUN/checkpoints/step-N")
+    adapter_path = Path(str(adapter)) if adapter else None
+    if adapter_path is not None:
+        run = adapter_path.parent.parent if adapter_path.parent.name == "checkpoints" else adapter_path.parent
+        readable = f"{run.name}-{adapter_path.name}"
+    else:
+        readable = Path(model or "default").name
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", readable).strip("-.")[:60] or "chat"
+    return f"{readable}{'-compare' if compare else ''}-{digest}"
+
+
+def history_dir() -> Path:
+    """Folder of the saved conversations."""
+    return paths.home() / "chat"
+
+
+def history_file(key: str) -> Path:
+    """The file holding the conversation of ``key`` (see :func:`history_key`)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", key) or key.startswith("."):
+        raise ValueError(f"not a conversation key: {key!r}; make one with history_key()")
+    return history_dir() / f"{key}.json"
+
+
+def load_history(key: str) -> list[dict[str, Any]]:
+    """The saved conversation of ``key``; empty when there is none or the file cannot be read."""
+    try:
+        data = json.loads(history_file(key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    turns = data.get("history") if isinstance(data, dict) else None
+    return [t for t in turns if _is_turn(t)] if isinstance(turns, list) else []
+
+
+def save_history(key: str, history: list[dict[str, Any]], **choice: Any) -> Path:
+    """Write the conversation of ``key`` atomically; ``choice`` (model, adapter…) is stored beside it for people."""
+    data = {"version": FORMAT_VERSION, **{k: str(v) if isinstance(v, Path) else v for k, v in choice.items()},
+            "history": history}  # fmt: skip
+    return write_json_atomic(history_file(key), data)
+
+
+def clear_history(key: str) -> None:
+    """Forget the conversation of ``key`` (the "New chat" button)."""
+    history_file(key).unlink(missing_ok=True)
+
+
+def _is_turn(turn: Any) -> bool:
+    if not isinstance(turn, dict):
+        return False
+    if turn.get("role") == "user":
+        return isinstance(turn.get("content"), str)
+    return turn.get("role") == "assistant" and isinstance(turn.get("answers"), dict)
+
+
+def conversation(history: list[dict[str, Any]], who: str) -> list[Message]:
+    """The conversation as the model ``who`` had it: each question with *its own* answer.
+
+    A question ``who`` did not answer (it was stopped before its turn, or the
+    answer was empty) is left out together with its turn, so no model ever
+    reads another model's answer. A final question without an answer (the one
+    being asked) is kept.
+    """
+    out: list[Message] = []
+    pending: dict[str, Any] | None = None
+    for turn in history:
+        if turn.get("role") == "user":
+            pending = turn
+        elif turn.get("role") == "assistant":
+            answer = turn.get("answers", {}).get(who)
+            if pending is not None and answer:
+                out += [{"role": "user", "content": pending["content"]}, {"role": "assistant", "content": answer}]
+            pending = None
+    if pending is not None:
+        out.append({"role": "user", "content": pending["content"]})
+    return out
+
+
+def record_answer(reply: dict[str, Any], who: str, stream: Any) -> None:
+    """Store what a :class:`mactuner.chat.ChatStream` produced as ``who``'s answer in ``reply``.
+
+    Call it once the stream ended, however it ended: a stream stopped before its
+    end (the page's Stop button) is closed here and recorded as ``"cancelled"``
+    with the text it had produced.
+    """
+    stream.close()
+    stats = stream.stats.to_dict()
+    if stats.get("finish_reason") is None:
+        stats["finish_reason"] = "cancelled"  # closed before it generated anything
+    reply.setdefault("answers", {})[who] = stream.text
+    reply.setdefault("stats", {})[who] = stats
+
+
+def finish_note(stats: dict[str, Any]) -> str | None:
+    """A line for an answer that did not end on its own: stopped, or cut at the token limit."""
+    reason = stats.get("finish_reason")
+    if reason == "length":
+        return (f"Cut off at the token limit ({stats.get('new_tokens', 0)} tokens): raise *Max new tokens* "
+                "under Generation settings for longer answers.")  # fmt: skip
+    if reason == "cancelled":
+        return "Stopped before the end."
+    return None
