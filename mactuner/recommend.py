@@ -514,7 +514,9 @@ def recommend_hyperparameters(
         reasons["epochs"] = "3: a common start; watch the validation loss"
     else:
         steps_per_epoch = max(1, math.ceil(rows / (batch * grad_accum)))
-        epochs = float(max(1, min(10, math.ceil(60 / steps_per_epoch)))) if rows < 1000 else (2.0 if rows < 10000 else 1.0)
+        # about 60 optimizer steps teach a small set its facts; a handful of rows needs more passes to get there
+        max_epochs = 30 if rows < SMALL_DATASET_ROWS else 10
+        epochs = float(max(1, min(max_epochs, math.ceil(60 / steps_per_epoch)))) if rows < 1000 else (2.0 if rows < 10000 else 1.0)
         reasons["epochs"] = f"{epochs:g}: {steps_per_epoch} steps per epoch, about {int(epochs * steps_per_epoch)} in all" + (
             "; a small dataset needs several passes to be learnt" if epochs > 1 else "; one pass is enough updates for this many rows"
         )

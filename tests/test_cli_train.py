@@ -82,7 +82,7 @@ def test_recommend_write_saves_a_config_that_train_runs(tiny_model_dir, tmp_path
 
 def train_recommended(tiny_model_dir, dataset: Path, run: Path, *extra: str) -> TrainConfig:
     argv = ["train", "--dataset", str(dataset), "--model", str(tiny_model_dir), "--device", "cpu", "--recommended",
-            "--run-dir", str(run), "--quiet", *extra]  # fmt: skip
+            "--run-dir", str(run), "--quiet", *extra]
     assert main(argv) == 0
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert (run / "adapter" / "adapter_config.json").is_file()
@@ -108,3 +108,26 @@ def test_recommended_run_on_four_facts_trains_on_every_row(tiny_model_dir, tmp_p
     load = load_dataset_file(config.dataset, config.dataset_format)
     trained, _validation = train_validation_split(load.examples, config.val_fraction, config.seed)
     assert len(trained) == len(load.examples) == 4
+
+
+@pytest.mark.slow
+def test_four_facts_with_the_recommended_settings_are_all_learned(smollm2_path, tmp_path):
+    """The issue's check: a 4-row fact file, `train --recommended` on the real model, and the
+    tuned model states all four facts (the base model states none of them)."""
+    from mactuner.chat import GenerationSettings, chat, load_chat_model, release_model
+
+    dataset = write_facts(tmp_path / "facts.jsonl", count=4)
+    facts = json.loads(DEMO_FACTS.read_text())[:4]
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", str(dataset), "--device", "cpu", "--recommended", "--run-dir", str(run), "--quiet"]
+    assert main(argv) == 0
+    settings = GenerationSettings(temperature=0, max_new_tokens=24)
+
+    def keywords_stated(adapter) -> list[bool]:
+        loaded = load_chat_model(adapter=adapter, device="cpu")
+        replies = [chat(loaded, [{"role": "user", "content": f["question"]}], settings)[0] for f in facts]
+        release_model(loaded)
+        return [f["answer_keyword"].lower() in reply.lower() for f, reply in zip(facts, replies)]
+
+    assert keywords_stated(None) == [False] * 4
+    assert keywords_stated(run / "adapter") == [True] * 4
