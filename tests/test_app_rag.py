@@ -3,13 +3,14 @@ removing a document, and a library error shown as a message."""
 
 from __future__ import annotations
 
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from mactuner import rag
+from tests import rag_fixtures
 from tests.app_pages import open_app_page
-from tests.rag_fixtures import tiny_embedder_dir  # noqa: F401 - a fixture
+
+tiny_embedder_dir = rag_fixtures.tiny_embedder_dir  # the shared fixture, made visible to this module
 
 
 

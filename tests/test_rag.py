@@ -10,10 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +22,6 @@ from mactuner.rag import (
     Collection,
     DocumentError,
     IndexSettings,
-    RagError,
     SearchHit,
     VectorIndex,
     build_rag_messages,
@@ -35,8 +32,10 @@ from mactuner.rag import (
     safe_filename,
     split_text,
 )
+from tests import rag_fixtures
 from tests.locations import ROOT, WIKI_DEMO
-from tests.rag_fixtures import tiny_embedder_dir  # noqa: F401 - a fixture
+
+tiny_embedder_dir = rag_fixtures.tiny_embedder_dir  # the shared fixture, made visible to this module
 
 WIKI = WIKI_DEMO
 
@@ -257,9 +256,9 @@ def test_large_collection_uses_ivf_and_keeps_its_centroids(tiny_embedder, tiny_e
     query = lines[123]
     hits = collection.search(query, tiny_embedder, top_k=3)
     assert hits[0].text == query and hits[0].line == 124
-    # a fresh object reuses the saved partitions and finds the same
-    rag._INDEX_CACHE.clear()
+    # a fresh object (nothing shared in memory) reuses the saved partitions and finds the same
     reopened = Collection.open("big")
+    assert reopened._index is None
     assert [h.text for h in reopened.search(query, tiny_embedder, top_k=3)] == [h.text for h in hits]
     assert np.array_equal(reopened.index("cpu").centroids.numpy(), centroids)
 
