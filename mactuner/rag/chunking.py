@@ -125,9 +125,11 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[A-Z0-9\"“‘(])|(
 
 
 def split_sentences(text: str, *, max_chars: int = 400) -> list[str]:
-    """The sentences of ``text`` (a chunk), in order; a very long one is cut at a space near ``max_chars``."""
+    """The sentences of ``text`` (a chunk), in order, whitespace collapsed; a line break always ends one,
+    and a very long one is cut at a space near ``max_chars``."""
     sentences = []
-    for part in _SENTENCE_END.split(text):
+    parts = [part for line in _LINE_BREAK.split(text) for part in _SENTENCE_END.split(line)]
+    for part in parts:
         part = " ".join(part.split())
         while len(part) > max_chars:
             cut = part.rfind(" ", max_chars // 2, max_chars)
