@@ -95,9 +95,13 @@ def answer_settings_ui() -> tuple[str, str, int, int]:
     return model, adapter, top_k, max_new
 
 
-def show_evidence(evidence: dict | None) -> None:
-    """The top source's best sentence, under an answer that does not state what that source says."""
-    if evidence:
+def show_checks(last: dict) -> None:
+    """Under the answer: which sources it states (when it cites none), or the top source's best sentence
+    as evidence when it does not state what that source says."""
+    if last.get("supported_by") and not last.get("citations"):
+        st.caption(f"Matches {', '.join(f'[{n}]' for n in last['supported_by'])} (checked by MacTuner: the model "
+                   "did not cite a source)")
+    if evidence := last.get("evidence"):
         st.info(f"**Evidence** from source [{evidence['source']}] {evidence['file']} · {evidence['position']}:\n\n"
                 f"> {evidence['sentence']}\n\nThe answer above does not repeat the top source; this is its "
                 "sentence closest to the question.")
@@ -137,12 +141,13 @@ try:
         st.write_stream(answer)
         evidence = answer.evidence.to_dict() if answer.evidence else None
         st.session_state["rag_last"] = {"question": question, "answer": answer.text, "evidence": evidence,
+                                        "citations": answer.citations, "supported_by": answer.supported_by,
                                         "sources": [hit.to_dict() for hit in answer.sources]}
-        show_evidence(evidence)
+        show_checks(st.session_state["rag_last"])
         show_sources(st.session_state["rag_last"]["sources"])
     elif last := st.session_state.get("rag_last"):
         st.markdown(f"**{last['question']}**\n\n{last['answer']}")
-        show_evidence(last.get("evidence"))
+        show_checks(last)
         show_sources(last["sources"])
 except (rag.RagError, ValueError, RuntimeError, OSError) as exc:
     st.error(str(exc))

@@ -166,6 +166,15 @@ class RagAnswer:
         return list(dict.fromkeys(n for n in cited if 1 <= n <= len(self.sources)))
 
     @property
+    def supported_by(self) -> list[int]:
+        """The numbers of the sources whose text the answer states (see :func:`overlaps_source`), best first.
+
+        Small models often leave out the ``[n]`` they were asked for; this says which sources the answer
+        matches whether or not it cites them (MacTuner's check, not the model's claim).
+        """
+        return [n for n, hit in enumerate(self.sources, start=1) if overlaps_source(self.text, hit.text, self.question)]
+
+    @property
     def grounded(self) -> bool:
         """Whether the answer states what the top source says (see :func:`overlaps_source`)."""
         return bool(self.sources) and overlaps_source(self.text, self.sources[0].text, self.question)
