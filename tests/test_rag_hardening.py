@@ -133,6 +133,13 @@ def test_a_damaged_document_is_left_out_and_named(tiny_embedder, tiny_embedder_d
     assert "remove it and add it again" in reopened.problems[0]
     reopened.remove("bad.txt")
     assert reopened.search("tusks", tiny_embedder, top_k=5)[0].file == "good.txt" and reopened.problems == []
+    # an unreadable document.json leaves that document out, not the collection
+    good = reopened.documents()[0]
+    (collection.folder / "documents" / good.id / "document.json").write_text('{"id": "trunc')
+    reopened.add([("seals.txt", b"Seals have tusks? No, walruses have tusks.")], tiny_embedder)
+    again = Collection.open("mixed")
+    assert [h.file for h in again.search("walruses tusks", tiny_embedder, top_k=5)] == ["seals.txt"]
+    assert len(again.problems) == 1 and f"documents/{good.id}/document.json cannot be read" in again.problems[0]
 
 
 # ---------------------------------------------------------------- row 12: what a killed writer leaves

@@ -200,6 +200,7 @@ class Collection:
         self._loaded_docs: tuple[str, ...] | None = None  # the documents _rows/_matrix hold
         self._lock = threading.RLock()  # one object may serve several threads (browser tabs)
         self.problems: list[str] = []  # damaged documents left out of search, and repairs made, in words
+        self._unreadable: set[str] = set()  # folders under documents/ whose document.json cannot be read
 
     # -- opening
 
@@ -258,7 +259,10 @@ class Collection:
         for meta in (self.folder / "documents").glob("*/document.json"):
             if meta.parent.name.startswith("."):  # a document still being written (or left by a crash)
                 continue
-            docs.append(DocumentInfo(**json.loads(meta.read_text(encoding="utf-8"))))
+            try:
+                docs.append(DocumentInfo(**json.loads(meta.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, TypeError):  # unreadable: left out, and named by the next load
+                self._unreadable.add(meta.parent.name)
         return sorted(docs, key=lambda d: (d.added_at, d.id))
 
     @property
@@ -432,7 +436,10 @@ class Collection:
 
     def _load(self) -> tuple[str, ...]:
         """Read every document's chunks and vectors; a damaged document is left out and named in ``problems``."""
+        self._unreadable = set()
         rows, blocks, problems, docs = [], [], [], self.documents()
+        problems.extend(f"documents/{folder}/document.json cannot be read; the document is left out of search "
+                        f"(delete that folder and add the file again)" for folder in sorted(self._unreadable))
         for doc in docs:
             folder = self.folder / "documents" / doc.id
             try:
