@@ -15,9 +15,13 @@ Columns (share of questions):
   * ``answer right``: the answer contains an accepted keyword;
   * ``parrots``: the answer repeats the instructions (shares 4 words in a row with any instruction text,
     old or new, that are not in the question or the sources);
+  * ``talks about sources``: the answer talks about "the source(s)" ("The sources are: …", "The source with
+    the answer to the question is …") instead of, or before, stating the fact;
   * ``cites [n]``: the answer cites a source it was given as [n];
   * ``right or evidence`` (NEW only): the answer is right, or the evidence the page shows under a
-    stray answer (``RagAnswer.evidence``) contains the keyword: what a person can read off the page.
+    stray answer (``RagAnswer.evidence``) contains the keyword: what a person can read off the page;
+  * ``evidence shown`` / ``evidence under right answer`` (NEW only): how often the page adds evidence, and
+    how often it does so under an answer that was right anyway (a false alarm, though still a true sentence).
 
     .venv/bin/python -m bench.rag_answers [--questions 18] [--top-k 3] [--max-new-tokens 48] [--full]
 """
@@ -72,13 +76,19 @@ def _grams(words: list[str], n: int = 4) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-INSTRUCTION_GRAMS = _grams(_words(" ".join([OLD_SYSTEM_PROMPT, OLD_TRAILER]))) | _grams(_words(rag.RAG_SYSTEM_PROMPT))
+INSTRUCTION_GRAMS = (_grams(_words(" ".join([OLD_SYSTEM_PROMPT, OLD_TRAILER])))
+                     | _grams(_words(" ".join([rag.RAG_SYSTEM_PROMPT, rag.ANSWER_CUE]))))
 
 
 def parrots(answer: str, question: str, hits: list[rag.SearchHit]) -> bool:
     """Whether the answer repeats 4 words in a row of an instruction that neither the question nor a source holds."""
     allowed = _grams(_words(question)) | set().union(*(_grams(_words(h.text)) for h in hits))
     return bool((_grams(_words(answer)) & INSTRUCTION_GRAMS) - allowed)
+
+
+def talks_about_sources(answer: str) -> bool:
+    """Whether the answer speaks of "the source(s)" (meta talk about the prompt, not the fact)."""
+    return re.search(r"\bsources?\b", answer.lower()) is not None
 
 
 def right(text: str, keywords: list[str]) -> bool:
@@ -134,10 +144,11 @@ def main() -> int:
                 "question": question, "keywords": keywords, "top_source_line": hits[0].line if hits else None,
                 "top_source": bool(hits) and hits[0].line == item["line"],
                 "old": {"answer": old_text, "right": right(old_text, keywords),
-                        "parrots": parrots(old_text, question, hits),
+                        "parrots": parrots(old_text, question, hits), "meta": talks_about_sources(old_text),
                         "cites": bool(re.search(r"\[[1-9]\]", old_text))},
                 "new": {"answer": new_text, "right": right(new_text, keywords),
-                        "parrots": parrots(new_text, question, hits), "cites": bool(new.citations),
+                        "parrots": parrots(new_text, question, hits), "meta": talks_about_sources(new_text),
+                        "cites": bool(new.citations), "supported_by": new.supported_by,
                         "evidence": evidence.sentence if evidence else None,
                         "right_or_evidence": right(new_text, keywords)
                         or bool(evidence and right(evidence.sentence, keywords))},
@@ -152,8 +163,12 @@ def main() -> int:
     top = sum(r["top_source"] for r in records) / len(records)
     rows = [("top source", top, top), ("answer right", rate("old", "right"), rate("new", "right")),
             ("parrots (lower is better)", rate("old", "parrots"), rate("new", "parrots")),
+            ("talks about sources", rate("old", "meta"), rate("new", "meta")),
             ("cites [n]", rate("old", "cites"), rate("new", "cites")),
-            ("right or evidence", None, rate("new", "right_or_evidence"))]
+            ("right or evidence", None, rate("new", "right_or_evidence")),
+            ("evidence shown", None, sum(r["new"]["evidence"] is not None for r in records) / len(records)),
+            ("evidence under right answer", None,
+             sum(r["new"]["evidence"] is not None and r["new"]["right"] for r in records) / len(records))]
     print(f"\n{len(records)} questions, top-k {args.top_k}, {args.max_new_tokens} new tokens, greedy, "
           f"{'full file' if args.full else 'article openings'}; {time.perf_counter() - started:.0f} s in all\n")
     print(f"| {'metric':<26} | {'old':>5} | {'new':>5} | {'new/old':>7} |")

@@ -427,7 +427,7 @@ def test_ask_answers_from_the_right_article(wiki_collection, minilm, smollm2_pat
     user = answer.messages[1]["content"]
     assert user.startswith('<source id="1" file="wiki_demo.txt">\n' + escape_document(answer.sources[0].text))
     assert user.count('<source id="') == len(answer.sources) == 3
-    assert user.endswith("Question: What is the capital city of Texas?")
+    assert user.endswith("Question: What is the capital city of Texas?\n" + rag.ANSWER_CUE)
     # with only the best chunk to go on, the 135M model answers from it (with three, it may
     # pick up Alabama's capital from the runner-up chunk on the full file: a small model's limit)
     focused = rag.ask(wiki_collection, "What is the capital city of Texas?", minilm, loaded, top_k=1,

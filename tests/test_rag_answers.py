@@ -32,7 +32,7 @@ def test_prompt_numbers_the_sources_and_puts_the_question_last():
     assert len(rag.RAG_SYSTEM_PROMPT) < 200 and "[1]" in rag.RAG_SYSTEM_PROMPT
     content = user["content"]
     assert content.index('<source id="1" file="f1.txt">\nFact 1.\n</source>') < content.index('<source id="2"')
-    assert content.endswith("\n\nQuestion: Which fact?")
+    assert content.endswith("\n\nQuestion: Which fact?\nAnswer from the sources above.")
 
 
 @pytest.mark.parametrize("answer, grounded", [

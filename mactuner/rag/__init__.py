@@ -43,6 +43,7 @@ from mactuner.rag.extract import (
 )
 from mactuner.rag.index import VectorIndex, kmeans
 from mactuner.rag.prompt import (
+    ANSWER_CUE,
     RAG_SYSTEM_PROMPT,
     Evidence,
     RagAnswer,
@@ -56,7 +57,7 @@ from mactuner.rag.prompt import (
 )
 
 __all__ = [
-    "CENTROIDS_FILE", "DEFAULT_EMBEDDING_MODEL", "RAG_SYSTEM_PROMPT", "STAGING_GRACE_SECONDS", "SUPPORTED_SUFFIXES",
+    "ANSWER_CUE", "CENTROIDS_FILE", "DEFAULT_EMBEDDING_MODEL", "RAG_SYSTEM_PROMPT", "STAGING_GRACE_SECONDS", "SUPPORTED_SUFFIXES",
     "AddReport", "Collection", "DocumentError", "DocumentInfo", "Embedder", "Evidence", "ExtractedText",
     "IndexSettings", "Progress", "RagAnswer", "RagError", "SearchHit", "Source", "TextSpan", "VectorIndex",
     "ask", "best_sentence", "build_rag_messages", "content_words", "default_embedding_model_path",

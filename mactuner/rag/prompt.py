@@ -2,9 +2,10 @@
 
 The prompt (see ``docs/notes/rag.md`` for the measurements behind it) is built
 for models as small as the built-in SmolLM2-135M-Instruct: a short system
-instruction, then one user turn holding the numbered sources and, last, the
-question. Small models copy long instructions into their answers, so the
-instruction is two sentences and says nothing the model could parrot as a fact.
+instruction, then one user turn holding the numbered sources, the question and a
+one-line cue to answer from the sources. Small models copy long instructions and
+talk about "the sources" in their answers, so the instruction is two sentences
+and says nothing the model could parrot as a fact.
 
 Retrieved text is data, never instructions: the system prompt is fixed and
 separate, and every document is escaped (:func:`escape_document`) so it cannot
@@ -34,6 +35,9 @@ RAG_SYSTEM_PROMPT = (
     "Answer the question in one or two sentences, using only the sources. "
     "Cite the source you used by its number, like [1]."
 )
+# the line after the question: without it SmolLM2-135M answers from its own memory far more often
+# (docs/notes/rag.md: 1 of 6 hard questions right without it, 3 of 5 with it)
+ANSWER_CUE = "Answer from the sources above."
 
 
 def escape_document(text: str, special_tokens: Iterable[str] = ()) -> str:
@@ -64,8 +68,8 @@ def build_rag_messages(question: str, hits: Sequence[SearchHit], *, special_toke
 
     Each source is an escaped, numbered ``<source id="N" file="…">`` block (see
     :func:`escape_document`); sources past ``max_context_chars`` are left out so
-    the prompt fits a small model's context. The question comes last, where a
-    small model attends to it best.
+    the prompt fits a small model's context. The question comes after the
+    sources, followed only by the one-line :data:`ANSWER_CUE`.
     """
     special_tokens = list(special_tokens)
     blocks, used = [], 0
@@ -77,7 +81,7 @@ def build_rag_messages(question: str, hits: Sequence[SearchHit], *, special_toke
         file = escape_document(hit.file, special_tokens).replace('"', "&quot;")
         blocks.append(f'<source id="{number}" file="{file}">\n{body}\n</source>')
     context = "\n\n".join(blocks) if blocks else "(no sources found)"
-    user = f"{context}\n\nQuestion: {escape_document(' '.join(question.split()), special_tokens)}"
+    user = f"{context}\n\nQuestion: {escape_document(' '.join(question.split()), special_tokens)}\n{ANSWER_CUE}"
     return [{"role": "system", "content": RAG_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
