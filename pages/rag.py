@@ -24,11 +24,14 @@ def collection_ui() -> rag.Collection | None:
         size = left.number_input("Chunk size (characters)", 100, 4000, 800, 50, key="rag_chunk_size")
         overlap = right.number_input("Overlap (characters)", 0, 2000, 120, 10, key="rag_overlap")
         if st.button("Create collection", key="rag_create"):
-            if not name.strip():
-                st.error("Type a name for the new collection first (letters or digits, e.g. handbook).")
-            else:
+            try:
+                if not name.strip():
+                    raise ValueError("Type a name for the new collection first (letters or digits, e.g. handbook).")
                 created = rag.Collection.create(name, rag.IndexSettings(chunk_size=int(size),
                                                                         chunk_overlap=int(overlap)))
+            except (ValueError, rag.RagError) as exc:  # an unusable or taken name: say so, keep the page
+                st.error(str(exc))
+            else:
                 st.session_state["rag_collection"] = created.name
                 names = rag.list_collections()
     if not names:

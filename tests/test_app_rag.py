@@ -96,5 +96,7 @@ def test_odd_collection_names(name):
     assert not at.exception, at.exception
     if name == "///":
         assert any("letters or digits" in e.value for e in at.error)
+        # the message sits in the form; the rest of the page is still there
+        assert any("Create a collection to start" in i.value for i in at.info) and rag.list_collections() == []
     else:
         assert rag.list_collections() == ["escape"]

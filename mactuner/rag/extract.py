@@ -59,7 +59,7 @@ def safe_collection_name(name: str) -> str:
     text = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode("ascii").strip()
     text = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")[:80]
     if not text:
-        raise ValueError(f"a collection name needs letters or digits, got {name!r}")
+        raise ValueError(f"a collection name needs letters or digits (e.g. handbook), got {name!r}")
     return text
 
 
