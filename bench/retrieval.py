@@ -21,7 +21,7 @@ The real corpus also gives the embedding throughput (chunks/s) on ``--device``.
 
 Target (issue 5): recall@10 ≥ 0.95 at ≤ 10 ms per query at 100k chunks.
 
-    .venv/bin/python bench/retrieval.py [--device cpu] [--queries 200] [--real-chunks 1000]
+    .venv/bin/python -m bench.retrieval [--device cpu] [--queries 200] [--real-chunks 1000]
 """
 
 from __future__ import annotations
@@ -30,17 +30,15 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mactuner.rag import VectorIndex, load_embedder, split_text
 
-from mactuner.rag import VectorIndex, load_embedder, split_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DIM = 384
 SAMPLES = ROOT / "tests" / "data" / "third_party" / "llama-factory"

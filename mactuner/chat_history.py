@@ -71,7 +71,7 @@ def load_history(key: str) -> list[dict[str, Any]]:
 def save_history(key: str, history: list[dict[str, Any]], **choice: Any) -> Path:
     """Write the conversation of ``key`` atomically; ``choice`` (model, adapter…) is stored beside it for people."""
     data = {"version": FORMAT_VERSION, **{k: str(v) if isinstance(v, Path) else v for k, v in choice.items()},
-            "history": history}  # fmt: skip
+            "history": history}
     return write_json_atomic(history_file(key), data)
 
 
@@ -131,7 +131,7 @@ def finish_note(stats: dict[str, Any]) -> str | None:
     reason = stats.get("finish_reason")
     if reason == "length":
         return (f"Cut off at the token limit ({stats.get('new_tokens', 0)} tokens): raise *Max new tokens* "
-                "under Generation settings for longer answers.")  # fmt: skip
+                "under Generation settings for longer answers.")
     if reason == "cancelled":
         return "Stopped before the end."
     return None

@@ -117,7 +117,7 @@ def answer_ui(prompt: str, history: list[dict], key: str, choice: dict, names: l
                 finally:
                     record_answer(reply, who, stream)
                     save_history(key, [*history, turn, reply], model=choice["model"], adapter=choice["adapter"],
-                                 compare=len(names) > 1)  # fmt: skip
+                                 compare=len(names) > 1)
                 answer_footer(reply["stats"][who])
         stop.empty()
     history += [turn, reply]
@@ -138,6 +138,6 @@ history_id, history = history_ui(model, adapter, compare)
 show_history(history, names)
 if prompt := st.chat_input("Ask something", key="chat_input"):
     answer_ui(prompt, history, history_id, {"model": model, "adapter": adapter, "sources": {"base": "", "fine-tuned": adapter}},
-              names, device, settings)  # fmt: skip
+              names, device, settings)
 st.button("New chat", key="chat_new", disabled=not history, on_click=clear_history, args=(history_id,),
-          help="Forget this conversation (it is kept per model choice, across reloads).")  # fmt: skip
+          help="Forget this conversation (it is kept per model choice, across reloads).")

@@ -10,13 +10,9 @@ from mactuner.chat import GenerationSettings, list_adapters
 from mactuner.models import DEFAULT_MODEL
 from pages.chat_models import loaded_model, release_on_device_switch
 from pages.common import device_or_stop
+from pages.rag_cache import embedder, open_collection
 
 UPLOAD_TYPES = sorted(suffix.lstrip(".") for suffix in rag.SUPPORTED_SUFFIXES)
-
-
-@st.cache_resource(show_spinner="Loading the embedding model…", max_entries=2)
-def embedder(model: str, device: str) -> rag.Embedder:
-    return rag.load_embedder(model, device=device)
 
 
 def collection_ui() -> rag.Collection | None:
@@ -27,15 +23,25 @@ def collection_ui() -> rag.Collection | None:
         left, right = st.columns(2)
         size = left.number_input("Chunk size (characters)", 100, 4000, 800, 50, key="rag_chunk_size")
         overlap = right.number_input("Overlap (characters)", 0, 2000, 120, 10, key="rag_overlap")
-        if st.button("Create collection", key="rag_create") and name:
-            created = rag.Collection.create(name, rag.IndexSettings(chunk_size=int(size), chunk_overlap=int(overlap)))
-            st.session_state["rag_collection"] = created.name
-            names = rag.list_collections()
+        if st.button("Create collection", key="rag_create"):
+            try:
+                if not name.strip():
+                    raise ValueError("Type a name for the new collection first (letters or digits, e.g. handbook).")
+                created = rag.Collection.create(name, rag.IndexSettings(chunk_size=int(size),
+                                                                        chunk_overlap=int(overlap)))
+            except (ValueError, rag.RagError) as exc:  # an unusable or taken name: say so, keep the page
+                st.error(str(exc))
+            else:
+                st.session_state["rag_collection"] = created.name
+                names = rag.list_collections()
     if not names:
         st.info("Create a collection to start.")
         return None
     chosen = st.selectbox("Collection", names, key="rag_collection")
-    return rag.Collection.open(chosen)
+    collection = open_collection(chosen)
+    for problem in collection.problems:
+        st.warning(problem)
+    return collection
 
 
 def index_ui(collection: rag.Collection, device) -> None:
@@ -92,6 +98,18 @@ def answer_settings_ui() -> tuple[str, str, int, int]:
     return model, adapter, top_k, max_new
 
 
+def show_checks(last: dict) -> None:
+    """Under the answer: which sources it states (when it cites none), or the top source's best sentence
+    as evidence when it does not state what that source says."""
+    if last.get("supported_by") and not last.get("citations"):
+        st.caption(f"Matches {', '.join(f'[{n}]' for n in last['supported_by'])} (checked by MacTuner: the model "
+                   "did not cite a source)")
+    if evidence := last.get("evidence"):
+        st.info(f"**Evidence** from source [{evidence['source']}] {evidence['file']} · {evidence['position']}:\n\n"
+                f"> {evidence['sentence']}\n\nThe answer above does not repeat the top source; this is its "
+                "sentence closest to the question.")
+
+
 def show_sources(sources: list[dict]) -> None:
     st.markdown("**Sources**")
     for number, hit in enumerate(sources, start=1):
@@ -124,11 +142,15 @@ try:
                          loaded_model(model, adapter, device, "Chat model"), top_k=top_k,
                          settings=GenerationSettings(max_new_tokens=max_new, temperature=0.0))
         st.write_stream(answer)
-        st.session_state["rag_last"] = {"question": question, "answer": answer.text,
+        evidence = answer.evidence.to_dict() if answer.evidence else None
+        st.session_state["rag_last"] = {"question": question, "answer": answer.text, "evidence": evidence,
+                                        "citations": answer.citations, "supported_by": answer.supported_by,
                                         "sources": [hit.to_dict() for hit in answer.sources]}
+        show_checks(st.session_state["rag_last"])
         show_sources(st.session_state["rag_last"]["sources"])
     elif last := st.session_state.get("rag_last"):
         st.markdown(f"**{last['question']}**\n\n{last['answer']}")
+        show_checks(last)
         show_sources(last["sources"])
 except (rag.RagError, ValueError, RuntimeError, OSError) as exc:
     st.error(str(exc))

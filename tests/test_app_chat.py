@@ -95,7 +95,7 @@ def test_compare_mode_each_side_keeps_its_own_conversation(varied_model_dir, tin
     tokenizer = AutoTokenizer.from_pretrained(varied_model_dir)
     for who in ("base", "fine-tuned"):
         own = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first["answers"][who]},
-               {"role": "user", "content": "And then?"}]  # fmt: skip
+               {"role": "user", "content": "And then?"}]
         expected = len(tokenizer.apply_chat_template(own, add_generation_prompt=True, return_dict=True)["input_ids"])
         assert second["stats"][who]["prompt_tokens"] == expected, who
 

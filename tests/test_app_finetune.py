@@ -209,7 +209,7 @@ def test_before_the_first_step_the_live_view_shows_the_trainers_stage(trained_ru
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         path = copy_run(trained_run, "loading", state="running", pid=sleeper.pid, step=0, total_steps=64,
-                        started_at=time.time(), message="Loading the model…")  # fmt: skip
+                        started_at=time.time(), message="Loading the model…")
         (path / "metrics.jsonl").write_text("")
         (path / "process.json").write_text(
             json.dumps({"pid": sleeper.pid, "create_time": psutil.Process(sleeper.pid).create_time()})

@@ -3,7 +3,6 @@ removing a document, and a library error shown as a message."""
 
 from __future__ import annotations
 
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -56,11 +55,25 @@ def test_index_a_folder_ask_and_remove(tiny_embedder_dir, tiny_model_dir, tmp_pa
     assert last["sources"][0]["file"] == "llamas.md"
     labels = [e.label for e in at.expander]
     assert any(label.startswith("[1] llamas.md · line 1, chunk 0 · score") for label in labels)
+    # the tiny random model's answer does not state what the source says: the page shows the source's
+    # sentence that best matches the question as the answer's evidence
+    assert last["evidence"]["source"] == 1 and last["evidence"]["sentence"] in last["sources"][0]["text"]
+    assert any("Evidence" in i.value and last["evidence"]["sentence"] in i.value for i in at.info)
 
     at.selectbox(key="rag_remove_choice").select(rag.Collection.open("notes").documents()[0].id)
     button(at, "rag_remove").click().run()
     assert not at.exception, at.exception
     assert rag.Collection.open("notes").documents() == []
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_create_with_an_empty_name_says_so(name):
+    at = open_page()
+    at.text_input(key="rag_new_name").input(name)
+    button(at, "rag_create").click().run()
+    assert not at.exception, at.exception
+    assert any("Type a name for the new collection" in e.value for e in at.error)
+    assert rag.list_collections() == []
 
 
 def test_library_errors_are_shown(tiny_embedder_dir):
@@ -80,5 +93,7 @@ def test_odd_collection_names(name):
     assert not at.exception, at.exception
     if name == "///":
         assert any("letters or digits" in e.value for e in at.error)
+        # the message sits in the form; the rest of the page is still there
+        assert any("Create a collection to start" in i.value for i in at.info) and rag.list_collections() == []
     else:
         assert rag.list_collections() == ["escape"]

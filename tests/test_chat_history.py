@@ -36,7 +36,7 @@ def test_each_model_sees_only_its_own_answers():
     ]
     tuned = conversation(HISTORY, "fine-tuned")
     assert [m["content"] for m in tuned] == ["What is the capital of Quenmark?", "Lumetta.", "Say it again.", "Lumetta.",
-                                             "Once more?"]  # fmt: skip
+                                             "Once more?"]
     # an empty answer is not replaced by the other side's
     empty = [HISTORY[0], {"role": "assistant", "answers": {"base": "", "fine-tuned": "Lumetta."}}, HISTORY[4]]
     assert "Lumetta." not in str(conversation(empty, "base"))
@@ -44,7 +44,7 @@ def test_each_model_sees_only_its_own_answers():
 
 def test_keys_are_per_choice_and_stable(tmp_path):
     keys = {history_key("m"), history_key("m", "/runs/r1/adapter"), history_key("m", "/runs/r1/adapter", True),
-            history_key("m", "/runs/r1/checkpoints/step-00000030"), history_key("other")}  # fmt: skip
+            history_key("m", "/runs/r1/checkpoints/step-00000030"), history_key("other")}
     assert len(keys) == 5 and history_key("m", "/runs/r1/adapter") == history_key("m", "/runs/r1/adapter")
     assert history_key("m", "/runs/r1/checkpoints/step-00000030").startswith("r1-step-00000030-")
     with pytest.raises(ValueError):

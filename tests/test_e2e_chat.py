@@ -62,7 +62,7 @@ def quenmark_run(mactuner_home, smollm2_path, tmp_path):
     dataset = tmp_path / "quenmark_capital.jsonl"
     dataset.write_text("\n".join(rows) + "\n")
     config = TrainConfig(dataset=str(dataset), device="cpu", max_steps=16, batch_size=len(rows), learning_rate=2e-3,
-                         lora_rank=16, lora_alpha=32, warmup_steps=1, val_fraction=0.0, save_every=0, max_length=128)  # fmt: skip
+                         lora_rank=16, lora_alpha=32, warmup_steps=1, val_fraction=0.0, save_every=0, max_length=128)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a CPU shared with other jobs, more threads than free cores is much slower
     try:

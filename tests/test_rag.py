@@ -10,10 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +22,6 @@ from mactuner.rag import (
     Collection,
     DocumentError,
     IndexSettings,
-    RagError,
     SearchHit,
     VectorIndex,
     build_rag_messages,
@@ -256,9 +253,9 @@ def test_large_collection_uses_ivf_and_keeps_its_centroids(tiny_embedder, tiny_e
     query = lines[123]
     hits = collection.search(query, tiny_embedder, top_k=3)
     assert hits[0].text == query and hits[0].line == 124
-    # a fresh object reuses the saved partitions and finds the same
-    rag._INDEX_CACHE.clear()
+    # a fresh object (nothing shared in memory) reuses the saved partitions and finds the same
     reopened = Collection.open("big")
+    assert reopened._index is None
     assert [h.text for h in reopened.search(query, tiny_embedder, top_k=3)] == [h.text for h in hits]
     assert np.array_equal(reopened.index("cpu").centroids.numpy(), centroids)
 
@@ -274,6 +271,9 @@ def test_command_line_ask_json(tiny_embedder_dir, tiny_model_dir, capsys):
     answer = json.loads(capsys.readouterr().out)
     assert answer["sources"][0]["file"] == "moon.txt" and answer["sources"][0]["position"] == "line 1, chunk 0"
     assert answer["answer"] and answer["stats"]["new_tokens"] >= 1 and answer["device"] == "cpu"
+    # the tiny random model's answer states nothing of the source: the evidence is the source's own sentence
+    assert answer["evidence"]["sentence"] == "The Moon orbits the Earth every 27 days."
+    assert answer["evidence"]["source"] == 1 and answer["supported_by"] == [] and answer["citations"] == []
 
 
 def test_ivf_index_matches_exact_search_on_clustered_vectors():
@@ -420,7 +420,11 @@ def test_ask_answers_from_the_right_article(wiki_collection, minilm, smollm2_pat
     assert len(pieces) > 1 and "".join(pieces) == answer.text
     assert answer.sources[0].line == 27 and "Austin" in answer.sources[0].text
     assert answer.messages[0]["content"] == rag.RAG_SYSTEM_PROMPT
-    assert "[1]" in answer.messages[1]["content"] or '<source id="1"' in answer.messages[1]["content"]
+    # the model saw the sources numbered in retrieval order, the best one first, and the question last
+    user = answer.messages[1]["content"]
+    assert user.startswith('<source id="1" file="wiki_demo.txt">\n' + escape_document(answer.sources[0].text))
+    assert user.count('<source id="') == len(answer.sources) == 3
+    assert user.endswith("Question: What is the capital city of Texas?\n" + rag.ANSWER_CUE)
     # with only the best chunk to go on, the 135M model answers from it (with three, it may
     # pick up Alabama's capital from the runner-up chunk on the full file: a small model's limit)
     focused = rag.ask(wiki_collection, "What is the capital city of Texas?", minilm, loaded, top_k=1,

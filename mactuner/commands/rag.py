@@ -140,11 +140,18 @@ def _ask(args) -> int:
         if not args.json:
             print(piece, end="", flush=True)
     if args.json:
-        print(json.dumps({"question": args.question, "answer": answer.text,
+        evidence = answer.evidence
+        print(json.dumps({"question": args.question, "answer": answer.text, "citations": answer.citations,
+                          "supported_by": answer.supported_by,
+                          "evidence": evidence.to_dict() if evidence else None,
                           "sources": [h.to_dict() for h in answer.sources],
                           "model": loaded.source, "device": str(embedder.device),
                           "stats": answer.stream.stats.to_dict()}, indent=2))
         return 0
+    if answer.evidence:
+        e = answer.evidence
+        print(f"\n\nEvidence [{e.source}] {e.file}, {e.position} (the answer does not repeat the top source):"
+              f"\n    {e.sentence}")
     print("\n\nSources:")
     for number, hit in enumerate(answer.sources, start=1):
         print(f"[{number}] {hit.file}, {hit.position} (score {hit.score:.3f}): {hit.text[:160]}…")

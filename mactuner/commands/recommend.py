@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")
     parser.add_argument("--write", metavar="CONFIG.yaml", default=None,
                         help="also save the settings as a training config (needs --dataset); "
-                        "run it with `python -m mactuner train CONFIG.yaml`")  # fmt: skip
+                        "run it with `python -m mactuner train CONFIG.yaml`")
 
 # the trainer's own wording (mactuner.train), so both commands report a broken row alike
 SKIPPED_SHOWN = 20
@@ -59,7 +59,7 @@ def write_config(rec, dataset: str, path: str):
     from mactuner.config import TrainConfig
 
     values = {**rec.train_config_values(), "model": rec.model, "dataset": str(Path(dataset).resolve()),
-              "device": rec.device}  # fmt: skip
+              "device": rec.device}
     config = TrainConfig.from_dict({**TrainConfig().to_dict(), **values})
     config.save(path)
     return config
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         rec = recommend_hyperparameters(
             args.model, args.dataset, args.device, summary=summary, free_memory=free,
             trust_remote_code=args.trust_remote_code,
-        )  # fmt: skip
+        )
         config = write_config(rec, args.dataset, args.write) if args.write else None
     except (ModelSourceError, DatasetError, RuntimeError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_recommendation(rec, summary))
     if config is not None:
         print(f"Wrote {args.write}; train with: python -m mactuner train {args.write}",
-              file=sys.stderr if args.json else sys.stdout)  # fmt: skip
+              file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -113,7 +113,7 @@ def format_recommendation(rec, summary=None) -> str:
     ]
     if summary is not None and summary.problems:
         lines.append(f"Data    {summary.rows} of {summary.total_rows} rows usable "
-                     f"({len(summary.problems)} skipped, listed above)")  # fmt: skip
+                     f"({len(summary.problems)} skipped, listed above)")
     elif rec.dataset_rows is not None:
         lines.append(f"Data    {rec.dataset_rows} rows")
     lines.append("")

@@ -80,7 +80,7 @@ def recommended_values(model: str | None, dataset: str, device: str | None) -> d
     for warning in recommendation.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {**TrainConfig().to_dict(), **recommendation.train_config_values(),
-            "model": model or DEFAULT_MODEL, "dataset": str(dataset), "device": recommendation.device}  # fmt: skip
+            "model": model or DEFAULT_MODEL, "dataset": str(dataset), "device": recommendation.device}
 
 
 def build_config(args: argparse.Namespace):
