@@ -3,12 +3,17 @@
 :func:`estimate_memory` predicts the peak memory of a training run from the
 model's shapes alone (:class:`mactuner.models.ModelFootprint`) and the run's
 settings, broken down into the weights; the trainable parameters with their
-gradients and AdamW state; the activations kept for the backward pass (with the
-logits); and a fixed runtime overhead. Its constants were measured on
-MacTuner's own trainer (``mactuner.train``), whose choices it mirrors: frozen
-weights in the compute dtype, LoRA adapters in float32, full fine-tuning in
-float32 under autocast, logits computed only where a token is trained.
-``tests/test_recommend.py`` checks it against the peak of real runs (±25 %).
+gradients and AdamW state; the activations kept for the backward pass and the
+LM-head loss; and the runtime's own memory. It mirrors what MacTuner's trainer
+(``mactuner.training``) allocates: frozen weights in the compute dtype, LoRA
+adapters in the compute dtype with float32 master weights only when that dtype
+is 16-bit, logits computed only where a token is trained and at most
+``LOSS_CHUNK_TOKENS`` at a time, and on the CPU a heap that returns large freed
+blocks (``devices.limit_host_heap_growth``). What it predicts is what a person
+sees: on the CPU the training process's whole resident memory (Python, torch
+and transformers included); on a GPU the device memory the process takes, its
+CUDA context included. ``tests/test_recommend.py`` checks it against the peak of
+real runs in float32 and in bfloat16, with and without gradient checkpointing (±25 %).
 
 :func:`recommend_hyperparameters` picks settings that fit the device's free
 memory, each with a one-line reason.
@@ -25,28 +30,33 @@ import torch
 
 from mactuner.devices import parse_dtype
 from mactuner.models import ModelFootprint
+from mactuner.training.losses import LOSS_CHUNK_TOKENS
 
 GB = 1024**3
 MB = 1024**2
 
-# --- constants measured on MacTuner's trainer (SmolLM2-135M, CPU; see the test) ---------
-# bytes kept per token and per transformer block, in units of the compute dtype's size:
-# the MLP keeps about four intermediate-wide tensors (gate, up, activation, product)
-# and the attention about two hidden-wide ones
+# --- the trainer's allocations, per token and per transformer block -----------------------
+# bytes kept for the backward pass, in units of the compute dtype's size: the MLP keeps about
+# four intermediate-wide tensors (gate, up, activation, product) and the attention about two
+# hidden-wide ones. Measured on SmolLM2-135M (CPU, batch 4, 256 -> 512 tokens): 0.84 MiB per
+# token in float32 (formula: 0.90) and 0.48 MiB in bfloat16 (formula: 0.48).
 _ACT_HIDDEN = 2
 _ACT_INTERMEDIATE = 4
 # RMSNorm computes in float32 and keeps a float32, hidden-wide tensor per token
 _ACT_FLOAT32_HIDDEN = 1
-# per trained token and vocabulary entry, the logits in the compute dtype plus
-# float32 tensors of the cross-entropy alive at its peak: on the CPU one (the
-# log-softmax; the gradient of the loss is a zero-filled tensor whose untouched
-# pages never become resident), on a GPU three (log-softmax, the loss's gradient
-# and the log-softmax's gradient all count in max_memory_allocated)
-_LOGIT_FLOAT32_COPIES = {"cpu": 1, "cuda": 3, "mps": 3}
-# what a training process holds besides tensors: the tokenizer, the tokenized
-# data, the CPU kernels' workspaces (the CUDA context is not in max_memory_allocated)
-_CPU_OVERHEAD = 128 * MB
-_GPU_OVERHEAD = 64 * MB
+# the chunked LM-head loss, per trained token of one chunk and per vocabulary entry: the
+# float32 logits and their softmax-minus-one-hot (in place), plus the cast back to the
+# compute dtype for the hidden states' gradient. Measured: 11 bytes in float32.
+_LOSS_FLOAT32_COPIES = 2
+# what a training process holds besides its tensors. CPU and MPS (unified memory): Python,
+# torch, transformers and peft once imported (457 MiB measured on Linux) plus the tokenizer,
+# the data and kernel workspaces (about 90 MiB measured). CUDA: the context that the driver
+# creates on the device (not in torch's counters; a few hundred MB, not measured here) plus
+# cuBLAS workspaces.
+_RUNTIME_IMPORTS = 457 * MB
+_CPU_WORKSPACE = 96 * MB
+_CUDA_CONTEXT = 500 * MB
+_GPU_WORKSPACE = 64 * MB
 # AdamW: two float32 moments per trainable parameter
 _ADAM_BYTES = 8
 
@@ -73,12 +83,13 @@ class MemoryEstimate:
 
     Attributes:
         weights: the model's weights (frozen or not) in their storage dtype.
-        trainable: trainable parameters' float32 copies (LoRA) plus their gradients
-            and AdamW's two moments; for full fine-tuning, gradients, moments and
-            autocast's low-precision weight copies.
+        trainable: the adapter and its gradient (plus float32 master weights and their
+            gradients when it computes in 16 bits) and AdamW's two moments; for full
+            fine-tuning, gradients, moments and autocast's low-precision weight copies.
         activations: tensors kept for the backward pass at the longest micro-batch,
-            including the logits and the cross-entropy.
-        overhead: the runtime's own memory (tokenizer, data, kernel workspaces).
+            and one chunk of the LM-head loss.
+        overhead: the runtime's own memory: on the CPU and MPS the imported libraries,
+            the tokenizer, the data and kernel workspaces; on CUDA the context and workspaces.
     """
 
     weights: int
@@ -157,36 +168,37 @@ def estimate_memory(
         weights = footprint.num_parameters * 4
         autocast_copies = footprint.num_parameters * b if compute != torch.float32 else 0
         trainable = footprint.num_parameters * (4 + _ADAM_BYTES) + autocast_copies
-        adapter_inputs = 0
-        b_act = b
+        adapter_activations = 0
     else:
+        # QLoRA keeps embeddings, head and norms in the compute dtype (training.qlora)
         weights = footprint.weight_bytes(compute, quantized_4bit=method == "qlora")
         lora = footprint.lora_parameters(lora_rank, target_modules)
-        # float32 adapter weights, their float32 gradients and AdamW's moments
-        trainable = lora * (4 + 4 + _ADAM_BYTES)
-        # the float32 adapter casts its input to float32 and keeps that copy (when the
-        # base is not float32 already), plus its rank-wide hidden vector
-        adapter_inputs = 0
-        for name in _target_names(footprint, target_modules):
-            shapes = footprint.linear_shapes.get(name, [])
-            per_layer = len(shapes) / layers
-            in_features = shapes[0][0] if shapes else h
-            adapter_inputs += per_layer * ((4 * in_features if compute != torch.float32 else 0) + 4 * lora_rank)
-        b_act = b
+        # the adapter in the compute dtype with its gradient; a 16-bit adapter adds float32
+        # master weights and their gradients; AdamW's moments are float32
+        master = 4 + 4 if compute != torch.float32 else 0
+        trainable = lora * (b + b + master + _ADAM_BYTES)
+        # each adapter keeps its rank-wide hidden vector (its input is the layer's own input,
+        # already kept: no float32 copy of it exists)
+        targets = _target_names(footprint, target_modules)
+        adapter_activations = sum(len(footprint.linear_shapes.get(name, [])) / layers for name in targets) * b * lora_rank
 
     # activations kept per token and per block
-    block = b_act * (_ACT_HIDDEN * h + _ACT_INTERMEDIATE * i) + 4 * _ACT_FLOAT32_HIDDEN * h + adapter_inputs
+    block = b * (_ACT_HIDDEN * h + _ACT_INTERMEDIATE * i) + 4 * _ACT_FLOAT32_HIDDEN * h + adapter_activations
     if gradient_checkpointing:
         # each block's input is kept; one block at a time is recomputed in full
-        kept = tokens * (layers * b_act * h + block)
+        kept = tokens * (layers * b * h + block)
     else:
         kept = tokens * layers * block
-    # logits only where a token is trained, in the compute dtype then float32 copies
-    logits = trained * footprint.vocab_size * (b_act + 4 * _LOGIT_FLOAT32_COPIES.get(device_type, 3))
+    # the LM head's loss runs where a token is trained, one chunk of tokens at a time
+    loss = min(trained, LOSS_CHUNK_TOKENS) * footprint.vocab_size * (4 * _LOSS_FLOAT32_COPIES + b)
     # the final norm and the embedding output
-    ends = tokens * h * (4 + b_act)
-    activations = int(kept + logits + ends)
-    overhead = _CPU_OVERHEAD if device_type == "cpu" else _GPU_OVERHEAD
+    ends = tokens * h * (4 + b)
+    activations = int(kept + loss + ends)
+    if device_type == "cuda":
+        overhead = _CUDA_CONTEXT + _GPU_WORKSPACE
+    else:
+        # CPU, and MPS whose unified memory is the same RAM the process lives in
+        overhead = _RUNTIME_IMPORTS + _CPU_WORKSPACE
     return MemoryEstimate(int(weights), int(trainable), activations, overhead)
 
 
