@@ -2,11 +2,12 @@
 
 import streamlit as st
 
-from mactuner.chat import GenerationSettings, list_adapters, stream_chat
+from mactuner.chat import GenerationSettings, list_adapters
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
-from pages.chat_models import loaded_model, release_on_device_switch
+from pages.chat_models import answer_stream, loaded_model, release_on_device_switch
 from pages.common import device_or_stop
+from pages.export_ui import chat_source_ui
 
 HISTORY = "chat_history"  # [{"role": "user", "content"} | {"role": "assistant", "answers": {who: text}, "stats": {who: dict}}]
 
@@ -19,7 +20,7 @@ def model_ui():
     adapters = {choice.label: str(choice.path) for choice in list_adapters()}
     label = right.selectbox("Fine-tuned adapter", ["(none)", *adapters], key="chat_adapter",
                             help="A finished run's adapter or one of its checkpoints.")
-    adapter = adapters.get(label, "")
+    adapter = chat_source_ui() or adapters.get(label, "")  # an exported model replaces the adapter
     compare = st.toggle("Compare base and fine-tuned side by side", key="chat_compare", disabled=not adapter)
     return model, adapter, compare and bool(adapter)
 
@@ -94,7 +95,7 @@ if prompt := st.chat_input("Ask something", key="chat_input"):
                     st.caption(who)
                 try:
                     loaded = loaded_model(model, sources[who], device, who)
-                    stream = stream_chat(loaded, conversation(history, who), settings)
+                    stream = answer_stream(loaded, conversation(history, who), settings)
                     st.write_stream(stream)
                 except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:
                     history.pop()
