@@ -254,6 +254,13 @@ def run_system_prompt(adapter: str | os.PathLike | None) -> str | None:
 # ---------------------------------------------------------------- export
 
 
+def _recorded_base(merged: Path) -> str:
+    try:
+        return str(json.loads((merged / "mactuner_variant.json").read_text()).get("base", "its base model"))
+    except (OSError, ValueError):
+        return "its base model"
+
+
 def _is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
@@ -340,14 +347,15 @@ def export_gguf(
     if adapter_path is not None and not adapter_path.is_dir():
         raise ExportError(f"{adapter_path} is not a folder; pick a run's adapter/ or checkpoints/step-N folder.")
     system = system_prompt if system_prompt is not None else run_system_prompt(adapter_path)
-    scratch = fileio.unique_temp_name(paths.exports_dir() / "gguf-merge", prefix=fileio.STAGING_PREFIX)
+    # the merge goes beside the target (same disk, removed at the end; hidden while it exists)
+    scratch = fileio.unique_temp_name(target.parent / "merge", prefix=fileio.STAGING_PREFIX)
     tmp = fileio.unique_temp_name(target.parent / "export.gguf")
     try:
         if adapter_path is not None and _is_adapter(adapter_path):
             if progress:
                 progress("Merging the adapter into its base model…", 0.0)
             source_dir = merge_adapter(adapter_path, scratch, base=model)
-            source = f"adapter {adapter_path} on {json.loads((source_dir / 'mactuner_variant.json').read_text())['base']}"
+            source = f"adapter {adapter_path} on {_recorded_base(source_dir)}"
         else:
             folder = adapter_path if adapter_path is not None else merged
             source_dir = Path(folder).expanduser() if folder else Path(_resolve_source(model))

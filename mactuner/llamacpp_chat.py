@@ -170,6 +170,7 @@ class GGUFChatStream:
         self.settings = settings
         self.stats = ChatStats()
         self.text = ""
+        self.token_ids: list[int] = []  # the answer's tokens (the end-of-generation token excluded)
         self._started = time.perf_counter()
         self._loaded = loaded
         self._ids = encode_gguf_prompt(loaded, messages, settings)
@@ -201,6 +202,7 @@ class GGUFChatStream:
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     stats.finish_reason = "stop"
                     break
+                self.token_ids.append(int(token))
                 piece = stops.feed(decoder.decode(llama.detokenize([token])))
                 if piece:
                     self.text += piece

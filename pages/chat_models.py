@@ -44,7 +44,9 @@ def _load(model: str, adapter: str, device, progress):
 
 
 def _release(loaded) -> None:
-    if hasattr(loaded, "close") and not hasattr(loaded, "tokenizer"):
+    from mactuner.llamacpp_chat import GGUFModel
+
+    if isinstance(loaded, GGUFModel):
         loaded.close()  # llama.cpp frees its model and context at once
     else:
         release_model(loaded)

@@ -13,6 +13,7 @@ import streamlit as st
 
 from mactuner import runs
 from pages.common import memory_monitor
+from pages.eval_ui import compare_ui, evaluate_ui
 
 MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
 LIVE_REFRESH_S = 1.0  # while a run trains
@@ -105,12 +106,14 @@ def run_ui(run: runs.RunInfo) -> None:
     actions_ui(run)
     charts_ui(tail)
     checkpoints_ui(run)
+    evaluate_ui(run)
 
 
 def runs_ui() -> None:
     """Every run and the live view of the selected one: redrawn every second while a run trains, else every few."""
     live = any(r.is_running for r in runs.list_runs())
     st.fragment(run_every=LIVE_REFRESH_S if live else IDLE_REFRESH_S)(runs_view)(live)
+    compare_ui()
 
 
 def runs_view(live: bool) -> None:

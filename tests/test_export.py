@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from mactuner.chat import GenerationSettings, chat, load_chat_model
+from mactuner.chat import GenerationSettings
 from mactuner.export import (
     ExportError,
     export_gguf,
@@ -54,14 +54,6 @@ def f16_export(varied_model_dir, tiny_adapter, tmp_path_factory):
     return result
 
 
-def torch_greedy(model_dir, messages=QUESTION, tokens=16) -> tuple[list[int], str]:
-    """Greedy token ids and text of the float32 torch model."""
-    loaded = load_chat_model(str(model_dir), device="cpu", dtype=torch.float32)
-    text, stats = chat(loaded, messages, GenerationSettings(max_new_tokens=tokens, temperature=0.0))
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids, text
-
-
 def test_default_names_are_unique_per_run_and_step(tmp_path):
     run = tmp_path / "runs" / "quenmark-1"
     assert export_label(run / "adapter") == "quenmark-1-final"
@@ -76,8 +68,11 @@ def test_a_foreign_modelfile_is_not_replaced(varied_model_dir, tmp_path):
     with pytest.raises(ExportError, match="not written by MacTuner"):
         export_gguf(merged=varied_model_dir, outtype="q8_0", out=target)
     assert (tmp_path / "model.Modelfile").read_text() == "FROM llama3\n" and not target.exists()
-    with pytest.raises(ExportError, match="folder"):
-        export_gguf(merged=varied_model_dir, outtype="q8_0", out=tmp_path)
+    (tmp_path / "folder.gguf").mkdir()
+    with pytest.raises(ExportError, match="is a folder"):
+        export_gguf(merged=varied_model_dir, outtype="q8_0", out=tmp_path / "folder.gguf")
+    with pytest.raises(ExportError, match="must end in .gguf"):
+        export_gguf(merged=varied_model_dir, outtype="q8_0", out=tmp_path / "model.bin")
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -112,21 +107,27 @@ def test_exported_file_carries_template_tag_and_modelfile(f16_export, tiny_model
 @needs_llama_cpp
 def test_llama_cpp_answers_as_the_merged_model(f16_export, merged_dir):
     """The f16 file in llama.cpp, prompted with its own metadata's template: the same prompt tokens and the
-    same greedy answer as the merged float32 torch model."""
-    from transformers import AutoTokenizer
+    same greedy tokens as the merged float32 torch model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mactuner.llamacpp_chat import encode_gguf_prompt, gguf_chat, load_gguf_chat_model
+    from mactuner.llamacpp_chat import encode_gguf_prompt, load_gguf_chat_model, stream_gguf_chat
 
+    expected = AutoTokenizer.from_pretrained(merged_dir).apply_chat_template(QUESTION, add_generation_prompt=True,
+                                                                             return_dict=True)["input_ids"]
     model = load_gguf_chat_model(f16_export.path)
     try:
-        expected = AutoTokenizer.from_pretrained(merged_dir).apply_chat_template(QUESTION, add_generation_prompt=True)
         assert encode_gguf_prompt(model, QUESTION, GREEDY) == list(expected)
-        text, stats = gguf_chat(model, QUESTION, GREEDY)
+        stream = stream_gguf_chat(model, QUESTION, GREEDY)
+        text = "".join(stream)
     finally:
         model.close()
-    _, reference = torch_greedy(merged_dir)
-    assert text.strip() and text == reference
-    assert stats.new_tokens == 16 and stats.finish_reason == "length" and stats.tokens_per_second > 0
+    reference = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([expected])
+    with torch.inference_mode():
+        theirs = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+    assert text.strip() and stream.stats.finish_reason == "length" and stream.stats.new_tokens == 16
+    assert stream.token_ids == theirs.tolist()
+    assert stream.stats.tokens_per_second > 0 and stream.stats.prompt_tokens == len(expected)
 
 
 def test_transformers_loads_the_f16_file_back(f16_export, merged_dir):
@@ -163,3 +164,51 @@ def test_export_command_q8_0_of_a_model_folder(varied_model_dir, mactuner_home, 
     finally:
         model.close()
     assert stats.new_tokens == 16 and text.strip()
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_demo_run_exports_state_the_tuned_fact_in_llama_cpp(smollm2_path, mactuner_home, capsys):
+    """The Quenmark demo, trained, exported as q8_0 and f16: llama.cpp (the chat template from the file's
+    metadata) states the demo facts; the f16 file loaded back in transformers gives the merged model's
+    first 32 greedy tokens; `eval --json` shows the tuned loss below the base loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mactuner.cli import main
+    from mactuner.llamacpp_chat import gguf_chat, load_gguf_chat_model
+    from mactuner.quantize import merge_adapter
+    from tests.demo_support import demo_facts, train_demo_run
+
+    facts = demo_facts(3)
+    run = mactuner_home / "runs" / "quenmark"
+    train_demo_run(run)
+    settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    exports = {t: export_gguf(run / "adapter", outtype=t) for t in ("q8_0", "f16")}
+    assert exports["q8_0"].path.name == "quenmark-final-q8_0.gguf"
+    for outtype, result in exports.items():
+        model = load_gguf_chat_model(result.path)
+        try:
+            replies = [gguf_chat(model, [{"role": "user", "content": f["question"]}], settings)[0] for f in facts]
+        finally:
+            model.close()
+        stated = [f["answer_keyword"] for f, r in zip(facts, replies) if f["answer_keyword"].lower() in r.lower()]
+        assert len(stated) >= len(facts) - 1, (outtype, replies)
+
+    merged = merge_adapter(run / "adapter", mactuner_home / "merged")
+    question = [{"role": "user", "content": facts[0]["question"]}]
+    ids = AutoTokenizer.from_pretrained(merged).apply_chat_template(question, add_generation_prompt=True,
+                                                                    return_tensors="pt", return_dict=True)["input_ids"]
+    f16 = exports["f16"].path
+    reloaded = AutoModelForCausalLM.from_pretrained(f16.parent, gguf_file=f16.name, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ours = reloaded.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
+        theirs = reference.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
+    assert ours.tolist() == theirs.tolist()
+    assert facts[0]["answer_keyword"] in AutoTokenizer.from_pretrained(merged).decode(theirs)
+
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run / "adapter"), "--json", "--max-prompts", "3", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tuned_loss"] < out["base_loss"] / 2, (out["base_loss"], out["tuned_loss"])
+    assert out["tuned_keyword_hit"] > out["base_keyword_hit"]
