@@ -63,6 +63,7 @@ def compare_ui() -> None:
             st.caption("Pick two or more finished runs.")
             return
         rows = evaluate.compare_runs(chosen)
-        table = pd.DataFrame(rows).set_index("run").T.astype(str)  # one column per run: settings read across
+        # one column per run, settings read across; a missing figure shows as "–"
+        table = pd.DataFrame(rows).set_index("run").T.map(lambda v: "–" if v is None or v != v else str(v))
         st.dataframe(table, key="finetune_compare_table")
         st.plotly_chart(evaluate.loss_curves_figure(chosen), key="finetune_compare_chart")

@@ -17,6 +17,7 @@ def ask(at, question: str, tokens: int = 8):
     at.slider(key="chat_max_new_tokens").set_value(tokens)
     at.chat_input(key="chat_input").set_value(question).run()
     assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
     return at.session_state["chat_history"][-1]
 
 

@@ -115,5 +115,5 @@ def test_app_evaluate_button_and_compare_view(fact_runs, mactuner_home):
     assert not at.exception, at.exception
     table = frame(at, ids[1])
     assert list(table.columns) == ids and "learning_rate" in table.index
-    assert table.loc["eval tuned loss", ids[0]] != "None" and table.loc["eval tuned loss", ids[1]] == "None"
+    assert table.loc["eval tuned loss", ids[0]] != "–" and table.loc["eval tuned loss", ids[1]] == "–"
     assert at.get("plotly_chart")
