@@ -40,6 +40,7 @@ def test_variant_verdict_folder_download_and_open_in_chat(varied_model_dir, tiny
     assert not at.exception, at.exception
     assert at.title[0].value == "Chat"
     assert at.selectbox(key="chat_exported").value == "int8-dynamic · demo-run-adapter-variants/int8-dynamic"
+    at.switch_page("pages/chat.py")  # AppTest's own page pointer stays on the page it ran first
     at.text_input(key="chat_model").input(str(varied_model_dir))
     reply = ask(at, "Hello there")
     assert reply["answers"]["fine-tuned"] and reply["stats"]["fine-tuned"]["new_tokens"] > 0
@@ -61,6 +62,7 @@ def test_export_section_then_chat_compares_torch_base_and_the_gguf(varied_model_
     at.button(key="export_open_chat").click().run()
     assert not at.exception, at.exception
     assert at.selectbox(key="chat_exported").value == "GGUF · demo-run-final-q8_0.gguf"
+    at.switch_page("pages/chat.py")
     at.text_input(key="chat_model").input(str(varied_model_dir))
     at.toggle(key="chat_compare").set_value(True)
     reply = ask(at, "Hello there")
