@@ -10,8 +10,10 @@ transformers reads GGUF files with. The conversion therefore runs in a child pro
 
 What can be exported: a LoRA adapter (merged into its base model first, in float32),
 a full fine-tuning run's folder or a merged folder, or a base model alone.
-``outtype`` is one of :data:`OUTTYPES`: ``f16`` and ``bf16`` keep 16-bit weights,
-``q8_0`` stores 8-bit blocks of 32 weights (about half the size, close to f16 quality).
+``outtype`` is one of :data:`OUTTYPES`: ``f16`` (the default) and ``bf16`` keep 16-bit weights,
+``q8_0`` stores 8-bit blocks of 32 weights (about half the size). Check a q8_0 file's answers in
+llama.cpp: for SmolLM2-135M its 8-bit matmul path (activations quantized too) garbles answers that
+f16 and transformers' dequantized copy of the same file get right (measured, docs in the README).
 
 Never overwrites what MacTuner did not write: an existing ``.gguf`` is replaced only
 when it carries MacTuner's mark in its metadata (:data:`TAG_KEY`) or ``overwrite`` is
@@ -296,7 +298,7 @@ def export_gguf(
     *,
     merged: str | os.PathLike | None = None,
     model: str | None = None,
-    outtype: str = "q8_0",
+    outtype: str = "f16",
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     system_prompt: str | None = None,

@@ -13,8 +13,8 @@ from mactuner.models import DEFAULT_MODEL, ModelSourceError
 
 CHAT_OPEN = "chat_open"  # session key: a model path the Chat page selects on its next run
 ERRORS = (export.ExportError, ModelSourceError, OSError, RuntimeError, ValueError)
-OUTTYPE_HELP = {"q8_0": "q8_0 — 8-bit, about half of f16's size, close to its quality",
-                "f16": "f16 — 16-bit, the reference quality", "bf16": "bf16 — 16-bit, bfloat16 weights"}
+OUTTYPE_HELP = {"f16": "f16 — 16-bit, the reference quality", "bf16": "bf16 — 16-bit, bfloat16 weights",
+                "q8_0": "q8_0 — 8-bit, half the size; check its answers (llama.cpp garbles the built-in 135M model's)"}
 
 
 def open_in_chat(path: str | Path) -> None:
@@ -33,7 +33,7 @@ def export_section(model: str, adapter: str) -> None:
     base = model if model != DEFAULT_MODEL else None
     label = export.export_label(adapter or None, None, None if adapter else model)
     left, right = st.columns(2)
-    outtype = left.radio("Weights", export.OUTTYPES[::-1], key="export_outtype", format_func=OUTTYPE_HELP.get)
+    outtype = left.radio("Weights", export.OUTTYPES, key="export_outtype", format_func=OUTTYPE_HELP.get)
     out = right.text_input("Save as (a .gguf path; empty: the default below)", key="export_out")
     overwrite = right.checkbox("Replace a file MacTuner did not write", key="export_overwrite")
     st.caption(f"Default file: `{export.default_gguf_path(label, outtype)}` — unique per run and step; "

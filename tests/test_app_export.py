@@ -54,14 +54,14 @@ def test_export_section_then_chat_compares_torch_base_and_the_gguf(varied_model_
     at.selectbox(key="quant_adapter").set_value("demo-run · final").run()
     at.button(key="export_run").click().run()
     assert not at.exception, at.exception
-    path = mactuner_home / "exports" / "gguf" / "demo-run-final-q8_0.gguf"
-    assert path.is_file() and (mactuner_home / "exports" / "gguf" / "demo-run-final-q8_0.Modelfile").is_file()
+    path = mactuner_home / "exports" / "gguf" / "demo-run-final-f16.gguf"
+    assert path.is_file() and (mactuner_home / "exports" / "gguf" / "demo-run-final-f16.Modelfile").is_file()
     assert any(f"Saved to `{path}`" in s.value for s in at.success)
     assert any("ollama create" in c.value for c in at.code)
 
     at.button(key="export_open_chat").click().run()
     assert not at.exception, at.exception
-    assert at.selectbox(key="chat_exported").value == "GGUF · demo-run-final-q8_0.gguf"
+    assert at.selectbox(key="chat_exported").value == "GGUF · demo-run-final-f16.gguf"
     at.switch_page("pages/chat.py")
     at.text_input(key="chat_model").input(str(varied_model_dir))
     at.toggle(key="chat_compare").set_value(True)

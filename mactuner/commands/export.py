@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--merged", help="a plain transformers model folder (a merge or a full fine-tune)")
     parser.add_argument("--model", help="base model (default: the one recorded in the adapter; alone: exported as it is)")
     parser.add_argument("--format", default="gguf", choices=["gguf"], help="output format (gguf)")
-    parser.add_argument("--outtype", default="q8_0", choices=["f16", "bf16", "q8_0"],
-                        help="weights: f16 / bf16 (16-bit) or q8_0 (8-bit blocks, about half the size); default q8_0")
+    parser.add_argument("--outtype", default="f16", choices=["f16", "bf16", "q8_0"],
+                        help="weights: f16 (default) / bf16, or q8_0 (8-bit blocks, about half the size; check its "
+                             "answers: llama.cpp's 8-bit path garbles the built-in 135M model's)")
     parser.add_argument("--out", help="the .gguf file (default: MACTUNER_HOME/exports/gguf/RUN-STEP-TYPE.gguf)")
     parser.add_argument("--system", help="SYSTEM prompt for the Modelfile (default: the run's own, if it used one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file MacTuner did not write")
