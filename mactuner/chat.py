@@ -27,10 +27,8 @@ only loads, generates and frees.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -22,6 +22,8 @@ COMMANDS = {
     "rag": "index documents into a collection and ask questions over them",
     "merge": "merge an adapter into its base model and save a plain transformers folder",
     "quantize": "quantize a model and compare size, memory, speed and perplexity",
+    "export": "export a model as a GGUF file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile",
+    "eval": "evaluate a fine-tune: base vs tuned loss, perplexity and answers side by side",
 }
 
 

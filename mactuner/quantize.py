@@ -361,7 +361,8 @@ class QuantizeReport:
         return {**asdict(self), "variants": [v.to_dict() for v in self.variants]}
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per variant with display units (MB, rounded figures)."""
+        """One row per variant with display units (MB, rounded figures) and its verdict."""
+        verdicts = report_verdicts(self)
         return [
             {
                 "variant": v.name,
@@ -370,9 +371,48 @@ class QuantizeReport:
                 "tokens/s": None if v.tokens_per_second is None else round(v.tokens_per_second, 1),
                 "perplexity": None if v.perplexity is None else round(v.perplexity, 2),
                 "answer": v.answer if v.error is None else f"error: {v.error}",
+                "verdict": verdicts[v.name].text,
             }
             for v in self.variants
         ]
+
+
+# perplexity of a variant over its reference's: the verdict's thresholds (stated on the page and in the README)
+VERDICT_THRESHOLDS = ((1.05, "good"), (1.25, "acceptable"), (1.5, "worse"))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a variant is worth using, judged on perplexity against the unquantized reference."""
+
+    level: str  # "reference", "good", "acceptable", "worse", "not recommended", "failed", "unknown"
+    text: str  # e.g. "perplexity 2.8× worse: not recommended"
+    ratio: float | None = None  # variant perplexity / reference perplexity
+
+
+def variant_verdict(variant: VariantResult, reference: VariantResult | None) -> Verdict:
+    """A one-line verdict for ``variant``: within 5 % of the reference's perplexity is *good*, within 25 %
+    *acceptable*, within 50 % *worse* (check its answers), beyond that *not recommended*."""
+    if variant.error:
+        return Verdict("failed", f"not made: {variant.error}")
+    if reference is None or variant is reference:
+        return Verdict("reference", "the reference the others are compared with")
+    if variant.perplexity is None or not reference.perplexity:
+        return Verdict("unknown", "no perplexity measured")
+    ratio = variant.perplexity / reference.perplexity
+    change = f"{(ratio - 1) * 100:+.0f} %" if ratio < 1.5 else f"{ratio:.1f}× worse"
+    smaller = f", {reference.size_bytes / variant.size_bytes:.1f}× smaller" if variant.size_bytes and reference.size_bytes else ""
+    for limit, level in VERDICT_THRESHOLDS:
+        if ratio <= limit:
+            advice = {"good": "recommended", "acceptable": "usable", "worse": "check its answers before use"}[level]
+            return Verdict(level, f"perplexity {change}{smaller}: {advice}", ratio)
+    return Verdict("not recommended", f"perplexity {change}{smaller}: not recommended", ratio)
+
+
+def report_verdicts(report: QuantizeReport) -> dict[str, Verdict]:
+    """Variant name → verdict, against the report's first (unquantized) variant."""
+    reference = report.variants[0] if report.variants and report.variants[0].error is None else None
+    return {v.name: variant_verdict(v, reference) for v in report.variants}
 
 
 def folder_size(folder: str | os.PathLike) -> int:

@@ -6,12 +6,13 @@ it again; in Compare mode each side sees only its own earlier answers. Stop ends
 
 import streamlit as st
 
-from mactuner.chat import GenerationSettings, list_adapters, stream_chat
+from mactuner.chat import GenerationSettings, list_adapters
 from mactuner.chat_history import clear_history, conversation, finish_note, history_key, load_history, record_answer, save_history
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
-from pages.chat_models import loaded_model, release_on_device_switch
+from pages.chat_models import answer_stream, loaded_model, release_on_device_switch
 from pages.common import device_or_stop
+from pages.export_ui import chat_source_ui
 
 HISTORY = "chat_history"  # [{"role": "user", "content"} | {"role": "assistant", "answers": {who: text}, "stats": {who: dict}}]
 # (this session's copy of the conversation on disk for the current model choice)
@@ -25,7 +26,7 @@ def model_ui():
     adapters = {choice.label: str(choice.path) for choice in list_adapters()}
     label = right.selectbox("Fine-tuned adapter", ["(none)", *adapters], key="chat_adapter",
                             help="A finished run's adapter or one of its checkpoints.")
-    adapter = adapters.get(label, "")
+    adapter = chat_source_ui() or adapters.get(label, "")  # an exported model replaces the adapter
     compare = st.toggle("Compare base and fine-tuned side by side", key="chat_compare", disabled=not adapter)
     return model, adapter, compare and bool(adapter)
 
@@ -105,7 +106,7 @@ def answer_ui(prompt: str, history: list[dict], key: str, choice: dict, names: l
                     st.caption(who)
                 try:
                     loaded = loaded_model(choice["model"], choice["sources"][who], device, who)
-                    stream = stream_chat(loaded, conversation([*history, turn], who), settings)
+                    stream = answer_stream(loaded, conversation([*history, turn], who), settings)
                 except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:
                     st.error(str(exc))
                     st.stop()

@@ -14,6 +14,7 @@ import streamlit as st
 from mactuner import runs
 from mactuner.run_names import run_display_name, set_run_name
 from pages.common import memory_monitor
+from pages.eval_ui import compare_ui, evaluate_ui
 
 MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
 LIVE_REFRESH_S = 1.0  # while a run trains
@@ -145,6 +146,7 @@ def run_ui(run: runs.RunInfo) -> None:
     charts_ui(tail)
     checkpoints_ui(run)
     rename_ui(run)
+    evaluate_ui(run)
 
 
 def runs_ui() -> None:
@@ -153,6 +155,7 @@ def runs_ui() -> None:
         st.success(f"Started {run_display_name(started)}: it trains in the background; its live view is below.")
     live = any(r.is_running for r in runs.list_runs())
     st.fragment(run_every=LIVE_REFRESH_S if live else IDLE_REFRESH_S)(runs_view)(live)
+    compare_ui()
 
 
 def run_label(run: runs.RunInfo) -> str:

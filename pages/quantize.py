@@ -7,6 +7,7 @@ from mactuner import paths, quantize
 from mactuner.chat import list_adapters
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from pages.common import device_or_stop
+from pages.export_ui import export_section, variants_ui
 
 ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
 
@@ -45,7 +46,7 @@ def show_report(report: quantize.QuantizeReport) -> None:
         if variant.error:
             st.warning(f"{variant.name}: {variant.error}")
     st.plotly_chart(quantize.report_figure(report), key="quant_chart")
-    st.caption("Saved under: " + ", ".join(f"`{v.path}`" for v in report.variants if v.path))
+    variants_ui(report)
 
 
 st.title("Quantize and export")
@@ -87,3 +88,4 @@ if report is not None:
     show_report(report)
 else:
     st.info("Pick what to quantize and press **Quantize and compare**.")
+export_section(model, adapter)

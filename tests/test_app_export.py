@@ -1,0 +1,70 @@
+"""The Quantize page explains itself and exports: each variant's verdict, its own folder, a download and
+"Open in Chat" (which loads the variant there); the GGUF Export section saves a file, and Chat answers with
+it through llama.cpp beside the torch base model in compare mode."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tests.app_pages import open_app_page
+from tests.test_app_quantize import TEXT, make_run
+
+
+def ask(at, question: str, tokens: int = 8):
+    at.slider(key="chat_temperature").set_value(0.0)
+    at.slider(key="chat_max_new_tokens").set_value(tokens)
+    at.chat_input(key="chat_input").set_value(question).run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    return at.session_state["chat_history"][-1]
+
+
+def test_variant_verdict_folder_download_and_open_in_chat(varied_model_dir, tiny_adapter, mactuner_home):
+    make_run(mactuner_home, varied_model_dir, tiny_adapter)
+    at = open_app_page("pages/quantize.py")
+    at.selectbox(key="quant_adapter").set_value("demo-run · final").run()
+    at.multiselect(key="quant_methods").set_value(["int8-dynamic"])
+    at.text_area(key="quant_text").input(TEXT)
+    at.button(key="quant_run").click().run()
+    assert not at.exception, at.exception
+    verdict = next(m.value for m in at.markdown if m.value.startswith("**int8-dynamic**"))
+    assert "perplexity" in verdict and any(w in verdict for w in ("recommended", "usable", "check its answers"))
+    assert any("within 5 % is good" in c.value for c in at.caption)  # the thresholds are stated
+    folder = mactuner_home / "exports" / "demo-run-adapter-variants" / "int8-dynamic"
+    assert any(c.value == f"Saved under `{folder}`" for c in at.caption)  # the variant's own folder
+    assert len(at.get("download_button")) >= 2  # merged and int8-dynamic zips
+
+    at.button(key="quant_chat_int8-dynamic").click().run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Chat"
+    assert at.selectbox(key="chat_exported").value == "int8-dynamic · demo-run-adapter-variants/int8-dynamic"
+    at.switch_page("pages/chat.py")  # AppTest's own page pointer stays on the page it ran first
+    at.text_input(key="chat_model").input(str(varied_model_dir))
+    reply = ask(at, "Hello there")
+    assert reply["answers"]["fine-tuned"] and reply["stats"]["fine-tuned"]["new_tokens"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (make setup builds it: see docs/notes/export.md)")
+def test_export_section_then_chat_compares_torch_base_and_the_gguf(varied_model_dir, tiny_adapter, mactuner_home):
+    make_run(mactuner_home, varied_model_dir, tiny_adapter)
+    at = open_app_page("pages/quantize.py")
+    at.selectbox(key="quant_adapter").set_value("demo-run · final").run()
+    at.button(key="export_run").click().run()
+    assert not at.exception, at.exception
+    path = mactuner_home / "exports" / "gguf" / "demo-run-final-f16.gguf"
+    assert path.is_file() and (mactuner_home / "exports" / "gguf" / "demo-run-final-f16.Modelfile").is_file()
+    assert any(f"Saved to `{path}`" in s.value for s in at.success)
+    assert any("ollama create" in c.value for c in at.code)
+
+    at.button(key="export_open_chat").click().run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="chat_exported").value == "GGUF · demo-run-final-f16.gguf"
+    at.switch_page("pages/chat.py")
+    at.text_input(key="chat_model").input(str(varied_model_dir))
+    at.toggle(key="chat_compare").set_value(True)
+    reply = ask(at, "Hello there")
+    assert set(reply["answers"]) == {"base", "fine-tuned"} and reply["answers"]["fine-tuned"]
+    assert reply["stats"]["fine-tuned"]["new_tokens"] == 8 and reply["stats"]["fine-tuned"]["tokens_per_second"]
