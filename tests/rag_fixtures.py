@@ -33,3 +33,20 @@ def tiny_embedder_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-embedder")
     model.save(str(folder))
     return folder
+
+
+def pdf_file(objects: list[bytes]) -> bytes:
+    """A PDF file from its numbered objects' bodies (object 1 is the catalog), with a valid xref table."""
+    import io
+
+    out, offsets = io.BytesIO(), []
+    out.write(b"%PDF-1.4\n")
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(f"{number} 0 obj\n".encode() + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode())
+    for offset in offsets:
+        out.write(f"{offset:010d} 00000 n \n".encode())
+    out.write(f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode())
+    return out.getvalue()

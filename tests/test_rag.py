@@ -7,7 +7,6 @@ all-MiniLM-L6-v2 and SmolLM2 (``slow``).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -33,6 +32,7 @@ from mactuner.rag import (
     split_text,
 )
 from tests.locations import ROOT, WIKI_DEMO
+from tests.rag_fixtures import pdf_file
 
 WIKI = WIKI_DEMO
 
@@ -61,17 +61,7 @@ def _pdf_bytes(pages: list[str]) -> bytes:
                        "/Resources << /Font << /F1 3 0 R >> >> >>")
         kids.append(f"{len(objects)} 0 R")
     objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(pages)} >>"
-    out, offsets = io.BytesIO(), []
-    out.write(b"%PDF-1.4\n")
-    for number, body in enumerate(objects, start=1):
-        offsets.append(out.tell())
-        out.write(f"{number} 0 obj\n{body}\nendobj\n".encode())
-    xref = out.tell()
-    out.write(f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode())
-    for offset in offsets:
-        out.write(f"{offset:010d} 00000 n \n".encode())
-    out.write(f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode())
-    return out.getvalue()
+    return pdf_file([body.encode() for body in objects])
 
 
 # ---------------------------------------------------------------- chunking and names

@@ -3,7 +3,6 @@ rebuilt from the stored embeddings, and what a killed writer leaves behind is cl
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import torch
 from mactuner.fileio import STAGING_PREFIX, unique_temp_name
 from mactuner.rag import CENTROIDS_FILE, Collection, IndexSettings, load_embedder
 from tests.locations import ROOT
+from tests.rag_fixtures import pdf_file
 
 
 
@@ -35,17 +35,7 @@ def pdf_with_stream(stream: bytes, filters: str = "") -> bytes:
                b"<< /Length " + str(len(stream)).encode() + filters.encode() + b" >>\nstream\n" + stream
                + b"\nendstream",
                b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    out, offsets = io.BytesIO(), []
-    out.write(b"%PDF-1.4\n")
-    for number, body in enumerate(objects, start=1):
-        offsets.append(out.tell())
-        out.write(f"{number} 0 obj\n".encode() + body + b"\nendobj\n")
-    xref = out.tell()
-    out.write(f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode())
-    for offset in offsets:
-        out.write(f"{offset:010d} 00000 n \n".encode())
-    out.write(f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode())
-    return out.getvalue()
+    return pdf_file(objects)
 
 
 # ---------------------------------------------------------------- row 10: bad documents fail alone
