@@ -33,8 +33,9 @@ VERSION = 1
 
 # settings whose change makes a checkpoint meaningless for the rest of the run (the data,
 # the model, the optimization and the schedule); not: device, dtype, memory switches
-# (gradient checkpointing), how often to log / evaluate / save, and the dataset's path
-# (a moved file with the same content is the same data: its content is checked instead)
+# (gradient checkpointing), how often to log / evaluate / save, the dataset's path (a moved file
+# with the same content is the same data: its content is checked instead), and the run's length
+# (`max_steps`, `epochs`): "resume and train longer" is a deliberate request, not a silent change
 TRAINING_FIELDS = (
     "model",
     "dataset_format",
@@ -50,8 +51,6 @@ TRAINING_FIELDS = (
     "batch_size",
     "grad_accum",
     "learning_rate",
-    "epochs",
-    "max_steps",
     "warmup_ratio",
     "warmup_steps",
     "lr_scheduler",
