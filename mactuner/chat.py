@@ -15,8 +15,14 @@ What makes it fast on a CPU (measured with ``bench/generate.py``):
 - ``torch.inference_mode`` (no autograd bookkeeping);
 - an adapter is merged into the weights at load time, so a fine-tuned model
   costs no more per token than the base one;
-- on a CPU, bfloat16 Linear weights pre-packed for oneDNN (:class:`PackedLinear`):
-  PyTorch's plain bfloat16 matmul for one row is slower than float32 here;
+- on a CPU, Linear weights stored as int8 (one float scale per output row,
+  :class:`Int8Linear`) for decoding: a token reads a quarter of float32's bytes
+  and half of bfloat16's, and PyTorch's int8 weight-only kernel computes in
+  float32 internally, so this works on CPUs without native bfloat16 too
+  (:func:`decode_plan` decides; ``decode_weights="exact"`` keeps the weights as loaded);
+- where the int8 kernel is missing, on a bfloat16 CPU, bfloat16 Linear weights
+  pre-packed for oneDNN (:class:`PackedLinear`): PyTorch's plain bfloat16
+  matmul for one row is slower than float32 here;
 - on a CPU shared with other work, fewer OpenMP threads than cores: a thread
   that the OS deschedules stalls every other thread at each barrier, which made
   a 2-thread decode 4-20x slower than a 1-thread one on a busy 2-core machine.
@@ -27,10 +33,8 @@ only loads, generates and frees.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,6 +158,7 @@ def load_chat_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     progress: Progress | None = None,
+    decode_weights: str | None = None,
 ) -> LoadedModel:
     """Load a model for chatting, optionally with a LoRA adapter merged in.
 
@@ -165,6 +170,11 @@ def load_chat_model(
         device: where to run; resolved once with ``resolve_device``.
         dtype: weights' dtype; default ``get_optimal_dtype(device)`` (bfloat16 on this CPU).
         progress: ``(message, fraction or None)`` callback.
+        decode_weights: how the Linear weights are stored for decoding (see
+            :func:`decode_plan`): ``"int8"`` (a quarter of float32's bytes per token;
+            greedy answers can differ from the unquantized model's after some tokens),
+            ``"exact"`` (as loaded; bfloat16 ones pre-packed on a CPU), or ``None``:
+            int8 on a CPU when ``dtype`` was left to the device, else exact.
 
     Returns:
         A ``LoadedModel`` whose ``source`` reads ``"base + adapter"`` when an adapter was merged.
@@ -174,6 +184,10 @@ def load_chat_model(
         RuntimeError: the device is not available.
     """
     device = resolve_device(device)
+    if decode_weights not in (None, "int8", "exact"):
+        raise ValueError(f"decode_weights must be 'int8', 'exact' or None, got {decode_weights!r}")
+    if decode_weights is None:
+        decode_weights = "exact" if dtype is not None else "int8"
     dtype = dtype or get_optimal_dtype(device)
     adapter_path = _check_adapter(adapter) if adapter else None
     base = _base_for(source, adapter_path)
@@ -188,7 +202,12 @@ def load_chat_model(
         loaded.model = peft_model.merge_and_unload()
         loaded.model.eval()
         loaded.source = f"{loaded.source} + {adapter_path}"
-    if loaded.device.type == "cpu" and loaded.dtype == torch.bfloat16:
+    plan = decode_plan(loaded.device, loaded.dtype, decode_weights)
+    if plan == "int8":
+        if progress:
+            progress("Storing weights as int8 for decoding…", None)
+        quantize_linear_weights(loaded.model)
+    elif plan == "packed-bfloat16":
         pack_linear_weights(loaded.model)
     if progress:
         progress("Model ready.", 1.0)
@@ -241,6 +260,108 @@ def pack_linear_weights(model: torch.nn.Module) -> int:
                 setattr(module, name, replacement)
                 packed += 1
     return packed
+
+
+_INT8_KERNEL: bool | None = None
+
+
+def int8_kernel_available() -> bool:
+    """Whether this torch has a working CPU int8 weight-only matmul (``aten._weight_int8pack_mm``); probed once."""
+    global _INT8_KERNEL
+    if _INT8_KERNEL is None:
+        try:
+            x = torch.ones(1, 8, dtype=torch.bfloat16)
+            w = torch.ones(8, 8, dtype=torch.int8)
+            y = torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16))
+            _INT8_KERNEL = bool(torch.all(y == 8))
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _INT8_KERNEL = False
+    return _INT8_KERNEL
+
+
+def decode_plan(device: torch.device, dtype: torch.dtype, decode_weights: str = "int8") -> str:
+    """How a chat model's Linear weights are stored for decoding on ``device``.
+
+    Decoding one token reads every weight once, so on a CPU the bytes per token
+    set the speed. Returns:
+
+    - ``"int8"``: asked for (the default on a CPU) and the int8 kernel exists.
+      The kernel widens the weights to float32 inside, so it is fast on CPUs with
+      and without native bfloat16 (:func:`mactuner.devices.cpu_supports_bfloat16`):
+      there the model's other layers run in bfloat16, here in float32, and only the
+      Linear layers' inputs are rounded to bfloat16 for the kernel.
+    - ``"packed-bfloat16"``: bfloat16 weights on a CPU computing bfloat16
+      natively, pre-packed for oneDNN (exact, when int8 is refused or missing).
+    - ``"as-loaded"``: anything else (GPUs, MPS, float32 on a CPU without the int8 kernel).
+    """
+    from mactuner import devices
+
+    if device.type != "cpu":
+        return "as-loaded"
+    if decode_weights == "int8" and dtype in (torch.float32, torch.bfloat16) and int8_kernel_available():
+        return "int8"
+    if dtype == torch.bfloat16 and devices.cpu_supports_bfloat16():
+        return "packed-bfloat16"
+    return "as-loaded"
+
+
+# decoding feeds one row per step; a prompt (many rows) is faster through the dequantized weight
+_INT8_KERNEL_MAX_ROWS = 4
+
+
+class Int8Linear(torch.nn.Module):
+    """An ``nn.Linear`` whose weight is stored as int8 with one scale per output row, for CPU inference.
+
+    Symmetric per-row quantization (``scale = max|w| / 127``), the usual
+    weight-only int8 scheme. One-row inputs (decoding) go through
+    ``aten._weight_int8pack_mm`` with bfloat16 inputs (it accumulates in
+    float32); longer inputs (the prompt) through the weight dequantized to the
+    input's dtype, which is faster for many rows. The output has the input's dtype.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        qweight = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)
+        self.bias = linear.bias
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as ``dtype`` (what the int8 values and scales stand for)."""
+        return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        if rows.shape[0] <= _INT8_KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.qweight, self.scale).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+        else:
+            y = torch.nn.functional.linear(rows, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_linear_weights(model: torch.nn.Module) -> int:
+    """Swap a CPU model's ``nn.Linear`` layers (the LM head too) for :class:`Int8Linear` (inference only).
+
+    A tied LM head gets its own int8 copy; the embedding lookup keeps the
+    original table. Returns how many layers were swapped (0 without the kernel).
+    """
+    if not int8_kernel_available():
+        return 0
+    swapped = 0
+    with torch.inference_mode():
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is not torch.nn.Linear or child.weight.device.type != "cpu":
+                    continue
+                setattr(module, name, Int8Linear(child))
+                swapped += 1
+    return swapped
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import weakref
 
 import psutil
@@ -20,6 +19,12 @@ from mactuner.chat import (
 )
 
 QUESTION = [{"role": "user", "content": "Tell me about the sea."}]
+# the prompts bench/generate.py measures (a ~50-token story request, a fact, an explanation)
+DEMO_PROMPTS = [
+    "Write a long story about a young dragon who guards an old library high in the snowy mountains, and the girl who visits it.",
+    "What is the capital of France?",
+    "Explain in three sentences why the sky is blue.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +127,11 @@ def test_adapter_is_merged_with_the_same_logits(varied_model_dir, tiny_adapter):
     assert not any("lora" in name for name, _ in merged.model.named_parameters())
 
 
-def test_packed_bf16_linears_give_the_same_logits(varied_model_dir):
+def test_packed_bf16_linears_give_the_same_logits(varied_model_dir, monkeypatch):
     from mactuner.chat import PackedLinear, pack_linear_weights
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: True)  # packing is for bfloat16 CPUs
     packed = load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.bfloat16)
     plain = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.bfloat16).eval()
     if not torch.backends.mkldnn.is_available():
@@ -139,6 +145,77 @@ def test_packed_bf16_linears_give_the_same_logits(varied_model_dir):
     plain_loaded = load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.float32)
     plain_loaded.model, plain_loaded.dtype = plain, torch.bfloat16
     assert chat(packed, QUESTION, settings)[0] == chat(plain_loaded, QUESTION, settings)[0]
+
+
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-cpu", "fp32-only-cpu"])
+def test_decode_weights_follow_the_cpu_kind(varied_model_dir, monkeypatch, native_bf16):
+    """On both kinds of CPU the default chat model stores its Linear weights as int8; the rest of the model
+    runs in the CPU's best dtype; its logits stay close to the unquantized model's and its stream is its own greedy text."""
+    from mactuner.chat import Int8Linear, PackedLinear, decode_plan, int8_kernel_available
+
+    if not int8_kernel_available():
+        pytest.skip("this torch has no CPU int8 weight-only kernel")
+    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: native_bf16)
+    dtype = torch.bfloat16 if native_bf16 else torch.float32
+    fast = load_chat_model(str(varied_model_dir), device="cpu")
+    exact = load_chat_model(str(varied_model_dir), device="cpu", dtype=dtype)
+    assert fast.dtype == exact.dtype == dtype
+    assert sum(isinstance(m, Int8Linear) for m in fast.model.modules()) == 2 * 7 + 1  # 2 layers x 7, lm_head
+    assert not any(isinstance(m, Int8Linear) for m in exact.model.modules())
+    int8_bytes = sum(m.qweight.numel() for m in fast.model.modules() if isinstance(m, Int8Linear))
+    linears = [m for m in exact.model.modules() if type(m) in (torch.nn.Linear, PackedLinear)]  # packed on a bf16 CPU
+    assert int8_bytes == sum(m.in_features * m.out_features for m in linears)
+
+    # teacher-forced on the exact model's own greedy answer: one-row steps (the int8 kernel) and the prompt path
+    settings = GenerationSettings(temperature=0, max_new_tokens=30)
+    reference = _generate_greedy(exact, QUESTION, 30)
+    ids = encode_prompt(exact, QUESTION + [{"role": "assistant", "content": reference}], settings)
+    with torch.inference_mode():
+        a = exact.model(ids).logits[0].float()
+        b = fast.model(ids).logits[0].float()
+        step = fast.model(ids[:, :-1], use_cache=True)
+        last = fast.model(ids[:, -1:], use_cache=True, past_key_values=step.past_key_values).logits[0, -1].float()
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.99
+    start = encode_prompt(exact, QUESTION, settings).shape[1] - 1  # the answer's positions
+    agreement = (a[start:-1].argmax(-1) == b[start:-1].argmax(-1)).float().mean()
+    assert agreement >= 0.8, agreement  # random tiny weights have flat logits; the real model is held to 90 %
+    assert torch.corrcoef(torch.stack([last, a[-1]]))[0, 1] > 0.99
+    assert chat(fast, QUESTION, settings)[0] == _generate_greedy(fast, QUESTION, 30)
+
+    assert decode_plan(torch.device("cpu"), dtype, "exact") == ("packed-bfloat16" if native_bf16 else "as-loaded")
+    monkeypatch.setattr("mactuner.chat._INT8_KERNEL", False)  # a torch without the kernel
+    assert decode_plan(torch.device("cpu"), dtype) == ("packed-bfloat16" if native_bf16 else "as-loaded")
+    assert decode_plan(torch.device("meta"), dtype) == "as-loaded"
+    with pytest.raises(ValueError, match="decode_weights"):
+        load_chat_model(str(varied_model_dir), device="cpu", decode_weights="int4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-cpu", "fp32-only-cpu"])
+def test_real_model_int8_decoding_keeps_the_demo_answers(smollm2_path, monkeypatch, native_bf16):
+    """The stated tolerance on the real model: teacher-forced on the unquantized model's greedy answers to the
+    demo prompts, the int8 model picks the same next token at >= 90 % of the positions, and still knows Paris."""
+    from mactuner.chat import int8_kernel_available
+
+    if not int8_kernel_available():
+        pytest.skip("this torch has no CPU int8 weight-only kernel")
+    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: native_bf16)
+    dtype = torch.bfloat16 if native_bf16 else torch.float32
+    fast, exact = load_chat_model(device="cpu"), load_chat_model(device="cpu", dtype=dtype)
+    settings = GenerationSettings(temperature=0, max_new_tokens=48)
+    agree = total = 0
+    for prompt in DEMO_PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        reference = _generate_greedy(exact, messages, 48)
+        ids = encode_prompt(exact, messages + [{"role": "assistant", "content": reference}], settings)
+        start = encode_prompt(exact, messages, settings).shape[1]
+        with torch.inference_mode():
+            a = exact.model(ids).logits[0, start - 1 : -1].argmax(-1)
+            b = fast.model(ids).logits[0, start - 1 : -1].argmax(-1)
+        agree, total = agree + int((a == b).sum()), total + len(a)
+    assert agree / total >= 0.9, agree / total
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    assert "Paris" in chat(fast, question, GenerationSettings(temperature=0, max_new_tokens=20))[0]
 
 
 def test_bad_adapter_folder_is_refused(tmp_path):
@@ -177,7 +254,8 @@ def test_release_returns_memory(smollm2_path):
     tensors = [*loaded.model.parameters(), *loaded.model.buffers()]  # packed Linear weights are buffers
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     del tensors
-    assert weight_bytes > 250e6  # 135M parameters in bfloat16
+    # int8 Linear weights (106M) + the embedding table (28M in bfloat16 or float32)
+    assert weight_bytes > 150e6
     model = weakref.ref(loaded.model)
     loaded_rss = process.memory_info().rss
     release_model(loaded)
