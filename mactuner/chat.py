@@ -270,10 +270,13 @@ def int8_kernel_available() -> bool:
     global _INT8_KERNEL
     if _INT8_KERNEL is None:
         try:
-            x = torch.ones(1, 8, dtype=torch.bfloat16)
-            w = torch.ones(8, 8, dtype=torch.int8)
-            y = torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16))
-            _INT8_KERNEL = bool(torch.all(y == 8))
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(1, 64, generator=generator).to(torch.bfloat16)
+            w = torch.randint(-127, 128, (24, 64), generator=generator, dtype=torch.int8)
+            scale = torch.rand(24, generator=generator).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(x, w, scale).float()
+            reference = (x.float() @ w.float().T) * scale.float()
+            _INT8_KERNEL = bool(torch.allclose(y, reference, rtol=2e-2, atol=2e-2 * float(reference.abs().max())))
         except (RuntimeError, AttributeError, NotImplementedError):
             _INT8_KERNEL = False
     return _INT8_KERNEL
@@ -307,6 +310,8 @@ def decode_plan(device: torch.device, dtype: torch.dtype, decode_weights: str = 
 
 # decoding feeds one row per step; a prompt (many rows) is faster through the dequantized weight
 _INT8_KERNEL_MAX_ROWS = 4
+# aten._weight_int8pack_mm (torch 2.13, CPU) is only correct when the input width is a multiple of 16
+_INT8_KERNEL_K_MULTIPLE = 16
 
 
 class Int8Linear(torch.nn.Module):
@@ -349,7 +354,8 @@ def quantize_linear_weights(model: torch.nn.Module) -> int:
     """Swap a CPU model's ``nn.Linear`` layers (the LM head too) for :class:`Int8Linear` (inference only).
 
     A tied LM head gets its own int8 copy; the embedding lookup keeps the
-    original table. Returns how many layers were swapped (0 without the kernel).
+    original table. Layers whose input width is not a multiple of 16 stay as they
+    are (the kernel is wrong there). Returns how many layers were swapped (0 without the kernel).
     """
     if not int8_kernel_available():
         return 0
@@ -359,6 +365,8 @@ def quantize_linear_weights(model: torch.nn.Module) -> int:
             for name, child in list(module.named_children()):
                 if type(child) is not torch.nn.Linear or child.weight.device.type != "cpu":
                     continue
+                if child.in_features % _INT8_KERNEL_K_MULTIPLE:
+                    continue  # the kernel reads past the row otherwise (measured: garbage for K=24, 40, 100)
                 setattr(module, name, Int8Linear(child))
                 swapped += 1
     return swapped

@@ -190,6 +190,26 @@ def test_decode_weights_follow_the_cpu_kind(varied_model_dir, monkeypatch, nativ
         load_chat_model(str(varied_model_dir), device="cpu", decode_weights="int4")
 
 
+def test_int8_linear_matches_the_float_layer_and_skips_widths_the_kernel_gets_wrong():
+    from mactuner.chat import Int8Linear, int8_kernel_available, quantize_linear_weights
+
+    if not int8_kernel_available():
+        pytest.skip("this torch has no CPU int8 weight-only kernel")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40, bias=False), torch.nn.Linear(40, 8))
+    reference = [layer.weight.detach().clone() for layer in model]
+    assert quantize_linear_weights(model) == 2
+    assert [type(m) for m in model] == [Int8Linear, Int8Linear, torch.nn.Linear]  # 40 inputs: not a multiple of 16
+    for layer, weight in zip(model[:2], reference):
+        assert (layer.dequantized(torch.float32) - weight).abs().max() <= weight.abs().amax(dim=1).max() / 127
+    with torch.inference_mode():
+        for rows in (1, 7):  # the int8 kernel (decoding) and the dequantized path (a prompt)
+            x = torch.randn(rows, 64)
+            expected = torch.nn.functional.linear(x, model[0].dequantized(torch.float32), model[0].bias)
+            torch.testing.assert_close(model[0](x), expected, rtol=2e-2, atol=2e-2)
+            assert model[:2](x).dtype == torch.float32 and model[:2](x.bfloat16()).dtype == torch.bfloat16
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-cpu", "fp32-only-cpu"])
 def test_real_model_int8_decoding_keeps_the_demo_answers(smollm2_path, monkeypatch, native_bf16):
@@ -202,11 +222,11 @@ def test_real_model_int8_decoding_keeps_the_demo_answers(smollm2_path, monkeypat
     monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: native_bf16)
     dtype = torch.bfloat16 if native_bf16 else torch.float32
     fast, exact = load_chat_model(device="cpu"), load_chat_model(device="cpu", dtype=dtype)
-    settings = GenerationSettings(temperature=0, max_new_tokens=48)
+    settings = GenerationSettings(temperature=0, max_new_tokens=32)
     agree = total = 0
     for prompt in DEMO_PROMPTS:
         messages = [{"role": "user", "content": prompt}]
-        reference = _generate_greedy(exact, messages, 48)
+        reference = _generate_greedy(exact, messages, 32)
         ids = encode_prompt(exact, messages + [{"role": "assistant", "content": reference}], settings)
         start = encode_prompt(exact, messages, settings).shape[1]
         with torch.inference_mode():
