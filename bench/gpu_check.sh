@@ -24,9 +24,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 CHECK=.cache/gpu-check
-BUDGET=${BUDGET:-570}
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
+# seconds for the whole check and for one bench; a CPU dry run is slow and gets more
+if [ $DRY -eq 1 ]; then BUDGET=${BUDGET:-2400}; LIMIT=${LIMIT:-600}; else BUDGET=${BUDGET:-570}; LIMIT=${LIMIT:-150}; fi
 
 if [ "${1:-}" = "--prepare" ]; then
     mkdir -p "$CHECK/tokenizer"
@@ -53,6 +54,8 @@ exec > >(tee "$REPORT") 2>&1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 export MACTUNER_HOME=${MACTUNER_HOME:-/tmp/mactuner-gpu-check}
 export MACTUNER_BENCH_RESULTS=$OUTDIR/results
+export MACTUNER_BENCH_PEAKS=$OUTDIR/matmul_peaks.json  # measured by the first bench, reused by the others
+rm -f "$MACTUNER_BENCH_PEAKS"
 START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # run CMD with a limit of min(LIMIT, budget left - 10 s); prints "skipped" when the budget is spent
@@ -69,6 +72,7 @@ bounded() {
 
 if [ $DRY -eq 1 ]; then
     DEVICE=cpu; TINY=--tiny; ROWS=16; STEPS=1; WARMUP=1; BIG_STEPS=1
+    SHAPES=${SHAPES:-smollm2-135m,qwen2.5-7b}  # a Llama and a Qwen2 (untied head) shape: enough to check the plumbing
     echo "== DRY RUN on the CPU: 2-layer versions of the shapes, 1 step; figures are meaningless"
 else
     DEVICE=cuda; TINY=; ROWS=${ROWS:-128}; STEPS=${STEPS:-10}; WARMUP=${WARMUP:-2}; BIG_STEPS=${BIG_STEPS:-6}
@@ -131,7 +135,7 @@ for SHAPE in ${SHAPES//,/ }; do
     for METHOD in lora qlora; do
         [ $METHOD = qlora ] && [ $QLORA -eq 0 ] && continue
         echo "-- $SHAPE $METHOD"
-        bounded 150 "$PY" bench/train_throughput.py --device "$DEVICE" --model "$FOLDER" \
+        bounded "$LIMIT" "$PY" bench/train_throughput.py --device "$DEVICE" --model "$FOLDER" \
             "${DATA[@]}" --rows "$ROWS" --steps "$N" --warmup "$WARMUP" --method "$METHOD" --sides hf_informed,mactuner \
             || echo "$SHAPE $METHOD: failed or stopped (see above)"
     done
@@ -151,7 +155,7 @@ val_fraction: 0.0
 save_every: 0
 EOF
     rm -rf /tmp/mt-torchrun-run
-    bounded 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m mactuner train /tmp/mt-torchrun.yaml \
+    bounded "$LIMIT" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m mactuner train /tmp/mt-torchrun.yaml \
         --run-dir /tmp/mt-torchrun-run && echo "torchrun: finished" || echo "torchrun: FAILED"
     "$PY" -c "import json; s=json.load(open('/tmp/mt-torchrun-run/status.json')); print('torchrun status:', s['state'], 'step', s['step'])" \
         2>/dev/null || echo "torchrun: no status.json"
@@ -179,7 +183,7 @@ val_fraction: 0.0
 save_every: 0
 EOF
     rm -rf /tmp/mt-gguf-run
-    bounded 150 "$PY" -m mactuner train /tmp/mt-gguf.yaml --run-dir /tmp/mt-gguf-run && echo "gguf QLoRA: finished" || echo "gguf QLoRA: FAILED"
+    bounded "$LIMIT" "$PY" -m mactuner train /tmp/mt-gguf.yaml --run-dir /tmp/mt-gguf-run && echo "gguf QLoRA: finished" || echo "gguf QLoRA: FAILED"
 fi
 
 echo "== 6. summary"

@@ -51,15 +51,18 @@ def describe_machine(threads: int | None = None) -> dict[str, Any]:
     from mactuner.devices import cpu_name, cpu_supports_bfloat16
 
     isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    native_bf16 = cpu_supports_bfloat16()
+    flags = cpu_flags()
+    # from the flags themselves: a bench emulating a float32-only CPU patches cpu_supports_bfloat16
+    native_bf16 = bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags)) or (not flags and cpu_supports_bfloat16())
     machine: dict[str, Any] = {
         "cpu": cpu_name(),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": flags,
         "cpu_native_bfloat16": native_bf16,
+        "reported_bfloat16": cpu_supports_bfloat16(),  # what MacTuner decided from (False when emulating float32-only)
         # the cap hides AVX512-BF16/AMX from oneDNN: bfloat16 matmuls then run like on a float32-only CPU
         "onednn_max_cpu_isa": isa_cap,
-        "emulated_float32_only_cpu": bool(isa_cap) and native_bf16 and "AMX" not in isa_cap.upper()
-        and "BF16" not in isa_cap.upper(),
+        "emulated_float32_only_cpu": bool(isa_cap) and native_bf16 and not cpu_supports_bfloat16()
+        and "AMX" not in isa_cap.upper() and "BF16" not in isa_cap.upper(),
         "cores_logical": os.cpu_count(),
         "torch_threads": threads or torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],

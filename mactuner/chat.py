@@ -520,11 +520,15 @@ def _eos_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
-def _cache_argument(model) -> str:
-    # transformers 5.2x names the KV cache ``cache``; earlier 5.x releases ``past_key_values``
+def _accepts(model, argument: str) -> bool:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return argument in inspect.signature(model.forward).parameters
+
+
+def _cache_argument(model) -> str:
+    # transformers 5.2x names the KV cache ``cache``; earlier 5.x releases ``past_key_values``
+    return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
 def _cache_of(output):
@@ -572,13 +576,15 @@ class ChatStream:
         eos = _eos_ids(loaded)
         warpers = None if settings.greedy else self._sampler()
         cache_arg = _cache_argument(model)
+        # the prompt's pass needs the last position's logits only (as generate() asks for them)
+        prompt_kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         previous_threads = torch.get_num_threads()
         if self._threads is not None and self._threads != previous_threads:
             torch.set_num_threads(self._threads)
         first_at = last_at = None
         try:
             with torch.inference_mode():
-                out = model(input_ids=ids, use_cache=True)
+                out = model(input_ids=ids, use_cache=True, **prompt_kwargs)
                 generated = ids
                 for _ in range(settings.max_new_tokens):
                     # float32 logits, as generate() takes them
