@@ -173,6 +173,7 @@ def load_chat_model(
         decode_weights: how the Linear weights are stored for decoding (see
             :func:`decode_plan`): ``"int8"`` (a quarter of float32's bytes per token;
             greedy answers can differ from the unquantized model's after some tokens),
+            ``"int4"`` (opt-in: 4-bit body, int8 LM head; ~30 % fewer bytes than int8),
             ``"exact"`` (as loaded; bfloat16 ones pre-packed on a CPU), or ``None``:
             int8 on a CPU when ``dtype`` was left to the device, else exact.
 
@@ -184,8 +185,8 @@ def load_chat_model(
         RuntimeError: the device is not available.
     """
     device = resolve_device(device)
-    if decode_weights not in (None, "int8", "exact"):
-        raise ValueError(f"decode_weights must be 'int8', 'exact' or None, got {decode_weights!r}")
+    if decode_weights not in (None, "int8", "int4", "exact"):
+        raise ValueError(f"decode_weights must be 'int8', 'int4', 'exact' or None, got {decode_weights!r}")
     if decode_weights is None:
         decode_weights = "exact" if dtype is not None else "int8"
     dtype = dtype or get_optimal_dtype(device)
@@ -203,10 +204,10 @@ def load_chat_model(
         loaded.model.eval()
         loaded.source = f"{loaded.source} + {adapter_path}"
     plan = decode_plan(loaded.device, loaded.dtype, decode_weights)
-    if plan == "int8":
+    if plan in ("int8", "int4"):
         if progress:
-            progress("Storing weights as int8 for decoding…", None)
-        quantize_linear_weights(loaded.model)
+            progress(f"Storing weights as {plan} for decoding…", None)
+        (quantize_linear_weights if plan == "int8" else quantize_linear_weights_int4)(loaded.model)
     elif plan == "packed-bfloat16":
         pack_linear_weights(loaded.model)
     if progress:
@@ -293,6 +294,9 @@ def decode_plan(device: torch.device, dtype: torch.dtype, decode_weights: str = 
       and without native bfloat16 (:func:`mactuner.devices.cpu_supports_bfloat16`):
       there the model's other layers run in bfloat16, here in float32, and only the
       Linear layers' inputs are rounded to bfloat16 for the kernel.
+    - ``"int4"``: asked for (opt-in) and the int4 kernel exists: body Linear layers in
+      4 bits (groups of 32), the LM head in int8 — about 30 % fewer bytes than int8,
+      with a larger (still tested) change of the logits.
     - ``"packed-bfloat16"``: bfloat16 weights on a CPU computing bfloat16
       natively, pre-packed for oneDNN (exact, when int8 is refused or missing).
     - ``"as-loaded"``: anything else (GPUs, MPS, float32 on a CPU without the int8 kernel).
@@ -301,7 +305,9 @@ def decode_plan(device: torch.device, dtype: torch.dtype, decode_weights: str = 
 
     if device.type != "cpu":
         return "as-loaded"
-    if decode_weights == "int8" and dtype in (torch.float32, torch.bfloat16) and int8_kernel_available():
+    if decode_weights == "int4" and dtype in (torch.float32, torch.bfloat16) and int4_kernel_available():
+        return "int4"
+    if decode_weights in ("int8", "int4") and dtype in (torch.float32, torch.bfloat16) and int8_kernel_available():
         return "int8"
     if dtype == torch.bfloat16 and devices.cpu_supports_bfloat16():
         return "packed-bfloat16"
@@ -348,6 +354,95 @@ class Int8Linear(torch.nn.Module):
         else:
             y = torch.nn.functional.linear(rows, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return y.reshape(*shape[:-1], self.out_features)
+
+
+INT4_GROUP = 32  # weights per (scale, zero) pair along the input dimension (64 measured too coarse)
+
+
+class Int4Linear(torch.nn.Module):
+    """An ``nn.Linear`` whose weight is stored as 4-bit integers (groups of 32 inputs share a scale and zero).
+
+    Asymmetric per-group quantization into ``aten._weight_int4pack_mm_for_cpu``'s
+    packed layout: half of int8's bytes per token. Opt-in (``decode_weights="int4"``):
+    it moves the logits more than int8 does. The output has the input's dtype.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        n, k = linear.weight.shape
+        groups = linear.weight.detach().float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
+        # the kernel computes (q - 8) * scale + zero, so zero is the value of q = 8
+        zero = low + 8 * scale
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        scales_and_zeros = torch.stack([scale.reshape(n, -1).T, zero.reshape(n, -1).T], dim=-1).contiguous()
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16), persistent=False)
+        self.bias = linear.bias
+
+    @staticmethod
+    def fits(linear: torch.nn.Linear) -> bool:
+        """Whether the kernel takes this layer's shape."""
+        return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+_INT4_KERNEL: bool | None = None
+
+
+def int4_kernel_available() -> bool:
+    """Whether this torch has a working CPU int4 weight-only matmul; probed once against a float reference."""
+    global _INT4_KERNEL
+    if _INT4_KERNEL is None:
+        try:
+            generator = torch.Generator().manual_seed(0)
+            linear = torch.nn.Linear(64, 32, bias=False)
+            with torch.no_grad():
+                linear.weight.copy_(torch.randn(32, 64, generator=generator))
+            layer = Int4Linear(linear)
+            x = torch.randn(1, 64, generator=generator)
+            reference = linear(x)
+            error = (layer(x) - reference).abs().max() / reference.abs().max()
+            _INT4_KERNEL = bool(error < 0.2)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _INT4_KERNEL = False
+    return _INT4_KERNEL
+
+
+def quantize_linear_weights_int4(model: torch.nn.Module) -> int:
+    """Swap a CPU model's body ``nn.Linear`` layers for :class:`Int4Linear`, its LM head for :class:`Int8Linear`.
+
+    The LM head stays at int8: measured on SmolLM2-135M, an int4 head (groups of 64)
+    dropped the teacher-forced next-token agreement with the unquantized model to 79 %,
+    int4 body + int8 head kept it at 97 % (int8 everywhere: 96 %). Layers whose shape the
+    int4 kernel does not take get int8 (or stay as they are). Returns how many layers were swapped.
+    """
+    if not int4_kernel_available():
+        return 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    swapped = 0
+    with torch.inference_mode():
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is not torch.nn.Linear or child.weight.device.type != "cpu":
+                    continue
+                if child is not head and Int4Linear.fits(child):
+                    setattr(module, name, Int4Linear(child))
+                elif int8_kernel_available() and child.in_features % _INT8_KERNEL_K_MULTIPLE == 0:
+                    setattr(module, name, Int8Linear(child))
+                else:
+                    continue
+                swapped += 1
+    return swapped
 
 
 def quantize_linear_weights(model: torch.nn.Module) -> int:
