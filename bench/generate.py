@@ -6,8 +6,8 @@ Same model, same device, same ~50-token prompt, same thread count, one process.
   CPU computing it natively, else float32) then greedy ``model.generate``: what a
   script that reads the docs does.
 - **engine**: ``load_chat_model`` + ``stream_chat`` (temperature 0) with its
-  defaults: on a CPU, int8 Linear weights (``mactuner.chat.decode_plan``).
-- **engine int4**: ``decode_weights="int4"`` (opt-in: 4-bit body, int8 LM head).
+  defaults: on a CPU, 4-bit body + int8 LM head (``mactuner.chat.decode_plan``).
+- **engine int8**: ``decode_weights="int8"``.
 - **engine exact**: the same engine with ``decode_weights="exact"`` (the
   device dtype's own weights; bfloat16 ones pre-packed): separates the token
   loop's gain from the narrower weights'.
@@ -15,7 +15,7 @@ Same model, same device, same ~50-token prompt, same thread count, one process.
 Sides run in alternation (A, B, C, A, B, C, …) so load from other processes on a
 shared machine hits each alike; the table shows medians, the ratios to
 ``generate``, time to first token, and whether the greedy text matched
-``generate``'s (exact side: must; int8 side: how many tokens before it parts).
+``generate``'s (exact side: must; narrow sides: how many tokens before they part).
 ``--emulate-float32-cpu`` re-runs the bench in a child process with oneDNN capped
 to AVX512_CORE (no AVX512-BF16/AMX: bfloat16 matmuls become slow) and the CPU
 reported as float32-only, which is how this project measures the float32-only
@@ -107,7 +107,7 @@ def run(args) -> dict:
     machine = describe_machine(threads)
 
     engine = load_chat_model(args.model, device=device)
-    int4 = load_chat_model(args.model, device=device, decode_weights="int4")
+    int8 = load_chat_model(args.model, device=device, decode_weights="int8")
     exact = load_chat_model(args.model, device=device, dtype=dtype, decode_weights="exact")
     peer = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     ids = encode_prompt(engine, PROMPT, GenerationSettings(temperature=0))
@@ -119,16 +119,16 @@ def run(args) -> dict:
     # warm every side (first calls allocate and pick kernels)
     generate_round(peer, inputs, 4)
     engine_round(engine, 4)
-    engine_round(int4, 4)
+    engine_round(int8, 4)
     engine_round(exact, 4)
-    sides = {"generate": [], "engine": [], "engine int4": [], "engine exact": []}
+    sides = {"generate": [], "engine": [], "engine int8": [], "engine exact": []}
     loads, reference = [], None
     for _ in range(args.rounds):
         loads.append(os.getloadavg()[0])
         ttft, tps, new = generate_round(peer, inputs, args.tokens)
         reference = new
         sides["generate"].append({"ttft": ttft, "tps": tps})
-        for name, loaded in (("engine", engine), ("engine int4", int4), ("engine exact", exact)):
+        for name, loaded in (("engine", engine), ("engine int8", int8), ("engine exact", exact)):
             ttft, tps, text, count = engine_round(loaded, args.tokens)
             tokens = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
             sides[name].append({"ttft": ttft, "tps": tps, "text": text, "new_tokens": count, "token_ids": tokens})
@@ -149,8 +149,8 @@ def run(args) -> dict:
             prefix = _common_prefix(reference, engine.tokenizer(text, add_special_tokens=False)["input_ids"])
             detail = f"{prefix} of {len(reference)} tokens equal"
         label = {"generate": f"model.generate ({str(dtype).removeprefix('torch.')})",
-                 "engine": f"MacTuner engine ({decode_plan(device, dtype)})",
-                 "engine int4": f"MacTuner engine ({decode_plan(device, dtype, 'int4')}, opt-in)",
+                 "engine": f"MacTuner engine ({decode_plan(device, dtype, 'int4')}, default)",
+                 "engine int8": f"MacTuner engine ({decode_plan(device, dtype, 'int8')})",
                  "engine exact": f"MacTuner engine exact ({decode_plan(device, dtype, 'exact')})"}[name]
         rows.append({"side": name, "label": label, "tokens_per_second": tps, "ratio": tps / base_tps,
                      "time_to_first_token": ttft, "greedy_text": same, "greedy_detail": detail,

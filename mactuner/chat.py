@@ -15,11 +15,12 @@ What makes it fast on a CPU (measured with ``bench/generate.py``):
 - ``torch.inference_mode`` (no autograd bookkeeping);
 - an adapter is merged into the weights at load time, so a fine-tuned model
   costs no more per token than the base one;
-- on a CPU, Linear weights stored as int8 (one float scale per output row,
-  :class:`Int8Linear`) for decoding: a token reads a quarter of float32's bytes
-  and half of bfloat16's, and PyTorch's int8 weight-only kernel computes in
-  float32 internally, so this works on CPUs without native bfloat16 too
-  (:func:`decode_plan` decides; ``decode_weights="exact"`` keeps the weights as loaded);
+- on a CPU, Linear weights stored narrow for decoding (:func:`decode_plan` decides):
+  by default 4-bit body layers in groups of 32 (:class:`Int4Linear`) and an int8
+  LM head (:class:`Int8Linear`), ~0.7 byte per weight against float32's 4; PyTorch's
+  weight-only kernels widen to float32 inside, so this works on CPUs without native
+  bfloat16 too. ``decode_weights="int8"`` or ``"exact"`` choose more bytes and fewer
+  changes to the logits (tested tolerance: >= 90 % same next token on the demo prompts);
 - where the int8 kernel is missing, on a bfloat16 CPU, bfloat16 Linear weights
   pre-packed for oneDNN (:class:`PackedLinear`): PyTorch's plain bfloat16
   matmul for one row is slower than float32 here;
@@ -171,11 +172,12 @@ def load_chat_model(
         dtype: weights' dtype; default ``get_optimal_dtype(device)`` (bfloat16 on this CPU).
         progress: ``(message, fraction or None)`` callback.
         decode_weights: how the Linear weights are stored for decoding (see
-            :func:`decode_plan`): ``"int8"`` (a quarter of float32's bytes per token;
-            greedy answers can differ from the unquantized model's after some tokens),
-            ``"int4"`` (opt-in: 4-bit body, int8 LM head; ~30 % fewer bytes than int8),
+            :func:`decode_plan`): ``"int4"`` (4-bit body, int8 LM head; ~30 % fewer bytes
+            than int8), ``"int8"`` (a quarter of float32's bytes per token) — with either,
+            greedy answers can part from the unquantized model's after some tokens —,
             ``"exact"`` (as loaded; bfloat16 ones pre-packed on a CPU), or ``None``:
-            int8 on a CPU when ``dtype`` was left to the device, else exact.
+            when ``dtype`` was left to the device, int4 on a CPU (int8 with an adapter,
+            whose small weight changes 4 bits blur), else exact.
 
     Returns:
         A ``LoadedModel`` whose ``source`` reads ``"base + adapter"`` when an adapter was merged.
@@ -187,10 +189,12 @@ def load_chat_model(
     device = resolve_device(device)
     if decode_weights not in (None, "int8", "int4", "exact"):
         raise ValueError(f"decode_weights must be 'int8', 'int4', 'exact' or None, got {decode_weights!r}")
-    if decode_weights is None:
-        decode_weights = "exact" if dtype is not None else "int8"
-    dtype = dtype or get_optimal_dtype(device)
     adapter_path = _check_adapter(adapter) if adapter else None
+    if decode_weights is None:
+        # a merged adapter's small weight changes are what 4 bits blur (measured: a 30-step run's
+        # facts were all lost at int4), so a fine-tuned model gets int8
+        decode_weights = "exact" if dtype is not None else ("int8" if adapter_path is not None else "int4")
+    dtype = dtype or get_optimal_dtype(device)
     base = _base_for(source, adapter_path)
     loaded = load_model(base, device=device, dtype=dtype, progress=progress)
     if adapter_path is not None:
@@ -283,18 +287,18 @@ def int8_kernel_available() -> bool:
     return _INT8_KERNEL
 
 
-def decode_plan(device: torch.device, dtype: torch.dtype, decode_weights: str = "int8") -> str:
+def decode_plan(device: torch.device, dtype: torch.dtype, decode_weights: str = "int4") -> str:
     """How a chat model's Linear weights are stored for decoding on ``device``.
 
     Decoding one token reads every weight once, so on a CPU the bytes per token
     set the speed. Returns:
 
-    - ``"int8"``: asked for (the default on a CPU) and the int8 kernel exists.
+    - ``"int8"``: asked for (or int4 asked for without its kernel) and the int8 kernel exists.
       The kernel widens the weights to float32 inside, so it is fast on CPUs with
       and without native bfloat16 (:func:`mactuner.devices.cpu_supports_bfloat16`):
       there the model's other layers run in bfloat16, here in float32, and only the
       Linear layers' inputs are rounded to bfloat16 for the kernel.
-    - ``"int4"``: asked for (opt-in) and the int4 kernel exists: body Linear layers in
+    - ``"int4"``: asked for (the default on a CPU) and the int4 kernel exists: body Linear layers in
       4 bits (groups of 32), the LM head in int8 — about 30 % fewer bytes than int8,
       with a larger (still tested) change of the logits.
     - ``"packed-bfloat16"``: bfloat16 weights on a CPU computing bfloat16
@@ -363,8 +367,8 @@ class Int4Linear(torch.nn.Module):
     """An ``nn.Linear`` whose weight is stored as 4-bit integers (groups of 32 inputs share a scale and zero).
 
     Asymmetric per-group quantization into ``aten._weight_int4pack_mm_for_cpu``'s
-    packed layout: half of int8's bytes per token. Opt-in (``decode_weights="int4"``):
-    it moves the logits more than int8 does. The output has the input's dtype.
+    packed layout: half of int8's bytes per token; it moves the logits more than int8
+    does (see :func:`quantize_linear_weights_int4`). The output has the input's dtype.
     """
 
     def __init__(self, linear: torch.nn.Linear):
