@@ -198,7 +198,8 @@ def _load_tuned(adapter: Path, base: str | None, device):
     from mactuner.quantize import load_variant
 
     if (adapter / "adapter_config.json").is_file():
-        return load_chat_model(base, adapter, device=device)
+        # exact weights on both sides: the comparison measures the fine-tune, not the chat engine's storage
+        return load_chat_model(base, adapter, device=device, decode_weights="exact")
     if (adapter / "config.json").is_file():  # a full fine-tuning run's folder: a whole model
         return load_variant(adapter, device=device)
     raise FileNotFoundError(f"{adapter} is neither an adapter (adapter_config.json) nor a model folder (config.json).")
@@ -258,7 +259,8 @@ def evaluate(
     for index, who in enumerate(("base", "tuned")):
         if progress:
             progress(f"Loading the {who} model…", index / 2)
-        loaded = load_chat_model(base_source, device=device) if who == "base" else _load_tuned(adapter, model, device)
+        loaded = (load_chat_model(base_source, device=device, decode_weights="exact") if who == "base"
+                  else _load_tuned(adapter, model, device))
         try:
             rows = tokenize_examples(examples, loaded.tokenizer, max_length, True, [])
             if progress:
