@@ -101,6 +101,8 @@ def test_app_evaluate_button_and_compare_view(fact_runs, mactuner_home):
 
     ids = [install(r, mactuner_home).name for r in fact_runs]
     at = open_app_page("pages/finetune.py")
+    at.session_state["finetune_tab"] = "Runs"  # as a click on the Runs tab does
+    at.run()
     at.selectbox(key="finetune_run").set_value(ids[0]).run()
     at.number_input(key="eval_prompts").set_value(1).run()
     at.button(key="finetune_evaluate").click().run()
