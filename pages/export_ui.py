@@ -35,7 +35,8 @@ def export_section(model: str, adapter: str) -> None:
     left, right = st.columns(2)
     outtype = left.radio("Weights", export.OUTTYPES, key="export_outtype", format_func=OUTTYPE_HELP.get)
     out = right.text_input("Save as (a .gguf path; empty: the default below)", key="export_out")
-    overwrite = right.checkbox("Replace a file MacTuner did not write", key="export_overwrite")
+    overwrite = right.checkbox("Overwrite", key="export_overwrite",
+                               help="Replace an existing file MacTuner did not write (never done without this).")
     st.caption(f"Default file: `{export.default_gguf_path(label, outtype)}` — unique per run and step; "
                "an Ollama Modelfile is written beside it.")
     if st.button("Export GGUF", key="export_run", type="primary"):
