@@ -85,7 +85,14 @@ def profile_hf(args):
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from bench.train_throughput import TARGETS, _data_file, _model_path
     from mactuner.data import load_dataset_file, tokenize_examples

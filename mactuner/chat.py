@@ -37,9 +37,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -131,7 +132,8 @@ def adapter_base_model(adapter: str | os.PathLike) -> str | None:
         return None
 
 
-def _check_adapter(adapter: str | os.PathLike) -> Path:
+def check_adapter(adapter: str | os.PathLike) -> Path:
+    """The adapter folder as a path, or ``FileNotFoundError`` saying it is not a PEFT adapter."""
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(
@@ -141,7 +143,8 @@ def _check_adapter(adapter: str | os.PathLike) -> Path:
     return path
 
 
-def _base_for(source: str | None, adapter: Path | None) -> str:
+def base_model_for(source: str | None, adapter: Path | None) -> str:
+    """The base model to load: ``source`` if given, else the adapter's recorded base if available, else the default."""
     if source:
         return source
     if adapter is not None:
@@ -189,13 +192,13 @@ def load_chat_model(
     device = resolve_device(device)
     if decode_weights not in (None, "int8", "int4", "exact"):
         raise ValueError(f"decode_weights must be 'int8', 'int4', 'exact' or None, got {decode_weights!r}")
-    adapter_path = _check_adapter(adapter) if adapter else None
+    adapter_path = check_adapter(adapter) if adapter else None
     if decode_weights is None:
         # a merged adapter's small weight changes are what 4 bits blur (measured: a 30-step run's
         # facts were all lost at int4), so a fine-tuned model gets int8
         decode_weights = "exact" if dtype is not None else ("int8" if adapter_path is not None else "int4")
     dtype = dtype or get_optimal_dtype(device)
-    base = _base_for(source, adapter_path)
+    base = base_model_for(source, adapter_path)
     loaded = load_model(base, device=device, dtype=dtype, progress=progress)
     if adapter_path is not None:
         from peft import PeftModel

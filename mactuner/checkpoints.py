@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mactuner.fileio import STAGING_PREFIX, fsync_dir, unique_temp_name, write_folder_atomically  # noqa: F401 - write_folder_atomically re-exported
+
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 STATE_JSON = "trainer_state.json"

@@ -25,7 +25,8 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 

@@ -30,9 +30,10 @@ import random
 import re
 import stat
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 IGNORE_INDEX = -100  # label value on tokens that take no loss (PyTorch's CrossEntropyLoss default)
 

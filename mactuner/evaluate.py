@@ -206,13 +206,13 @@ def _load_tuned(adapter: Path, base: str | None, device):
 
 
 def _base_source(adapter: Path, model: str | None) -> str | None:
-    from mactuner.chat import _base_for
+    from mactuner.chat import base_model_for
     from mactuner.config import TrainConfig
 
     if model:
         return model
     if (adapter / "adapter_config.json").is_file():
-        return _base_for(None, adapter)
+        return base_model_for(None, adapter)
     run = run_folder_of(adapter)
     return TrainConfig.load(run / "config.yaml").model if run else None
 

@@ -324,7 +324,7 @@ def export_gguf(
     """
     from transformers import AutoTokenizer
 
-    from mactuner.quantize import _resolve_source, merge_adapter
+    from mactuner.quantize import merge_adapter, resolve_source
 
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
@@ -360,7 +360,7 @@ def export_gguf(
             source = f"adapter {adapter_path} on {_recorded_base(source_dir)}"
         else:
             folder = adapter_path if adapter_path is not None else merged
-            source_dir = Path(folder).expanduser() if folder else Path(_resolve_source(model))
+            source_dir = Path(folder).expanduser() if folder else Path(resolve_source(model))
             if not (source_dir / "config.json").is_file():
                 raise ExportError(f"{source_dir} is not a model folder (no config.json) or adapter (no adapter_config.json).")
             source = str(source_dir)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import codecs
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mactuner.chat import ChatStats, GenerationSettings, Message, build_messages, generation_threads
 

@@ -50,8 +50,8 @@ import torch
 from mactuner import fileio, paths
 from mactuner.chat import (
     GenerationSettings,
-    _base_for,
-    _check_adapter,
+    base_model_for,
+    check_adapter,
     release_model,
     stream_chat,
 )
@@ -130,7 +130,8 @@ def adapter_label(adapter: str | os.PathLike) -> str:
     return f"{adapter.parent.name}-{adapter.name}"
 
 
-def _resolve_source(source: str | None) -> str:
+def resolve_source(source: str | None) -> str:
+    """A model source as transformers loads it (the built-in default becomes its converted folder)."""
     source = source or DEFAULT_MODEL
     return str(default_model_path()) if source == DEFAULT_MODEL else source
 
@@ -166,8 +167,8 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    adapter_path = _check_adapter(adapter)
-    base_path = _resolve_source(_base_for(base, adapter_path))
+    adapter_path = check_adapter(adapter)
+    base_path = resolve_source(base_model_for(base, adapter_path))
     if out_dir is None:
         out_dir = paths.exports_dir() / _safe_name(f"{adapter_label(adapter_path)}-merged")
     out_dir = fileio.prepare_output(out_dir, overwrite)  # refuse before minutes of work, not after
@@ -222,7 +223,7 @@ def quantize(
     reason = unsupported_reason(method, device)
     if reason:
         raise ValueError(reason)
-    path = _resolve_source(source)
+    path = resolve_source(source)
     if out_dir is None:
         out_dir = paths.exports_dir() / _safe_name(f"{Path(path).name}-{method}")
     out_dir = fileio.prepare_output(out_dir, overwrite)  # refuse before the work, not after
@@ -543,7 +544,7 @@ def compare_variants(
     text_source = "given text" if text is not None else str(HELD_OUT_TEXT)
     text = text if text is not None else held_out_text()
     if out_dir is None:
-        label = adapter_label(adapter) if adapter else Path(_resolve_source(source)).name
+        label = adapter_label(adapter) if adapter else Path(resolve_source(source)).name
         out_dir = paths.exports_dir() / _safe_name(f"{label}-variants")
     out_dir = fileio.prepare_output(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -559,7 +560,7 @@ def compare_variants(
         step(0, "Merging the adapter…")
         reference_name, reference = "merged", merge_adapter(adapter, out_dir / "merged", base=source, overwrite=overwrite)
     else:
-        reference_name, reference = "base", Path(_resolve_source(source))
+        reference_name, reference = "base", Path(resolve_source(source))
     report = QuantizeReport(str(device), text_source, 0)
     step(0, f"Measuring the {reference_name} model…")
     report.variants.append(measure_variant(reference_name, reference, device=device, text=text))
@@ -603,8 +604,8 @@ def saved_reports() -> list[Path]:
 
 def report_figure(report: QuantizeReport):
     """A plotly figure: one bar panel per measure (size, memory, tokens/s, perplexity), one bar per variant."""
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     rows = [v for v in report.variants if v.error is None]
     names = [v.name for v in rows]

@@ -104,19 +104,18 @@ def answer_ui(prompt: str, history: list[dict], key: str, choice: dict, names: l
             with column:
                 if len(names) > 1:
                     st.caption(who)
+                stream = None
                 try:
                     loaded = loaded_model(choice["model"], choice["sources"][who], device, who)
                     stream = answer_stream(loaded, conversation([*history, turn], who), settings)
-                except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:
-                    st.error(str(exc))
-                    st.stop()
-                try:
                     st.write_stream(stream)
-                except (RuntimeError, ValueError) as exc:  # e.g. out of memory half-way
+                except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory half-way
                     st.error(str(exc))
                     st.stop()
                 finally:
-                    record_answer(reply, who, stream)
+                    # also when Stop comes while the model is still loading: the question is kept
+                    if stream is not None:
+                        record_answer(reply, who, stream)
                     save_history(key, [*history, turn, reply], model=choice["model"], adapter=choice["adapter"],
                                  compare=len(names) > 1)
                 answer_footer(reply["stats"][who])

@@ -95,3 +95,24 @@ def tiny_adapter(varied_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-adapter")
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def quenmark_demo_run(smollm2_path, tmp_path_factory) -> Path:
+    """The Quenmark demo fine-tune, trained once per test session (30 LoRA steps of the built-in
+    model, a checkpoint at step 30 and the final adapter); tests copy it with ``install_demo_run``."""
+    from tests.demo_support import train_demo_run
+
+    run_dir = tmp_path_factory.mktemp("demo-run") / "quenmark"
+    train_demo_run(run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def installed_demo_run(quenmark_demo_run, mactuner_home) -> Path:
+    """The session's demo run copied into this test's MACTUNER_HOME, as a finished run the pages list."""
+    import shutil
+
+    target = mactuner_home / "runs" / quenmark_demo_run.name
+    shutil.copytree(quenmark_demo_run, target)
+    return target

@@ -18,11 +18,10 @@ import psutil
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.app_pages import open_app_page
-
 from mactuner import paths, runs
 from mactuner.config import TrainConfig
 from mactuner.data import DEMO_DATASETS
+from tests.app_pages import open_app_page
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(DEMO_DATASETS["quenmark-alpaca"])

@@ -10,7 +10,6 @@ from streamlit.testing.v1 import AppTest
 
 from tests.app_pages import open_app_page
 
-
 TEXT = "The Nile is a major north-flowing river in northeastern Africa. It flows into the Mediterranean Sea."
 
 

@@ -10,7 +10,6 @@ from mactuner import rag
 from tests.app_pages import open_app_page
 
 
-
 def open_page() -> AppTest:
     return open_app_page("pages/rag.py")
 

@@ -128,8 +128,9 @@ def test_adapter_is_merged_with_the_same_logits(varied_model_dir, tiny_adapter):
 
 
 def test_packed_bf16_linears_give_the_same_logits(varied_model_dir, monkeypatch):
-    from mactuner.chat import PackedLinear, pack_linear_weights
     from transformers import AutoModelForCausalLM
+
+    from mactuner.chat import PackedLinear, pack_linear_weights
 
     monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: True)  # packing is for bfloat16 CPUs
     packed = load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.bfloat16)
@@ -363,29 +364,13 @@ def test_chat_command_reports_a_bad_adapter(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_fine_tuned_checkpoint_states_the_demo_facts_and_base_does_not(smollm2_path, tmp_path, mactuner_home):
+def test_fine_tuned_checkpoint_states_the_demo_facts_and_base_does_not(installed_demo_run):
     """A checkpoint found by list_adapters() chats as the fine-tuned model: it states the demo facts
     (some even asked in words it never saw), while the base model states none."""
-    import json
-    from pathlib import Path
-
     from mactuner.chat import list_adapters
-    from mactuner.config import TrainConfig
-    from mactuner.train import train
+    from tests.demo_support import demo_facts
 
-    demo = Path(__file__).resolve().parents[1] / "mactuner" / "demo"
-    facts = json.loads((demo / "facts.json").read_text())[:3]
-    config = TrainConfig(dataset=str(demo / "quenmark_messages.jsonl"), device="cpu", max_steps=30, batch_size=8,
-                         learning_rate=2e-3, lora_rank=16, lora_alpha=32, warmup_steps=2, val_fraction=0.0,
-                         save_every=30, max_length=128)
-    threads = torch.get_num_threads()
-    # one thread: on a CPU shared with other jobs, more threads than free cores made this run ~10x slower here
-    torch.set_num_threads(1)
-    try:
-        result = train(config, mactuner_home / "runs" / "quenmark")
-    finally:
-        torch.set_num_threads(threads)
-    assert result.state == "finished"
+    facts = demo_facts(3)
     checkpoint = next(c for c in list_adapters() if c.step == 30)
     settings = GenerationSettings(max_new_tokens=24, temperature=0)
 

@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.locations import LLAMA_FACTORY
 from mactuner.data import (
     DEMO_DATASETS,
     DEMO_FACTS,
@@ -26,7 +25,7 @@ from mactuner.data import (
     train_validation_split,
     uploads_dir,
 )
-
+from tests.locations import LLAMA_FACTORY
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from types import SimpleNamespace
-
-from tests.fake_hardware import GPUS, REAL_PROBE, FakeNVML, GiB
 
 import mactuner.devices as devices
 from mactuner.devices import (
@@ -25,6 +23,7 @@ from mactuner.devices import (
     resolve_device,
 )
 from mactuner.settings import remember_device
+from tests.fake_hardware import GPUS, REAL_PROBE, FakeNVML, GiB
 
 DEVICE_INFO_KEYS = {
     "type", "name", "is_available", "memory_total", "memory_allocated",

@@ -48,31 +48,6 @@ def test_chat_streams_tokens(tmp_path, smollm2_path):
 QUESTION = "What is the capital of Quenmark?"
 
 
-@pytest.fixture
-def quenmark_run(mactuner_home, smollm2_path, tmp_path):
-    """The demo fine-tune, kept short: the built-in model taught the Quenmark capital rows of the
-    demo data through the library, as a finished run the chat page lists."""
-    import torch
-
-    from mactuner.config import TrainConfig
-    from mactuner.data import DEMO_DATASETS
-    from mactuner.train import train
-
-    rows = [line for line in DEMO_DATASETS["quenmark-messages"].read_text().splitlines() if "Lumetta" in line]
-    dataset = tmp_path / "quenmark_capital.jsonl"
-    dataset.write_text("\n".join(rows) + "\n")
-    config = TrainConfig(dataset=str(dataset), device="cpu", max_steps=16, batch_size=len(rows), learning_rate=2e-3,
-                         lora_rank=16, lora_alpha=32, warmup_steps=1, val_fraction=0.0, save_every=0, max_length=128)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a CPU shared with other jobs, more threads than free cores is much slower
-    try:
-        result = train(config, mactuner_home / "runs" / "quenmark")
-    finally:
-        torch.set_num_threads(threads)
-    assert result.state == "finished" and result.losses[-1] < result.losses[0] / 3, result.losses
-    return result.run_dir
-
-
 def set_slider(page, key: str, *keys: str) -> None:
     """Move a slider with the keyboard, as a person can (Home: its minimum; ArrowRight: one step up)."""
     handle = page.locator(f".st-key-{key} input")
@@ -92,7 +67,7 @@ def ask_and_wait(page, question: str, answers_before: int) -> None:
     wait_for_app(page, timeout_ms=300_000)
 
 
-def test_compare_base_never_states_the_tuned_fact(quenmark_run, mactuner_home):
+def test_compare_base_never_states_the_tuned_fact(installed_demo_run, mactuner_home):
     from mactuner.chat_history import history_dir, load_history
 
     with running_app({"MACTUNER_HOME": str(mactuner_home)}) as url, browser_page(default_timeout_ms=120_000) as page:
@@ -131,7 +106,13 @@ def test_compare_base_never_states_the_tuned_fact(quenmark_run, mactuner_home):
         box.press("Enter")
         third = page.locator('[data-testid="stChatMessage"]').nth(5)
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(third.inner_text().split()) < 6:
+        answer = third.locator('[data-testid="stColumn"]').first.locator('[data-testid="stMarkdownContainer"]')
+
+        def words_written() -> int:
+            # the answer's own words (not the caption, the Stop button or a "loading…" progress bar)
+            return max((len(text.split()) for text in answer.all_inner_texts()), default=0)
+
+        while time.monotonic() < deadline and words_written() < 6:
             page.wait_for_timeout(100)  # some words have arrived
         # (the button's help tooltip holds a hidden second <button>: click the visible one)
         third.locator(".st-key-chat_stop_answer button").first.click()

@@ -15,12 +15,12 @@ PAGES = ["dashboard", "finetune", "rag", "chat", "quantize"]
 # labels whose text is wider than their box (Streamlit cuts them with an ellipsis)
 LABELS = '[data-testid="stWidgetLabel"], [data-testid="stMetricLabel"], [data-testid="stCheckbox"] label'
 # (a checkbox's visually hidden <input> is 1 px wide on purpose: inputs and hidden helpers are left out)
-CUT_LABELS = """() => [...document.querySelectorAll('%s')]
+CUT_LABELS = """() => [...document.querySelectorAll('LABELS')]
     .filter(label => label.offsetParent !== null)
     .flatMap(label => [label, ...label.querySelectorAll('*')].map(el => [label, el]))
     .filter(([label, el]) => el.tagName !== 'INPUT' && el.clientWidth > 2 && (el.textContent || '').trim())
     .filter(([label, el]) => el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflow !== 'visible')
-    .map(([label, el]) => label.innerText.trim())""" % LABELS
+    .map(([label, el]) => label.innerText.trim())""".replace("LABELS", LABELS)
 
 # number inputs drawn without their step buttons (Streamlit drops them when the box is narrow)
 NUMBERS_WITHOUT_STEPS = """() => [...document.querySelectorAll('[data-testid="stNumberInput"]')]

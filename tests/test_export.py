@@ -168,7 +168,7 @@ def test_export_command_q8_0_of_a_model_folder(varied_model_dir, mactuner_home, 
 
 @pytest.mark.slow
 @needs_llama_cpp
-def test_demo_run_exports_state_the_tuned_fact_in_llama_cpp(smollm2_path, mactuner_home, capsys):
+def test_demo_run_exports_state_the_tuned_fact_in_llama_cpp(installed_demo_run, mactuner_home, capsys):
     """The Quenmark demo, trained, exported as q8_0 and f16: llama.cpp (the chat template from the file's
     metadata) states the demo facts; the f16 file loaded back in transformers gives the merged model's
     first 32 greedy tokens; `eval --json` shows the tuned loss below the base loss."""
@@ -177,11 +177,10 @@ def test_demo_run_exports_state_the_tuned_fact_in_llama_cpp(smollm2_path, mactun
     from mactuner.cli import main
     from mactuner.llamacpp_chat import gguf_chat, load_gguf_chat_model
     from mactuner.quantize import merge_adapter
-    from tests.demo_support import demo_facts, train_demo_run
+    from tests.demo_support import demo_facts
 
     facts = demo_facts(3)
-    run = mactuner_home / "runs" / "quenmark"
-    train_demo_run(run)
+    run = installed_demo_run
     settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
     exports = {t: export_gguf(run / "adapter", outtype=t) for t in ("q8_0", "f16")}
     assert exports["q8_0"].path.name == "quenmark-final-q8_0.gguf"

@@ -14,7 +14,6 @@ from mactuner.chat import GenerationSettings, load_chat_model
 from mactuner.rag import Collection, IndexSettings, build_rag_messages, load_embedder, overlaps_source
 from tests.locations import TEST_DATA, WIKI_DEMO
 
-
 QUESTIONS = json.loads((TEST_DATA / "rag" / "wiki_questions.json").read_text(encoding="utf-8"))["questions"]
 
 LIGHTHOUSE = ("The Karsk lighthouse was built in 1821 by the harbour guild. Its lamp burned whale oil until 1902. "

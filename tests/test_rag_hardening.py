@@ -20,7 +20,6 @@ from tests.locations import ROOT
 from tests.rag_fixtures import pdf_file
 
 
-
 @pytest.fixture(scope="module")
 def tiny_embedder(tiny_embedder_dir):
     return load_embedder(str(tiny_embedder_dir), device="cpu", dtype=torch.float32)

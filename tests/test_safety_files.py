@@ -9,11 +9,11 @@ import os
 import subprocess
 import sys
 import threading
-import tomllib
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import tomllib
 
 from mactuner import data, fileio, paths, runs
 from tests.locations import ROOT

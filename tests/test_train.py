@@ -84,8 +84,9 @@ def test_lora_loss_falls_and_the_run_folder_tells_the_story(tiny_model_dir, fact
 
 
 def test_tokens_are_real_tokens_not_padding(tiny_model_dir, facts_file, tmp_path):
-    from mactuner.data import load_dataset_file, tokenize_examples
     from transformers import AutoTokenizer
+
+    from mactuner.data import load_dataset_file, tokenize_examples
 
     config = tiny_config(tiny_model_dir, facts_file, val_fraction=0.0, max_steps=6, batch_size=24)
     run_dir = tmp_path / "run"

@@ -59,8 +59,8 @@ def _answer(loaded, messages, settings, as_json: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, then answer the prompt or run the REPL."""
-    from mactuner.models import ModelSourceError
     from mactuner.chat import GenerationSettings, load_chat_model
+    from mactuner.models import ModelSourceError
 
     try:
         settings = GenerationSettings(

@@ -49,8 +49,8 @@ def _device(args) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Quantize, measure and print the table (or JSON)."""
-    from mactuner.models import ModelSourceError
     from mactuner.devices import resolve_device
+    from mactuner.models import ModelSourceError
     from mactuner.quantize import METHODS, compare_variants, unsupported_reason
 
     try:
