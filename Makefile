@@ -43,4 +43,4 @@ test: setup browser lint
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python bench/monitor_overhead.py
+	$(BIN)/python -m bench.monitor_overhead

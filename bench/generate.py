@@ -21,7 +21,7 @@ to AVX512_CORE (no AVX512-BF16/AMX: bfloat16 matmuls become slow) and the CPU
 reported as float32-only, which is how this project measures the float32-only
 case on a bfloat16 machine: an emulation, not a real such CPU.
 
-    .venv/bin/python bench/generate.py [--tokens 64] [--rounds 3] [--threads N] [--emulate-float32-cpu] [--quick]
+    .venv/bin/python -m bench.generate [--tokens 64] [--rounds 3] [--threads N] [--emulate-float32-cpu] [--quick]
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -188,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.emulate_float32_cpu and os.environ.get("ONEDNN_MAX_CPU_ISA") != EMULATION_ISA:
         # oneDNN reads the cap once, at start-up: run in a fresh process with it set
         env = dict(os.environ, ONEDNN_MAX_CPU_ISA=EMULATION_ISA)
-        return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env)
+        return subprocess.call([sys.executable, "-m", "bench.generate", *(argv if argv is not None else sys.argv[1:])], env=env,
+                               cwd=ROOT)
     if args.emulate_float32_cpu:
         _emulate_float32_cpu()
 

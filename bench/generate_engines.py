@@ -12,7 +12,7 @@ engine's ratio to the torch engine.
 On a shared machine these figures are noisy (other jobs take the cores): compare
 the ratios of one run, not the absolute numbers across runs.
 
-    .venv/bin/python bench/generate_engines.py [--model M] [--tokens 64] [--rounds 2] [--gguf FILE …]
+    .venv/bin/python -m bench.generate_engines [--model M] [--tokens 64] [--rounds 2] [--gguf FILE …]
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mactuner.chat import GenerationSettings, load_chat_model, stream_chat  # noqa: E402

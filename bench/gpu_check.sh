@@ -110,7 +110,7 @@ if [ ! -f "$TOKENIZER/tokenizer.json" ]; then
         echo "neither the built-in model nor $CHECK/tokenizer: run 'bash bench/gpu_check.sh --prepare' on the CPU machine and carry $CHECK"; exit 1; }
 fi
 SHAPES=${SHAPES:-smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b}
-bounded 200 "$PY" bench/gpu_shapes.py "$CHECK/shapes" --shapes "$SHAPES" --tokenizer "$TOKENIZER" --device "$DEVICE" $TINY \
+bounded 200 "$PY" -m bench.gpu_shapes "$CHECK/shapes" --shapes "$SHAPES" --tokenizer "$TOKENIZER" --device "$DEVICE" $TINY \
     | tail -1 > "$OUTDIR/shapes.json" || echo "building the shapes failed"
 DATA=()
 [ -f "$CHECK/alpaca_en_demo.json" ] && DATA=(--data "$CHECK/alpaca_en_demo.json")
@@ -135,7 +135,7 @@ for SHAPE in ${SHAPES//,/ }; do
     for METHOD in lora qlora; do
         [ $METHOD = qlora ] && [ $QLORA -eq 0 ] && continue
         echo "-- $SHAPE $METHOD"
-        bounded "$LIMIT" "$PY" bench/train_throughput.py --device "$DEVICE" --model "$FOLDER" \
+        bounded "$LIMIT" "$PY" -m bench.train_throughput --device "$DEVICE" --model "$FOLDER" \
             "${DATA[@]}" --rows "$ROWS" --steps "$N" --warmup "$WARMUP" --method "$METHOD" --sides hf_informed,mactuner \
             || echo "$SHAPE $METHOD: failed or stopped (see above)"
     done

@@ -5,7 +5,7 @@ published config and random weights (built on the GPU in bfloat16, saved as
 safetensors) measures what the real model would, with no download. The
 tokenizer is SmolLM2's (its ids fit every vocabulary here).
 
-    python bench/gpu_shapes.py OUT_DIR [--shapes smollm2-135m,qwen2.5-0.5b,...] [--device cuda] [--tiny]
+    python -m bench.gpu_shapes OUT_DIR [--shapes smollm2-135m,qwen2.5-0.5b,...] [--device cuda] [--tiny]
 
 ``--tiny`` keeps each config's family and proportions but shrinks it to 2 layers
 and a small width: the ``--dry-run`` on a CPU checks the plumbing with it.
@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # published configs (the fields that set the shape), Llama- and Qwen2-style
 SHAPES: dict[str, dict] = {

@@ -5,7 +5,7 @@ it once into a plain transformers folder in its model cache. This prints both lo
 (median of ``--repeats``, alternating so that load from other processes hits both) and their
 ratio, with the machine's description.
 
-    python bench/model_load.py [--repeats 3]
+    python -m bench.model_load [--repeats 3]
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ monitor; the "vs 1 s" column compares each run's cost with the 1 s monitor.
 
 Target: at most 1 % of one core at a 1 s interval.
 
-    .venv/bin/python bench/monitor_overhead.py [--seconds 20]
+    .venv/bin/python -m bench.monitor_overhead [--seconds 20]
 """
 
 from __future__ import annotations
@@ -19,11 +19,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mactuner.devices import DeviceManager  # noqa: E402
 from mactuner.monitor import MemoryMonitor  # noqa: E402

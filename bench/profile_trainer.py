@@ -6,7 +6,7 @@ into kinds (matmuls, attention, dtype conversions, elementwise, optimizer, …)
 and prints the top operators. The groups say which lever can pay: a step that
 is 80 % matmuls in the fastest dtype can only gain by doing fewer FLOPs.
 
-    .venv/bin/python bench/profile_trainer.py [--side mactuner|hf_informed] [--steps 3] [--rows 64] [--threads 1]
+    .venv/bin/python -m bench.profile_trainer [--side mactuner|hf_informed] [--steps 3] [--rows 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

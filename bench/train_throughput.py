@@ -39,7 +39,7 @@ measures the float32-only case on a bfloat16 machine (an emulation, not a real
 such CPU). Results also go to ``bench/results/train_throughput-<time>.json``
 with the machine's description (``bench/machine.py``).
 
-    .venv/bin/python bench/train_throughput.py [--quick] [--rows 400] [--steps 20] [--warmup 2] [--rounds 1]
+    .venv/bin/python -m bench.train_throughput [--quick] [--rows 400] [--steps 20] [--warmup 2] [--rounds 1]
         [--threads N] [--emulate-float32-cpu]
 """
 
@@ -57,7 +57,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -315,7 +314,7 @@ WORKERS = {"peak": worker_peak, "hf_default": worker_hf_default, "hf_informed": 
 
 
 def run_worker(kind: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", kind] + [
+    command = [sys.executable, "-m", "bench.train_throughput", "--worker", kind] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
         if k not in ("worker", "quick", "emulate_float32_cpu", "no_save", "sides") and v is not None
     ]
@@ -324,7 +323,7 @@ def run_worker(kind: str, args) -> dict:
     env = dict(os.environ, **({"ONEDNN_MAX_CPU_ISA": EMULATION_ISA} if args.emulate_float32_cpu else {}))
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])

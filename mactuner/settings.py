@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mactuner import paths
+from mactuner import fileio, paths
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +67,7 @@ def load_settings() -> Settings:
 
 def save_settings(settings: Settings) -> None:
     """Write the settings file atomically (a crash never leaves half a file)."""
-    path = paths.settings_file()
-    fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(settings.to_dict(), handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    fileio.write_json_atomic(paths.settings_file(), settings.to_dict(), sort_keys=True)
 
 
 def remember_device(device: str | None) -> Settings:
