@@ -24,6 +24,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 METHODS = ("lora", "qlora", "full")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -96,6 +97,13 @@ class TrainConfig:
         default=False,
         metadata={"help": "Recompute activations in the backward pass: much less memory, about 30% slower."},
     )
+    compile: str = field(
+        default="auto",
+        metadata={
+            "help": "torch.compile the decoder layers: auto (on a CPU, when the rest of the run saves more time than "
+            "compiling costs, judged after step 2), on, or off."
+        },
+    )
 
     # evaluation and checkpoints
     eval_every: int = field(default=50, metadata={"help": "Steps between validation losses (0: only at the end)."})
@@ -125,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("lora_rank", "max_length", "batch_size", "grad_accum", "log_every"):

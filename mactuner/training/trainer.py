@@ -65,6 +65,7 @@ from mactuner.locks import LockBusy, RunLock
 from mactuner.training.batching import MicroBatch, Unit, collate, make_units, plan_epoch
 from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
 from mactuner.training.distributed import Distributed, init_distributed
+from mactuner.training.compiled import LayerCompiler
 from mactuner.training.errors import NonFiniteLoss, OutOfMemory, RunFolderBusy, TrainingError
 from mactuner.training.losses import LOSS_CHUNK_TOKENS, linear_cross_entropy, lr_factor
 from mactuner.training.master_weights import MasterWeights
@@ -239,6 +240,9 @@ class Trainer:
         self._stage("loading", f"Loading {config.model} ({config.method}, {dtype_name(self.compute_dtype)} on {device})…")
         torch.manual_seed(config.seed)
         self._load_model()
+        self._compiler = LayerCompiler(
+            config.compile, self.causal_lm, device.type, self._compile_key(), self._info, self._stage
+        )
         self._prepare_data()
         self._build_optimizer()
         if self.resume:
@@ -322,6 +326,19 @@ class Trainer:
         self._head_only_where_trained = not any(
             getattr(lm_config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
         )
+
+    def _compile_key(self) -> dict[str, Any]:
+        """What makes two runs compile the same layers (the compile cost recorded for one holds for the other)."""
+        config = self.config
+        return {
+            "model": self.causal_lm.config.to_dict(),
+            "dtype": str(self.compute_dtype),
+            "device": self.device.type,
+            "method": config.method,
+            "lora": [config.lora_rank, config.target_modules, config.lora_dropout > 0],
+            "checkpointing": config.gradient_checkpointing,
+            "torch": torch.__version__,
+        }
 
     def _prepare_data(self) -> None:
         from mactuner.data import DatasetError, load_dataset_file, tokenize_examples, train_validation_split
@@ -444,9 +461,12 @@ class Trainer:
             while self.step < self.total_steps:
                 threads = self._threads.update() if self._threads is not None else None
                 self._memory.start()
+                self._compiler.before_step(self.step, self.total_steps)
                 started = time.perf_counter()
-                outcome = self._train_step()
-                report_seconds += time.perf_counter() - started
+                outcome = self._compiler.run_step(self._train_step, self._zero_grad)
+                seconds = time.perf_counter() - started
+                report_seconds += seconds
+                self._compiler.after_step(self.step + 1, self.total_steps, seconds)
                 self.step += 1
                 self.losses.append(outcome.loss)
                 self.tokens_seen += outcome.real_tokens
@@ -695,10 +715,12 @@ class Trainer:
         mine = units[self.dist.rank :: self.dist.world_size]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         count = 0
-        for start in range(0, len(mine), self.micro_batch_size):
-            chunk = mine[start : start + self.micro_batch_size]
-            total += self._loss_sum(collate(chunk, self.pad_id, self.device))
-            count += sum(u.trained_tokens for u in chunk)
+        # compiled layers would compile again for no_grad: evaluation runs them eagerly
+        with LayerCompiler.eager():
+            for start in range(0, len(mine), self.micro_batch_size):
+                chunk = mine[start : start + self.micro_batch_size]
+                total += self._loss_sum(collate(chunk, self.pad_id, self.device))
+                count += sum(u.trained_tokens for u in chunk)
         self.model.train()
         stats = torch.stack([total, torch.tensor(float(count), device=self.device)])
         self.dist.sum_(stats)
