@@ -14,7 +14,13 @@ Three rows in one run:
   (``mactuner.devices.get_optimal_dtype``), the weights loaded in bfloat16 plus
   ``bf16=True``; float32 elsewhere.
 - **MacTuner**: ``mactuner.train.Trainer`` with its defaults (device dtype,
-  float32 adapter, length grouping, logits only where trained).
+  float32 adapter, length grouping, logits only where trained; ``compile: auto``,
+  which compiles only when the run is long enough to pay the compile back).
+- **MacTuner+comp**: the same with ``compile: on`` (decoder layers compiled by
+  TorchInductor before the first step). Its "whole run" column includes the
+  compile: by default each worker gets an empty TorchInductor cache (a first
+  compile on this machine); ``--compile-cache DIR`` shares one cache folder,
+  as a second run on the same machine does (run once to fill it).
 
 Each measurement runs in its own process so peak memory (``ru_maxrss``: peak
 resident set of the process, model loading included) is separable. Rounds
@@ -63,8 +69,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ALPACA = ROOT / "tests" / "data" / "third_party" / "llama-factory" / "alpaca_en_demo.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EMULATION_ISA = "AVX512_CORE"  # AVX-512 without BF16/AMX: what a float32-only server CPU offers oneDNN
-SIDES = ("hf_default", "hf_informed", "mactuner")
-LABELS = {"hf_default": "HF default", "hf_informed": "HF informed", "mactuner": "MacTuner"}
+SIDES = ("hf_default", "hf_informed", "mactuner", "mactuner_compiled")
+LABELS = {"hf_default": "HF default", "hf_informed": "HF informed", "mactuner": "MacTuner",
+          "mactuner_compiled": "MacTuner+comp"}
 
 
 def _peak_rss() -> int:
@@ -179,8 +186,12 @@ def _hf_worker(args, informed: bool) -> dict:
         return batch
 
     marks: list[float] = []
+    began: list[float] = []
 
     class StepTimes(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            began.append(time.perf_counter())
+
         def on_step_end(self, *a, **k):
             marks.append(time.perf_counter())
 
@@ -215,6 +226,7 @@ def _hf_worker(args, informed: bool) -> dict:
     seconds = marks[-1] - marks[args.warmup - 1] if args.warmup else marks[-1] - marks[0]
     return {
         "tokens_per_second": sum(measured) / seconds,
+        "whole_run_tokens_per_second": sum(real_tokens[: args.warmup + args.steps]) / (marks[-1] - began[0]),
         # frozen weights need no weight gradient: forward 2 + input gradient 2 FLOPs per weight,
         # on every position the model runs, padding included; the LM head too
         "executed_flops_per_second": 4 * _forward_weights(model) * padded / seconds,
@@ -257,15 +269,19 @@ def _executed_positions(trainer, warmup: int, steps: int) -> tuple[int, int] | N
         return None
 
 
-def worker_mactuner(args) -> dict:
+def worker_mactuner(args, compile: str = "auto") -> dict:
     import torch
 
     from mactuner.config import TrainConfig
     from mactuner.train import Trainer, TrainingCallback
 
     marks: list[tuple[float, int]] = []
+    began: list[float] = []
 
     class StepTimes(TrainingCallback):
+        def on_train_begin(self, info):
+            began.append(time.perf_counter())
+
         def on_train_report(self, info):
             marks.append((time.perf_counter(), info["tokens"]))
 
@@ -283,6 +299,7 @@ def worker_mactuner(args) -> dict:
         val_fraction=0.0,
         eval_every=0,
         save_every=0,
+        compile=compile,
     )
     trainer = Trainer(config, callbacks=[StepTimes()])
     trainer.run()
@@ -294,6 +311,9 @@ def worker_mactuner(args) -> dict:
     positions = _executed_positions(trainer, args.warmup, args.steps)
     return {
         "tokens_per_second": tokens / seconds,
+        # from the first step's start: the compile (when there is one) is paid inside
+        "whole_run_tokens_per_second": end[1] / (end[0] - began[0]),
+        "compiled": trainer._compiler.compiled,
         "executed_flops_per_second": (4 * (n - head) * positions[0] + 4 * head * positions[1]) / seconds if positions else None,
         "padding": 1 - tokens / positions[0] if positions else None,
         "head_weights": head,
@@ -302,12 +322,16 @@ def worker_mactuner(args) -> dict:
         "dtype": _dtype_name(trainer.compute_dtype) + ("/nf4" if args.method == "qlora" else ""),
         "n_forward": n,
         "threads": torch.get_num_threads(),
-        "settings": "defaults",
+        "settings": "defaults" if compile == "auto" else f"compile: {compile}",
     }
 
 
+def worker_mactuner_compiled(args) -> dict:
+    return worker_mactuner(args, compile="on")
+
+
 WORKERS = {"peak": worker_peak, "hf_default": worker_hf_default, "hf_informed": worker_hf_informed,
-           "mactuner": worker_mactuner}
+           "mactuner": worker_mactuner, "mactuner_compiled": worker_mactuner_compiled}
 
 
 # --- the orchestrator --------------------------------------------------------
@@ -323,7 +347,10 @@ def run_worker(kind: str, args) -> dict:
     env = dict(os.environ, **({"ONEDNN_MAX_CPU_ISA": EMULATION_ISA} if args.emulate_float32_cpu else {}))
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    with tempfile.TemporaryDirectory(prefix="mactuner-bench-inductor-") as cold:
+        # an empty TorchInductor cache unless one is shared on purpose: the compile is paid as on a first run
+        env["TORCHINDUCTOR_CACHE_DIR"] = args.compile_cache or cold
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -351,7 +378,8 @@ def summarize(results: dict[str, list[dict]], args) -> dict:
         rows[kind] = {
             "label": LABELS[kind], "settings": first["settings"], "dtype": first["dtype"], "threads": first["threads"],
             "padding": None if first["padding"] is None else med(kind, "padding"),
-            "tokens_per_second": tps, "memory_bytes": memory, "memory_kind": "peak GPU" if on_gpu else "peak RSS",
+            "tokens_per_second": tps, "whole_run_tokens_per_second": med(kind, "whole_run_tokens_per_second"),
+            "compiled": any(x.get("compiled") for x in results[kind]), "memory_bytes": memory, "memory_kind": "peak GPU" if on_gpu else "peak RSS",
             "peak_flops_used": peak, "mfu_6n": 6 * first["n_forward"] * tps / peak,
             "executed_flops_per_second": executed, "executed_of_peak": None if executed is None else executed / peak,
             "load_average": [x["load_average"] for x in results[kind]],
@@ -361,6 +389,7 @@ def summarize(results: dict[str, list[dict]], args) -> dict:
     informed = rows["hf_informed"]
     for row in rows.values():
         row["speed_vs_informed"] = row["tokens_per_second"] / informed["tokens_per_second"]
+        row["whole_run_vs_informed"] = row["whole_run_tokens_per_second"] / informed["whole_run_tokens_per_second"]
         row["memory_vs_informed"] = row["memory_bytes"] / informed["memory_bytes"]
         if "hf_default" in rows:
             row["speed_vs_default"] = row["tokens_per_second"] / rows["hf_default"]["tokens_per_second"]
@@ -375,18 +404,20 @@ def print_table(summary: dict, args, machine_text: str) -> None:
     size = "8192" if args.device.startswith("cuda") else "2048"
     print(f"matmul peak ({size}², same threads): bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s, float32 {peaks['float32'] / 1e9:.0f} GFLOP/s")
     mem_label = next(iter(rows.values()))["memory_kind"]
-    print(f"\n{'':12} {'dtype':>9} {'thr':>3} {'padding':>7} {'tokens/s':>9} {'vs informed':>11} {mem_label:>9} {'mem vs inf':>10} "
-          f"{'MFU(6N)':>8} {'executed':>9} {'load':>5}")
+    print(f"\n{'':14} {'dtype':>9} {'thr':>3} {'padding':>7} {'tokens/s':>9} {'vs informed':>11} {'whole run':>9} {'vs inf':>7} "
+          f"{mem_label:>9} {'mem vs inf':>10} {'MFU(6N)':>8} {'executed':>9} {'load':>5}")
     for row in rows.values():
         padding = "" if row["padding"] is None else f"{row['padding']:.0%}"
         executed = "" if row["executed_of_peak"] is None else f"{row['executed_of_peak']:.1%}"
         load = statistics.median(row["load_average"])
-        print(f"{row['label']:12} {row['dtype']:>9} {row['threads']:>3} {padding:>7} {row['tokens_per_second']:9.1f} "
-              f"{row['speed_vs_informed']:10.2f}x {row['memory_bytes'] / 2**30:8.2f}G {row['memory_vs_informed']:9.2f}x "
+        print(f"{row['label']:14} {row['dtype']:>9} {row['threads']:>3} {padding:>7} {row['tokens_per_second']:9.1f} "
+              f"{row['speed_vs_informed']:10.2f}x {row['whole_run_tokens_per_second']:9.1f} {row['whole_run_vs_informed']:6.2f}x "
+              f"{row['memory_bytes'] / 2**30:8.2f}G {row['memory_vs_informed']:9.2f}x "
               f"{row['mfu_6n']:8.1%} {executed:>9} {load:5.1f}")
     print(f"\nHF informed = {rows['hf_informed']['settings']}. MFU(6N) = 6·N·real tokens/s over the matmul peak of the "
           "dtype that side computes in; executed = 4·N per position actually run (padding included; MacTuner's LM head "
-          "only at trained tokens), same peak. Load = 1-minute load average during that side "
+          "only at trained tokens), same peak. Whole run = real tokens of every step (warm-up included) over the time "
+          "from the first step's start to the last step's end: a compile is paid inside it. Load = 1-minute load average during that side "
           f"({os.cpu_count()} logical cores): on a shared machine the figures are noisy.")
 
 
@@ -406,6 +437,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64 rows, 4 steps after 1: a few minutes")
     parser.add_argument("--emulate-float32-cpu", action="store_true",
                         help=f"measure as on a float32-only CPU (oneDNN capped to {EMULATION_ISA}; an emulation)")
+    parser.add_argument("--compile-cache", default=None,
+                        help="a TorchInductor cache folder shared by the workers (default: an empty one each: cold compiles)")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from mactuner.config import COMPILE_CHOICES
+
 # what auto assumes before it has measured this machine
 COLD_COMPILE_SECONDS = 60.0
 WARM_COMPILE_SECONDS = 15.0

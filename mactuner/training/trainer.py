@@ -64,8 +64,8 @@ from mactuner.devices import (
 from mactuner.locks import LockBusy, RunLock
 from mactuner.training.batching import MicroBatch, Unit, collate, make_units, plan_epoch
 from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
-from mactuner.training.distributed import Distributed, init_distributed
 from mactuner.training.compiled import LayerCompiler
+from mactuner.training.distributed import Distributed, init_distributed
 from mactuner.training.errors import NonFiniteLoss, OutOfMemory, RunFolderBusy, TrainingError
 from mactuner.training.losses import LOSS_CHUNK_TOKENS, linear_cross_entropy, lr_factor
 from mactuner.training.master_weights import MasterWeights
