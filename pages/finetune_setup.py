@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from mactuner import data
-from mactuner.config import TrainConfig
+from mactuner.config import COMPILE_CHOICES, TrainConfig
 from mactuner.devices import optimal_dtype_reason
 from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
 from mactuner.recommend import estimate_for_config, free_memory_bytes, recommend_hyperparameters
@@ -145,6 +145,8 @@ def settings_ui(recommended: dict, reasons: dict, method: str, device: str = "cp
     chosen["gradient_checkpointing"] = st.checkbox("Gradient checkpointing", recommended["gradient_checkpointing"],
                                                    help=why["gradient_checkpointing"])
     chosen["dtype"] = dtype_ui(row, device)
+    chosen["compile"] = row.selectbox("Compile layers", COMPILE_CHOICES, key="finetune_compile", help=why["compile"],
+                                      width=INPUT_WIDTH)
     with st.expander("Why these settings"):
         st.markdown("\n".join(f"- **{name.replace('_', ' ')}**: {reason}" for name, reason in reasons.items()))
     return chosen
