@@ -14,18 +14,34 @@ fine-tuned one said, so the comparison stays honest.
 The file for a choice of base model, adapter and mode is
 ``MACTUNER_HOME/chat/<key>.json`` (:func:`history_file`), written atomically
 (:mod:`mactuner.fileio`) after every answer, including one stopped half-way.
+
+Several writers may share that file: two browser tabs with the same model
+choice, and, in one tab, the script run a Stop click interrupted and the run the
+click started. So a writer never rewrites the file from the conversation it
+loaded earlier: :func:`save_turn` merges *its* question and reply, by the id the
+pair shares (:func:`new_turn`), into what the file holds now, under a lock.
+:class:`AnswersInFlight` lets the next script run of a tab wait until the
+answers its interrupted runs were writing are saved (see its docstring).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from mactuner import paths
 from mactuner.fileio import write_json_atomic
+
+SAVE_LOCK_TIMEOUT = 30.0  # seconds a writer waits for another tab's write of the same conversation
 
 Message = dict[str, str]
 FORMAT_VERSION = 1
@@ -77,7 +93,101 @@ def save_history(key: str, history: list[dict[str, Any]], **choice: Any) -> Path
 
 def clear_history(key: str) -> None:
     """Forget the conversation of ``key`` (the "New chat" button)."""
-    history_file(key).unlink(missing_ok=True)
+    with _locked(key):
+        history_file(key).unlink(missing_ok=True)
+
+
+def new_turn(question: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A question and its reply (no answers yet), sharing a fresh ``id`` that :func:`save_turn` matches on."""
+    turn_id = uuid.uuid4().hex
+    return ({"role": "user", "content": question, "id": turn_id},
+            {"role": "assistant", "answers": {}, "stats": {}, "id": turn_id})
+
+
+def save_turn(key: str, question: dict[str, Any], reply: dict[str, Any], **choice: Any) -> list[dict[str, Any]]:
+    """Merge one question and its reply into the saved conversation of ``key``; return the conversation saved.
+
+    The pair replaces the saved pair with the same ``id`` (the same turn saved again, e.g. once per
+    Compare side) or is appended. Turns other writers saved meanwhile (another tab, a stopped run
+    finishing late) are kept: the file is read, changed and written under a lock, never rewritten
+    from a copy loaded earlier. ``choice`` is stored beside the conversation as in :func:`save_history`.
+
+    Raises:
+        TimeoutError: another writer held the conversation for longer than ``SAVE_LOCK_TIMEOUT``.
+    """
+    turn_id = question.get("id")
+    if not turn_id or reply.get("id") != turn_id:
+        raise ValueError("a question and its reply must share an id; make them with new_turn()")
+    with _locked(key):
+        history = load_history(key)
+        at = next((i for i, turn in enumerate(history) if turn.get("role") == "user" and turn.get("id") == turn_id), None)
+        if at is None:
+            history += [question, reply]
+        else:
+            end = at + 2 if at + 1 < len(history) and history[at + 1].get("role") == "assistant" else at + 1
+            history[at:end] = [question, reply]
+        save_history(key, history, **choice)
+    return history
+
+
+@contextlib.contextmanager
+def _locked(key: str) -> Iterator[None]:
+    # one writer of a conversation at a time, across tabs (threads) and processes
+    folder = history_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / f".{key}.lock"), is_singleton=False)
+    try:
+        lock.acquire(timeout=SAVE_LOCK_TIMEOUT)
+    except Timeout as exc:
+        raise TimeoutError(f"Another tab kept the conversation {key} locked for {SAVE_LOCK_TIMEOUT:.0f} s; "
+                           "ask again in a moment.") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class AnswersInFlight:
+    """The answers one browser tab's script runs are still writing, so that its next run can wait for them.
+
+    When a person clicks (Stop, or any widget) while an answer streams, Streamlit
+    (``runner.fastReruns``, on by default) starts the next script run at once in a
+    new thread and only *asks* the running one to stop; that one stops at its next
+    yield point (the next token, or the end of reading a long prompt) and saves the
+    stopped answer then. A next run that loaded the conversation before that save
+    would draw the page without the stopped turn, and nothing redraws it later.
+    So the answering run holds :meth:`writing` until its turn is saved, and the
+    next run calls :meth:`wait` before it loads the conversation.
+
+    Keep one per browser session (the page keeps it in its session state). Safe to
+    use from several threads.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._writing = 0
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held by a script run from the question until its turn is saved (however the run ends)."""
+        with self._changed:
+            self._writing += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._writing -= 1
+                self._changed.notify_all()
+
+    def busy(self) -> bool:
+        """Whether a run of this tab is still writing an answer."""
+        with self._changed:
+            return self._writing > 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no run of this tab is writing an answer; ``False`` if ``timeout`` seconds passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._writing == 0, timeout)
 
 
 def _is_turn(turn: Any) -> bool:

@@ -2,12 +2,16 @@
 
 Each model choice keeps its own conversation on disk (:mod:`mactuner.chat_history`), so a reload finds
 it again; in Compare mode each side sees only its own earlier answers. Stop ends the answer being written.
+A click while an answer streams starts the next run while the stopped one still finishes its token
+(Streamlit's fast reruns): the next run waits for it (``AnswersInFlight``), and turns are merged into
+the file by id (``save_turn``), so no run or tab drops another's turns.
 """
 
 import streamlit as st
 
 from mactuner.chat import GenerationSettings, list_adapters
-from mactuner.chat_history import clear_history, conversation, finish_note, history_key, load_history, record_answer, save_history
+from mactuner.chat_history import (AnswersInFlight, clear_history, conversation, finish_note, history_key, load_history,
+                                   new_turn, record_answer, save_turn)
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from pages.chat_models import answer_stream, loaded_model, release_on_device_switch
@@ -16,6 +20,13 @@ from pages.export_ui import chat_source_ui
 
 HISTORY = "chat_history"  # [{"role": "user", "content"} | {"role": "assistant", "answers": {who: text}, "stats": {who: dict}}]
 # (this session's copy of the conversation on disk for the current model choice)
+IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight
+STOP_WAIT_S = 30.0  # how long the run after a Stop waits for the stopped answer to be saved
+
+
+def answers_in_flight() -> AnswersInFlight:
+    """This browser session's answers still being written (shared by its overlapping script runs)."""
+    return st.session_state.setdefault(IN_FLIGHT, AnswersInFlight())
 
 
 def model_ui():
@@ -82,44 +93,59 @@ def show_history(history: list[dict], names: list[str]) -> None:
 
 
 def history_ui(model: str, adapter: str, compare: bool) -> tuple[str, list[dict]]:
-    """This model choice's conversation, as saved (it survives a reload), and its key."""
+    """This model choice's conversation, as saved (it survives a reload), and its key.
+
+    Loaded once the answer a click interrupted is saved, so the page right after Stop shows it.
+    """
+    if not answers_in_flight().wait(STOP_WAIT_S):
+        st.caption(":orange[The answer you stopped is still being saved; it shows at your next click.]")
     key = history_key(model, adapter, compare)
     st.session_state[HISTORY] = load_history(key)
     return key, st.session_state[HISTORY]
 
 
-def answer_ui(prompt: str, history: list[dict], key: str, choice: dict, names: list[str], device, settings) -> None:
-    """Ask every model in ``names``, streaming each answer under a Stop button; save the turn after each side.
+def new_chat(key: str) -> None:
+    """The "New chat" button: forget the conversation, after any answer still being saved."""
+    answers_in_flight().wait(STOP_WAIT_S)
+    clear_history(key)
 
-    Stop (or any rerun) interrupts ``st.write_stream`` with Streamlit's rerun exception: the ``finally``
-    records the answer so far as stopped and saves it before the page reruns.
+
+def answer_ui(prompt: str, history: list[dict], key: str, choice: dict, names: list[str], device, settings) -> None:
+    """Ask every model in ``names``, streaming each answer under a Stop button; the turn is saved however it ends.
+
+    Stop (or any click) interrupts this run at its next Streamlit call (``st.write_stream``'s next
+    piece) with Streamlit's stop or rerun exception: the ``finally`` records the answer so far as
+    stopped and merges the turn into the file, while :func:`answers_in_flight` holds the next run.
     """
-    turn, reply = {"role": "user", "content": prompt}, {"role": "assistant", "answers": {}, "stats": {}}
-    with st.chat_message("user"):
-        st.markdown(prompt)
-    with st.chat_message("assistant"):
-        stop = st.empty()
-        stop.button("Stop", key="chat_stop_answer", icon=":material/stop_circle:", help="End the answer being written.")
-        for column, who in zip(side_columns(names), names):
-            with column:
-                if len(names) > 1:
-                    st.caption(who)
-                stream = None
-                try:
-                    loaded = loaded_model(choice["model"], choice["sources"][who], device, who)
-                    stream = answer_stream(loaded, conversation([*history, turn], who), settings)
-                    st.write_stream(stream)
-                except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory half-way
-                    st.error(str(exc))
-                    st.stop()
-                finally:
-                    # also when Stop comes while the model is still loading: the question is kept
-                    if stream is not None:
-                        record_answer(reply, who, stream)
-                    save_history(key, [*history, turn, reply], model=choice["model"], adapter=choice["adapter"],
-                                 compare=len(names) > 1)
-                answer_footer(reply["stats"][who])
-        stop.empty()
+    turn, reply = new_turn(prompt)
+    with answers_in_flight().writing():
+        try:
+            with st.chat_message("user"):
+                st.markdown(prompt)
+            with st.chat_message("assistant"):
+                stop = st.empty()
+                stop.button("Stop", key="chat_stop_answer", icon=":material/stop_circle:",
+                            help="End the answer being written.")
+                for column, who in zip(side_columns(names), names):
+                    with column:
+                        if len(names) > 1:
+                            st.caption(who)
+                        stream = None
+                        try:
+                            loaded = loaded_model(choice["model"], choice["sources"][who], device, who)
+                            stream = answer_stream(loaded, conversation([*history, turn], who), settings)
+                            st.write_stream(stream)
+                        except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory
+                            st.error(str(exc))
+                            st.stop()
+                        finally:
+                            if stream is not None:
+                                record_answer(reply, who, stream)
+                        answer_footer(reply["stats"][who])
+                stop.empty()
+        finally:
+            # also when Stop comes before an answer began (while a model loads): the question is kept
+            save_turn(key, turn, reply, model=choice["model"], adapter=choice["adapter"], compare=len(names) > 1)
     history += [turn, reply]
 
 
@@ -139,5 +165,5 @@ show_history(history, names)
 if prompt := st.chat_input("Ask something", key="chat_input"):
     answer_ui(prompt, history, history_id, {"model": model, "adapter": adapter, "sources": {"base": "", "fine-tuned": adapter}},
               names, device, settings)
-st.button("New chat", key="chat_new", disabled=not history, on_click=clear_history, args=(history_id,),
+st.button("New chat", key="chat_new", disabled=not history, on_click=new_chat, args=(history_id,),
           help="Forget this conversation (it is kept per model choice, across reloads).")

@@ -5,9 +5,15 @@ compare mode where each side sees only its own answers, and a bad model shown as
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
+from streamlit.testing.v1 import app_test as app_test_module
+from streamlit.testing.v1.element_tree import ElementTree
+from streamlit.testing.v1.local_script_runner import LocalScriptRunner
 
 from mactuner.chat_history import history_dir, history_key, load_history
 from tests.app_pages import open_app_page
@@ -121,3 +127,89 @@ def test_each_model_choice_has_its_own_conversation(varied_model_dir, tiny_adapt
     at.selectbox(key="chat_adapter").set_value("(none)").run()
     base = at.session_state["chat_history"]
     assert [m.get("content") for m in base[::2]] == ["Hello there"] and set(base[1]["answers"]) == {"base"}
+
+
+# --- Stop while an answer streams ---------------------------------------------------------------
+# A click while the script runs makes Streamlit (runner.fastReruns, on by default) ask the running
+# script to stop and start the next run at once, in a new thread: the interrupted run only notices
+# at its next yield point (its next token) and saves the stopped answer after that. The harness
+# below does exactly that with AppTest's own runners: request_stop() on the answering run, then the
+# next run at once, without waiting for the old one.
+
+LONG_SYSTEM_PROMPT = " ".join(["You are a careful assistant who answers questions about the sea."] * 120)
+
+
+class RecordingRunner(LocalScriptRunner):
+    """AppTest's script runner, keeping each run's runner and element tree (runs may overlap here)."""
+
+    runs: list[RecordingRunner] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tree = None
+        RecordingRunner.runs.append(self)
+
+    def run(self, *args, **kwargs):
+        self.tree = super().run(*args, **kwargs)
+        return self.tree
+
+
+def stop_while_answering(at: AppTest, question: str, after: float) -> ElementTree:
+    """Ask ``question``; ``after`` seconds after the Stop button is drawn, click Stop the way a browser
+    does under fast reruns; return the element tree of the run that the click started."""
+    RecordingRunner.runs.clear()
+    at.chat_input(key="chat_input").set_value(question)
+    answering = threading.Thread(target=at.run, daemon=True)
+    answering.start()
+    deadline = time.monotonic() + 120
+    while not (RecordingRunner.runs and any("chat_stop_answer" in str(m) for m in RecordingRunner.runs[0].forward_msgs())):
+        assert time.monotonic() < deadline, "the answer never started"
+        time.sleep(0.02)
+    time.sleep(after)
+    old = RecordingRunner.runs[0]
+    at.chat_input(key="chat_input").set_value(None)  # the question was sent once; the click sends none
+    old.request_stop()  # what AppSession does on a click under fast reruns ...
+    at.run()  # ... and the next run starts at once
+    answering.join(timeout=120)
+    assert not answering.is_alive()
+    new = RecordingRunner.runs[-1]
+    assert new is not old and new.tree is not None
+    return new.tree
+
+
+@pytest.mark.slow  # the real model: its reading of a long prompt is what makes the old run slow to stop
+def test_the_page_right_after_stop_shows_the_stopped_answer(monkeypatch, mactuner_home):
+    monkeypatch.setattr(app_test_module, "LocalScriptRunner", RecordingRunner)
+    at = open_page()
+    at.text_area(key="chat_system").input(LONG_SYSTEM_PROMPT)
+    at.slider(key="chat_temperature").set_value(0.0)
+    at.slider(key="chat_max_new_tokens").set_value(8)
+    at.chat_input(key="chat_input").set_value("Hello").run()  # loads the model; times reading the prompt
+    assert not at.exception, at.exception
+    reading = at.session_state["chat_history"][1]["stats"]["base"]["time_to_first_token"]
+    at.button(key="chat_new").click().run()
+    at.slider(key="chat_max_new_tokens").set_value(1024).run()
+
+    # Stop while the model still reads the prompt, a stretch without a yield point: the old run saves
+    # its turn only after that, while the run the click started is already drawing the page
+    tree = stop_while_answering(at, "Write a long story about the sea.", after=reading / 4)
+    # the file holds the stopped turn ...
+    [saved] = list(history_dir().glob("*.json"))
+    turns = load_history(saved.stem)
+    assert [t["role"] for t in turns] == ["user", "assistant"], turns
+    answer, stats = turns[1]["answers"].get("base", ""), turns[1]["stats"].get("base", {})
+    assert stats.get("finish_reason") == "cancelled" and stats["new_tokens"] < 1024, stats
+    # ... and the page drawn by the Stop click shows it, with its note and its words
+    assert not tree.exception, tree.exception
+    assert [m.name for m in tree.chat_message] == ["user", "assistant"]
+    assert any("Stopped before the end." in c.value for c in tree.caption), [c.value for c in tree.caption]
+    assert answer.strip() and any(answer.strip() in m.value for m in tree.markdown)
+
+    # asked again at once: nothing lost, nothing doubled
+    at.slider(key="chat_max_new_tokens").set_value(8)
+    at.chat_input(key="chat_input").set_value("A short one, please.")
+    at.run()
+    assert not at.exception, at.exception
+    turns = load_history(saved.stem)
+    assert [t.get("content") for t in turns[::2]] == ["Write a long story about the sea.", "A short one, please."]
+    assert [m.name for m in at.chat_message] == ["user", "assistant"] * 2

@@ -1,22 +1,29 @@
 """Saved chat conversations: one file per model choice, written atomically; each model sees only
-its own answers; a stream stopped half-way is recorded as stopped with the text it had."""
+its own answers; a stream stopped half-way is recorded as stopped with the text it had; writers that
+overlap (two tabs, a stopped run finishing late) never drop each other's turns, and the run after a
+Stop can wait until the stopped answer is saved."""
 
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import pytest
 
 from mactuner.chat import GenerationSettings, load_chat_model, stream_chat
 from mactuner.chat_history import (
+    AnswersInFlight,
     clear_history,
     conversation,
     finish_note,
     history_file,
     history_key,
     load_history,
+    new_turn,
     record_answer,
     save_history,
+    save_turn,
 )
 
 HISTORY = [
@@ -83,3 +90,82 @@ def test_a_stream_stopped_half_way_is_recorded_as_stopped(varied_model_dir):
     record_answer(reply, "base", full)
     assert reply["stats"]["base"]["finish_reason"] == "length" and "token limit" in finish_note(reply["stats"]["base"])
     assert finish_note({"finish_reason": "stop"}) is None
+
+
+def test_turns_are_merged_by_id_so_no_writer_drops_another(mactuner_home):
+    key = history_key("m")
+    save_history(key, HISTORY[:2])  # a conversation saved before turns had ids stays as it is
+    # two tabs (or a stopped run and the run after it) each loaded the file before the other saved
+    tab_a, tab_b = new_turn("From tab A"), new_turn("From tab B")
+    save_turn(key, *tab_a)  # A's question, its answer still being written
+    save_turn(key, *tab_b)
+    tab_a[1]["answers"]["base"] = "A's answer"
+    save_turn(key, *tab_a)  # the same turn again (the next side of Compare, the end of the answer)
+    saved = load_history(key)
+    assert [t.get("content") for t in saved[::2]] == ["What is the capital of Quenmark?", "From tab A", "From tab B"]
+    assert saved[2:4] == list(tab_a) and saved[3]["answers"] == {"base": "A's answer"}
+    assert [t["role"] for t in saved] == ["user", "assistant"] * 3
+    with pytest.raises(ValueError, match="new_turn"):
+        save_turn(key, {"role": "user", "content": "no id"}, {"role": "assistant", "answers": {}})
+
+
+def test_many_tabs_saving_at_once_keep_every_turn(mactuner_home):
+    key = history_key("m", "/runs/r1/adapter", compare=True)
+    start = threading.Barrier(6)
+
+    def tab(n: int) -> None:
+        start.wait()
+        for i in range(5):
+            question, reply = new_turn(f"tab {n} question {i}")
+            save_turn(key, question, reply)
+            reply["answers"]["base"] = f"answer {n}.{i}"
+            save_turn(key, question, reply)
+
+    tabs = [threading.Thread(target=tab, args=(n,)) for n in range(6)]
+    for thread in tabs:
+        thread.start()
+    for thread in tabs:
+        thread.join()
+    saved = load_history(key)
+    questions = [t["content"] for t in saved if t["role"] == "user"]
+    assert sorted(questions) == sorted(f"tab {n} question {i}" for n in range(6) for i in range(5))
+    assert all(t["role"] == "assistant" and t["answers"]["base"].startswith("answer ") for t in saved[1::2])
+
+
+class StopRequested(Exception):
+    """What Streamlit raises inside the interrupted script run at its next call (StopException)."""
+
+
+def test_the_run_after_stop_waits_for_the_stopped_answer(varied_model_dir, mactuner_home):
+    loaded = load_chat_model(str(varied_model_dir), device="cpu")
+    key, in_flight = history_key(str(varied_model_dir)), AnswersInFlight()
+    clicked = threading.Event()
+
+    def interrupted_run() -> None:
+        question, reply = new_turn("Hello there")
+        with in_flight.writing():
+            stream = stream_chat(loaded, [{"role": "user", "content": "Hello there"}],
+                                 GenerationSettings(max_new_tokens=200, temperature=0))
+            try:
+                for n, _ in enumerate(stream):
+                    if n == 3:
+                        clicked.set()  # Stop: the next run starts now ...
+                        time.sleep(0.5)  # ... while this one computes its next token
+                        raise StopRequested
+            except StopRequested:
+                pass
+            finally:
+                record_answer(reply, "base", stream)
+                save_turn(key, question, reply)
+
+    old = threading.Thread(target=interrupted_run)
+    old.start()
+    assert clicked.wait(60)
+    assert in_flight.busy() and not in_flight.wait(timeout=0.05)
+    assert load_history(key) == []  # what the next run loaded before it waited: no stopped turn yet
+    assert in_flight.wait(timeout=30)
+    [question, reply] = load_history(key)  # what it loads after waiting
+    assert question["content"] == "Hello there" and reply["answers"]["base"]
+    assert reply["stats"]["base"]["finish_reason"] == "cancelled"
+    old.join()
+    assert not in_flight.busy() and in_flight.wait(timeout=0)
