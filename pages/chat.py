@@ -10,8 +10,17 @@ the file by id (``save_turn``), so no run or tab drops another's turns.
 import streamlit as st
 
 from mactuner.chat import GenerationSettings, list_adapters
-from mactuner.chat_history import (AnswersInFlight, clear_history, conversation, finish_note, history_key, load_history,
-                                   new_turn, record_answer, save_turn)
+from mactuner.chat_history import (
+    AnswersInFlight,
+    clear_history,
+    conversation,
+    finish_note,
+    history_key,
+    load_history,
+    new_turn,
+    record_answer,
+    save_turn,
+)
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from pages.chat_models import answer_stream, loaded_model, release_on_device_switch

@@ -36,6 +36,7 @@ NON_DEFAULT = dict(
     weight_decay=0.01,
     max_grad_norm=None,
     gradient_checkpointing=True,
+    compile="off",
     eval_every=0,
     save_every=25,
     keep_last=0,

@@ -83,7 +83,8 @@ def test_compiled_layers_train_like_eager_and_save_a_plain_adapter(
     assert trainer._compiler.compiled
     assert any("Compiling the 2 decoder layers" in line for line in infos.lines), infos.lines
     # the compile cost was measured and kept for the next run's decision
-    assert json.loads((compile_dir() / f"{trainer._compiler.key}.json").read_text())["compile_seconds"] > 0
+    record = json.loads((compile_dir() / f"{trainer._compiler.key}.json").read_text())
+    assert record["compile_seconds"] > 0 and 0 <= record["saving"] < 1
     assert any(inductor_cache.rglob("*")), "TorchInductor wrote nothing: the layers did not compile"
 
     expected, got = train_losses(tmp_path / "eager"), train_losses(compiled_run)
@@ -119,3 +120,26 @@ def test_a_compiler_that_fails_is_reported_and_the_run_goes_on(tiny_model_dir, f
     eager = Trainer(tiny_config(tiny_model_dir, facts_file, max_steps=4), tmp_path / "eager")
     eager.run()
     assert train_losses(run_dir) == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("record", "compiles"),
+    [({"compile_seconds": 10, "saving": 0.5}, True), ({"compile_seconds": 60, "saving": 0.2}, False), (None, False)],
+    ids=["pays-back", "does-not", "cold-guess"],
+)
+def test_auto_weighs_the_measured_saving_against_the_measured_compile_time(tiny_model_dir, record, compiles):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lines = []
+    compiler = LayerCompiler("auto", model, "cpu", {"model": "tiny"}, lines.append, lambda stage, message: None)
+    if record is not None:
+        (compile_dir() / f"{compiler.key}.json").write_text(json.dumps(record))
+    compiler.after_step(1, 100, 1.0, 100)
+    assert not compiler.decided  # step 1 carries one-off costs: no decision from it
+    # a step of 1 s with 98 steps left: 49 s saved at 50 %, 19.6 s at 20 % (also the cold guess, against 60 s)
+    compiler.after_step(2, 100, 1.0, 100)
+    assert compiler.decided and compiler.compiled is compiles
+    assert any(line.startswith("Compiling the 2 decoder layers" if compiles else "Layers not compiled") for line in lines), lines
+    compiler.uncompile()
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)

@@ -35,8 +35,9 @@ from mactuner.config import COMPILE_CHOICES
 # what auto assumes before it has measured this machine
 COLD_COMPILE_SECONDS = 60.0
 WARM_COMPILE_SECONDS = 15.0
-EXPECTED_SAVING = 0.2  # share of an eager step that compiling removes (measured 0.2-0.3 on CPU)
+EXPECTED_SAVING = 0.2  # share of an eager step's time that compiling removes, until measured here (0.2-0.45 on CPU)
 DECIDE_AFTER_STEP = 2  # the first step carries one-off costs; the second is what a step costs
+MEASURED_STEPS = 3  # compiled steps after the compiling one that measure the compiled speed
 
 
 def compile_dir() -> Path:
@@ -105,25 +106,49 @@ class LayerCompiler:
         self.compiled = False
         self.decided = choice == "off"
         self._first_compiled_step = False
-        self._eager_step_seconds: float | None = None
+        self._eager_rate: float | None = None  # seconds per token, eager (measured at DECIDE_AFTER_STEP)
+        self._compiling_step: tuple[float, int] | None = None  # (seconds, tokens) of the step that compiled
+        self._compiled_steps: list[tuple[float, int]] = []
 
     # -- the record of earlier compiles on this machine
 
     def _record_file(self) -> Path:
         return compile_dir() / f"{self.key}.json"
 
+    def _record(self) -> dict[str, Any]:
+        try:
+            record = json.loads(self._record_file().read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
     def expected_compile_seconds(self) -> float:
         """The last measured compile time of these layers here, else a cold guess."""
-        try:
-            return float(json.loads(self._record_file().read_text())["compile_seconds"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return COLD_COMPILE_SECONDS
+        value = self._record().get("compile_seconds")
+        return float(value) if isinstance(value, (int, float)) and value >= 0 else COLD_COMPILE_SECONDS
 
-    def _remember(self, compile_seconds: float) -> None:
+    def expected_saving(self) -> float:
+        """The share of an eager step's time that compiling saved here last time, else a guess."""
+        value = self._record().get("saving")
+        return float(value) if isinstance(value, (int, float)) and 0 <= value < 1 else EXPECTED_SAVING
+
+    def _remember(self) -> None:
+        """Keep what this compile cost and saved, for the next run's decision."""
         from mactuner.fileio import write_json_atomic
 
+        seconds = sum(s for s, _ in self._compiled_steps)
+        tokens = sum(t for _, t in self._compiled_steps)
+        if tokens <= 0 or self._compiling_step is None:
+            return
+        compiled_rate = seconds / tokens
+        first_seconds, first_tokens = self._compiling_step
+        record = self._record()
+        record["compile_seconds"] = round(max(0.0, first_seconds - first_tokens * compiled_rate), 2)
+        if self._eager_rate:
+            record["saving"] = round(min(0.95, max(0.0, 1 - compiled_rate / self._eager_rate)), 3)
+        record["time"] = time.time()
         try:
-            write_json_atomic(self._record_file(), {"compile_seconds": round(compile_seconds, 2), "time": time.time()})
+            write_json_atomic(self._record_file(), record)
         except OSError:
             pass  # only a better guess next time is lost
 
@@ -137,22 +162,27 @@ class LayerCompiler:
             self.decided = True
             self._compile("on")
 
-    def after_step(self, step: int, total_steps: int, seconds: float) -> None:
-        """Let ``auto`` decide after step ``DECIDE_AFTER_STEP`` from what that step cost."""
+    def after_step(self, step: int, total_steps: int, seconds: float, tokens: int) -> None:
+        """Measure (compile cost, saving); let ``auto`` decide after step ``DECIDE_AFTER_STEP``.
+
+        ``step`` is the number of steps done, ``seconds`` and ``tokens`` what the last one took.
+        """
         if self.compiled:
             if self._first_compiled_step:
                 self._first_compiled_step = False
-                # the first compiled step paid the compile; what it cost beyond an eager step is the compile time
-                if self._eager_step_seconds is not None:
-                    self._remember(max(0.0, seconds - self._eager_step_seconds))
+                self._compiling_step = (seconds, tokens)
+            elif len(self._compiled_steps) < MEASURED_STEPS:
+                self._compiled_steps.append((seconds, tokens))
+                if len(self._compiled_steps) == MEASURED_STEPS or step == total_steps:
+                    self._remember()
             return
         if self.decided or step < DECIDE_AFTER_STEP:
             return
         self.decided = True
-        self._eager_step_seconds = seconds
+        self._eager_rate = seconds / max(1, tokens)
         why_not = self._why_not_auto()
         remaining = total_steps - step
-        saving = EXPECTED_SAVING * seconds * remaining
+        saving = self.expected_saving() * seconds * remaining
         cost = self.expected_compile_seconds()
         if why_not is None and saving <= cost:
             why_not = (

@@ -466,7 +466,7 @@ class Trainer:
                 outcome = self._compiler.run_step(self._train_step, self._zero_grad)
                 seconds = time.perf_counter() - started
                 report_seconds += seconds
-                self._compiler.after_step(self.step + 1, self.total_steps, seconds)
+                self._compiler.after_step(self.step + 1, self.total_steps, seconds, outcome.real_tokens)
                 self.step += 1
                 self.losses.append(outcome.loss)
                 self.tokens_seen += outcome.real_tokens
