@@ -6,7 +6,7 @@ into kinds (matmuls, attention, dtype conversions, elementwise, optimizer, …)
 and prints the top operators. The groups say which lever can pay: a step that
 is 80 % matmuls in the fastest dtype can only gain by doing fewer FLOPs.
 
-    .venv/bin/python -m bench.profile_trainer [--side mactuner|hf_informed] [--steps 3] [--rows 64] [--threads 1]
+    .venv/bin/python -m bench.profile_trainer [--side mactuner|hf_informed] [--steps 3] [--rows 64] [--threads 1] [--compile on] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def profile_mactuner(args):
 
     config = TrainConfig(model=args.model, dataset=str(_data_file(args.rows)), device="cpu", max_length=512, batch_size=4,
                          lora_rank=8, lora_alpha=16, target_modules=TARGETS, max_steps=1 + args.steps, val_fraction=0.0,
-                         eval_every=0, save_every=0)
+                         eval_every=0, save_every=0, compile=args.compile, dtype=args.dtype)
     Trainer(config, callbacks=[Window()]).run()
     return prof, marks[-1] - marks[0]
 
@@ -133,6 +133,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after one unprofiled step)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", default="off", choices=["auto", "on", "off"],
+                        help="MacTuner's compile setting (on: compiled before step 1, outside the profiled steps)")
+    parser.add_argument("--dtype", default="auto", help="MacTuner's compute dtype (e.g. float32 with ONEDNN_MAX_CPU_ISA=AVX512_CORE)")
     args = parser.parse_args()
     import torch
 
