@@ -23,7 +23,7 @@ def train_demo_run(run_dir: Path, steps: int = 30):
 
     config = TrainConfig(dataset=str(DEMO_DATASETS["quenmark-messages"]), device="cpu", max_steps=steps, batch_size=8,
                          learning_rate=2e-3, lora_rank=16, lora_alpha=32, warmup_steps=2, val_fraction=0.0,
-                         save_every=steps, max_length=128)
+                         save_every=steps, max_length=128, compile="off")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

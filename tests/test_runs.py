@@ -210,7 +210,7 @@ def tiny_config(model_dir: Path, **changes):
     from mactuner.data import DEMO_DATASETS
 
     values = dict(model=str(model_dir), dataset=str(DEMO_DATASETS["quenmark-alpaca"]), device="cpu",
-                  batch_size=4, max_length=128, save_every=0, eval_every=0, log_every=1)
+                  batch_size=4, max_length=128, save_every=0, eval_every=0, log_every=1, compile="off")
     values.update(changes)
     return TrainConfig(**values)
 
