@@ -488,16 +488,20 @@ class AdapterChoice:
 def list_adapters() -> list[AdapterChoice]:
     """Adapters found under ``paths.runs_dir()``: each run's final ``adapter/`` (finished runs) then its checkpoints, newest run first."""
     from mactuner.checkpoints import list_checkpoints
+    from mactuner.run_names import run_display_name
     from mactuner.runs import list_runs
 
     choices = []
     for run in list_runs():
+        # the person's name for the run, with the id when it has one (names need not be unique)
+        name = run_display_name(run.path)
+        shown = run.id if name == run.id else f"{name} ({run.id})"
         final = run.path / "adapter"
         if run.state == "finished" and (final / "adapter_config.json").is_file():
-            choices.append(AdapterChoice(f"{run.id} · final", final, run.id, run.model, None))
+            choices.append(AdapterChoice(f"{shown} · final", final, run.id, run.model, None))
         for checkpoint in reversed(list_checkpoints(run.path)):
             if (checkpoint.path / "adapter_config.json").is_file():
-                label = f"{run.id} · step {checkpoint.step}"
+                label = f"{shown} · step {checkpoint.step}"
                 choices.append(AdapterChoice(label, checkpoint.path, run.id, run.model, checkpoint.step))
     return choices
 

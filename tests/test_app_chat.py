@@ -80,6 +80,17 @@ def finished_run_with_adapter(home: Path, model_dir: Path, adapter: Path) -> Non
     shutil.copytree(adapter, run / "adapter")
 
 
+def test_adapters_are_listed_by_the_run_name_a_person_gave(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
+    from mactuner.run_names import set_run_name
+
+    finished_run_with_adapter(mactuner_home, varied_model_dir, tiny_adapter)
+    set_run_name("demo-run", "Lighthouse facts")
+    at = open_page()
+    # the id stays beside the name: two runs may carry the same name
+    assert "Lighthouse facts (demo-run) · final" in at.selectbox(key="chat_adapter").options
+    assert "demo-run · final" not in at.selectbox(key="chat_adapter").options
+
+
 def test_compare_mode_each_side_keeps_its_own_conversation(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
     from transformers import AutoTokenizer
 
