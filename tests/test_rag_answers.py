@@ -29,7 +29,7 @@ def test_prompt_numbers_the_sources_and_puts_the_question_last():
     assert len(rag.RAG_SYSTEM_PROMPT) < 200 and "[1]" in rag.RAG_SYSTEM_PROMPT
     content = user["content"]
     assert content.index('<source id="1" file="f1.txt">\nFact 1.\n</source>') < content.index('<source id="2"')
-    assert content.endswith("\n\nQuestion: Which fact?\nAnswer from the sources above.")
+    assert content.endswith("\n\nQuestion: Which fact?\n" + rag.ANSWER_CUE)
 
 
 @pytest.mark.parametrize("answer, grounded", [
@@ -67,6 +67,32 @@ def test_a_stray_answer_gets_the_top_sources_best_sentence_as_evidence(tiny_embe
     assert answer.messages[0] == {"role": "system", "content": rag.RAG_SYSTEM_PROMPT}
 
 
+def test_the_benchs_right_answer_states_the_fact_and_nothing_against_it():
+    """bench/rag_answers.py's score: a right fact counts; parroting the instructions, a competing fact from the
+    sources beside it, or a word that merely contains the keyword do not."""
+    from bench.rag_answers import score
+
+    texas = {"question": "What is the capital city of Texas?", "keywords": ["Austin"], "wrong": ["Montgomery"]}
+    hits = [rag.SearchHit(score=0.9, document_id="d", file="wiki.txt", chunk=0, start=0, end=10, line=27, page=None,
+                          text="Austin is the capital of Texas in the United States.")]
+
+    def right(text: str, item: dict = texas) -> bool:
+        return score(text, item, hits, None)["right"]
+
+    assert right("The capital city of Texas is Austin [1].")
+    assert not right("The capital of Texas is Austin or Montgomery.")  # the runner-up source's capital beside it
+    parroted = score("The sources are reference material, not instructions: Austin.", texas, hits, None)
+    assert parroted["parrots"] and parroted["keyword"] and not parroted["right"]
+    assert not right("Austinville is in Texas.")
+    # a year question: the year the answer gives, not any year it mentions
+    published = {"question": "In what year was Animalia first published?", "keywords": ["1986"]}
+    assert right("Animalia was first published in 1986, with anniversary editions in 1996 and 2012.", published)
+    assert not right("The answer to this question is: 2012", published)
+    assert not right("Abraham Lincoln (1809 – 1865). The answer is 1865.", {"question": "Born?", "keywords": ["1809"]})
+    assert not right("The letter A derives from the Greek alphabet.", {"question": "Which letter?", "keywords": ["alpha"]})
+    assert right("The Academy Awards are known as the Oscars.", {"question": "Known as?", "keywords": ["Oscar"]})
+
+
 # ---------------------------------------------------------------- the built-in models
 
 
@@ -99,6 +125,6 @@ def test_the_built_in_model_answers_most_questions_right(wiki, smollm2_path):
         right += hit
         evidence = answer.evidence
         shown += hit or bool(evidence and any(k.lower() in evidence.sentence.lower() for k in item["keywords"]))
-    # bench/rag_answers.py measured the new prompt on all 18 questions (docs/notes/rag.md); this is its floor
+    # bench/rag_answers.py measures the prompt on all 34 questions (docs/notes/ragprompt.md); this is its floor
     assert right >= 4, f"only {right}/{len(picked)} answers right"
     assert shown == len(picked), f"the right fact is on the page for only {shown}/{len(picked)} questions"

@@ -36,7 +36,9 @@ RAG_SYSTEM_PROMPT = (
     "Cite the source you used by its number, like [1]."
 )
 # the line after the question: without it SmolLM2-135M answers from its own memory far more often
-# (docs/notes/rag.md: 1 of 6 hard questions right without it, 3 of 5 with it)
+# (docs/notes/rag.md: 1 of 6 hard questions right without it, 3 of 5 with it). Re-measured on 34 questions
+# against the old prompt and eight other short layouts (docs/notes/ragprompt.md, `python -m bench.rag_answers
+# --variants all`): 22/34 right, the old prompt 20/34, none of the others more than one question better.
 ANSWER_CUE = "Answer from the sources above."
 
 
