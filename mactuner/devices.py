@@ -719,7 +719,7 @@ def trim_host_heap() -> None:
 # fragment: the process's peak RSS measured 2.79 GiB for a LoRA step whose live tensors peak
 # near 1.2 GiB (SmolLM2-135M, float32, batch 4 x 512, checkpointing). A fixed threshold sends
 # every allocation above it to mmap, which returns it to the system when freed: 1.78 GiB.
-HOST_MMAP_THRESHOLD = 1 << 20  # bytes
+HOST_MMAP_THRESHOLD = 4 << 20  # bytes
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
