@@ -721,7 +721,7 @@ def trim_host_heap() -> None:
 # every allocation above it to mmap, which returns it to the system when freed: 1.78 GiB.
 # But each such allocation is a fresh mapping whose pages fault in on first touch: at 1 MiB a
 # 2-thread float32 LoRA step (batch 4 x <=512) spent 63 s of system time against 10-16 s at
-# 4-16 MiB, and ran 1.45x slower. 4 MiB keeps most of the memory win (peak RSS 1.68 GiB for the
+# 4-16 MiB, and ran 1.45x slower. 4 MiB keeps the memory win (peak RSS 1.64 GiB for the
 # checkpointed step above; every estimate test within +-25 %) at the speed of the larger values.
 HOST_MMAP_THRESHOLD = 4 << 20  # bytes
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
