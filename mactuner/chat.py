@@ -34,6 +34,7 @@ only loads, generates and frees.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -270,24 +271,19 @@ def pack_linear_weights(model: torch.nn.Module) -> int:
     return packed
 
 
-_INT8_KERNEL: bool | None = None
-
-
+@functools.cache
 def int8_kernel_available() -> bool:
     """Whether this torch has a working CPU int8 weight-only matmul (``aten._weight_int8pack_mm``); probed once."""
-    global _INT8_KERNEL
-    if _INT8_KERNEL is None:
-        try:
-            generator = torch.Generator().manual_seed(0)
-            x = torch.randn(1, 64, generator=generator).to(torch.bfloat16)
-            w = torch.randint(-127, 128, (24, 64), generator=generator, dtype=torch.int8)
-            scale = torch.rand(24, generator=generator).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(x, w, scale).float()
-            reference = (x.float() @ w.float().T) * scale.float()
-            _INT8_KERNEL = bool(torch.allclose(y, reference, rtol=2e-2, atol=2e-2 * float(reference.abs().max())))
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _INT8_KERNEL = False
-    return _INT8_KERNEL
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 64, generator=generator).to(torch.bfloat16)
+        w = torch.randint(-127, 128, (24, 64), generator=generator, dtype=torch.int8)
+        scale = torch.rand(24, generator=generator).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x, w, scale).float()
+        reference = (x.float() @ w.float().T) * scale.float()
+        return bool(torch.allclose(y, reference, rtol=2e-2, atol=2e-2 * float(reference.abs().max())))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def decode_plan(device: torch.device, dtype: torch.dtype, decode_weights: str = "int4") -> str:
@@ -403,26 +399,20 @@ class Int4Linear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-_INT4_KERNEL: bool | None = None
-
-
+@functools.cache
 def int4_kernel_available() -> bool:
     """Whether this torch has a working CPU int4 weight-only matmul; probed once against a float reference."""
-    global _INT4_KERNEL
-    if _INT4_KERNEL is None:
-        try:
-            generator = torch.Generator().manual_seed(0)
-            linear = torch.nn.Linear(64, 32, bias=False)
-            with torch.no_grad():
-                linear.weight.copy_(torch.randn(32, 64, generator=generator))
-            layer = Int4Linear(linear)
-            x = torch.randn(1, 64, generator=generator)
-            reference = linear(x)
-            error = (layer(x) - reference).abs().max() / reference.abs().max()
-            _INT4_KERNEL = bool(error < 0.2)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _INT4_KERNEL = False
-    return _INT4_KERNEL
+    try:
+        generator = torch.Generator().manual_seed(0)
+        linear = torch.nn.Linear(64, 32, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(32, 64, generator=generator))
+        x = torch.randn(1, 64, generator=generator)
+        reference = linear(x)
+        error = (Int4Linear(linear)(x) - reference).abs().max() / reference.abs().max()
+        return bool(error < 0.2)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def quantize_linear_weights_int4(model: torch.nn.Module) -> int:

@@ -184,9 +184,9 @@ def test_decode_weights_follow_the_cpu_kind(varied_model_dir, monkeypatch, nativ
     assert chat(fast, QUESTION, settings)[0] == _generate_greedy(fast, QUESTION, 30)
 
     assert decode_plan(torch.device("cpu"), dtype, "exact") == ("packed-bfloat16" if native_bf16 else "as-loaded")
-    monkeypatch.setattr("mactuner.chat._INT4_KERNEL", False)  # a torch without the int4 kernel: int8
+    monkeypatch.setattr("mactuner.chat.int4_kernel_available", lambda: False)  # a torch without the int4 kernel: int8
     assert decode_plan(torch.device("cpu"), dtype) == "int8"
-    monkeypatch.setattr("mactuner.chat._INT8_KERNEL", False)  # ... and without the int8 one
+    monkeypatch.setattr("mactuner.chat.int8_kernel_available", lambda: False)  # ... and without the int8 one
     assert decode_plan(torch.device("cpu"), dtype) == ("packed-bfloat16" if native_bf16 else "as-loaded")
     assert decode_plan(torch.device("meta"), dtype) == "as-loaded"
     with pytest.raises(ValueError, match="decode_weights"):
