@@ -81,28 +81,11 @@ def profile_mactuner(args):
 
 
 def profile_hf(args):
-    import torch
-    from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import TrainerCallback
 
-    from bench.train_throughput import TARGETS, _data_file, _model_path
-    from mactuner.data import load_dataset_file, tokenize_examples
-    from mactuner.devices import get_optimal_dtype
+    from bench.train_throughput import _hf_worker
 
-    path = _model_path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    bf16 = get_optimal_dtype("cpu") == torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": torch.bfloat16} if bf16 else {}))
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    rows = tokenize_examples(load_dataset_file(_data_file(args.rows)).examples, tokenizer, 512)
     prof = profile(activities=[ProfilerActivity.CPU])
     marks = []
 
@@ -114,15 +97,10 @@ def profile_hf(args):
             elif state.global_step == 1 + args.steps:
                 prof.stop()
 
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as out:
-        Trainer(model=model, args=TrainingArguments(
-            output_dir=out, per_device_train_batch_size=4, max_steps=1 + args.steps, save_strategy="no", report_to=[],
-            logging_steps=10**6, use_cpu=True, disable_tqdm=True, remove_unused_columns=False,
-            train_sampling_strategy="group_by_length", bf16=bf16),
-            train_dataset=rows, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), processing_class=tokenizer,
-            callbacks=[Window()]).train()
+    # the informed peer exactly as bench.train_throughput runs it: one step, then the profiled ones
+    side = argparse.Namespace(model=args.model, device="cpu", method="lora", rows=args.rows, data=None,
+                              max_length=512, warmup=1, steps=args.steps)
+    _hf_worker(side, informed=True, callbacks=(Window(),))
     return prof, marks[-1] - marks[0]
 
 

@@ -140,7 +140,8 @@ def worker_peak(args) -> dict:
     return result
 
 
-def _hf_worker(args, informed: bool) -> dict:
+def _hf_worker(args, informed: bool, callbacks: tuple = ()) -> dict:
+    """One HF side: transformers ``Trainer`` + peft (``callbacks`` join its own, e.g. a profiler window)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -217,7 +218,7 @@ def _hf_worker(args, informed: bool) -> dict:
             ),
             train_dataset=dataset,
             data_collator=collate,
-            callbacks=[StepTimes()],
+            callbacks=[StepTimes(), *callbacks],
             processing_class=tokenizer if informed else None,
         )
         trainer.train()
