@@ -111,6 +111,7 @@ class LayerCompiler:
         self.compiled = False
         self.decided = choice == "off"
         self._first_compiled_step = False
+        self._steps_run = 0  # steps done by this process (a resumed run starts again at 0)
         self._eager_rate: float | None = None  # seconds per token, eager (measured at DECIDE_AFTER_STEP)
         self._compiling_step: tuple[float, int] | None = None  # (seconds, tokens) of the step that compiled
         self._compiled_steps: list[tuple[float, int]] = []
@@ -159,34 +160,34 @@ class LayerCompiler:
 
     # -- decisions
 
-    def before_step(self, step: int, total_steps: int) -> None:
-        """Compile now if ``on`` (first step) or if ``auto`` decided so after the measured step."""
-        if self.decided or self.compiled:
-            return
-        if self.choice == "on":
+    def before_step(self) -> None:
+        """Compile before this process's first step when the choice is ``on``."""
+        if self.choice == "on" and not self.decided:
             self.decided = True
             self._compile("on")
 
-    def after_step(self, step: int, total_steps: int, seconds: float, tokens: int) -> None:
-        """Measure (compile cost, saving); let ``auto`` decide after step ``DECIDE_AFTER_STEP``.
+    def after_step(self, steps_left: int, seconds: float, tokens: int) -> None:
+        """Measure (compile cost, saving); let ``auto`` decide after this process's step ``DECIDE_AFTER_STEP``.
 
-        ``step`` is the number of steps done, ``seconds`` and ``tokens`` what the last one took.
+        ``seconds`` and ``tokens`` are what the step just done took; ``steps_left`` how many follow it.
+        Steps are counted in this process, so a resumed run also judges by a step without one-off costs.
         """
+        self._steps_run += 1
         if self.compiled:
             if self._first_compiled_step:
                 self._first_compiled_step = False
                 self._compiling_step = (seconds, tokens)
             elif len(self._compiled_steps) < MEASURED_STEPS:
                 self._compiled_steps.append((seconds, tokens))
-                if len(self._compiled_steps) == MEASURED_STEPS or step == total_steps:
+                if len(self._compiled_steps) == MEASURED_STEPS or steps_left == 0:
                     self._remember()
             return
-        if self.decided or step < DECIDE_AFTER_STEP:
+        if self.decided or self._steps_run < DECIDE_AFTER_STEP:
             return
         self.decided = True
         self._eager_rate = seconds / max(1, tokens)
         why_not = self._why_not_auto()
-        remaining = total_steps - step
+        remaining = steps_left
         saving = self.expected_saving() * seconds * remaining
         cost = self.expected_compile_seconds()
         if why_not is None and saving <= cost:

@@ -461,12 +461,12 @@ class Trainer:
             while self.step < self.total_steps:
                 threads = self._threads.update() if self._threads is not None else None
                 self._memory.start()
-                self._compiler.before_step(self.step, self.total_steps)
+                self._compiler.before_step()
                 started = time.perf_counter()
                 outcome = self._compiler.run_step(self._train_step, self._zero_grad)
                 seconds = time.perf_counter() - started
                 report_seconds += seconds
-                self._compiler.after_step(self.step + 1, self.total_steps, seconds, outcome.real_tokens)
+                self._compiler.after_step(self.total_steps - self.step - 1, seconds, outcome.real_tokens)
                 self.step += 1
                 self.losses.append(outcome.loss)
                 self.tokens_seen += outcome.real_tokens
