@@ -1,17 +1,12 @@
 """UI-only part of the fine-tune page: the runs list and the live view of one run.
 
 Kept apart from ``pages/finetune.py`` (the set-up) so each stays short; all the
-logic is in :mod:`mactuner.runs`. Not a page itself.
+logic is in :mod:`mactuner.runs` and :mod:`mactuner.run_views`. Not a page itself.
 """
 
-from datetime import datetime
-from pathlib import Path
-
-import numpy as np
-import plotly.graph_objects as go
 import streamlit as st
 
-from mactuner import runs
+from mactuner import run_views, runs
 from mactuner.run_names import run_display_name, set_run_name
 from pages.common import memory_monitor
 from pages.eval_ui import compare_ui, evaluate_ui
@@ -22,17 +17,8 @@ IDLE_REFRESH_S = 3.0  # otherwise: only to notice a run started in another tab (
 
 
 def chart(title: str, traces: dict[str, tuple[list, list]], key: str, x_title: str = "step") -> None:
-    """One small plotly line chart; ``traces`` maps a name to (xs, ys).
-
-    Redrawn every second, so built cheaply (as the dashboard's): numpy arrays go
-    out as compact binary, and the layout is given to the constructor (plotly's
-    ``update_layout`` validation costs several times more).
-    """
-    data = [go.Scatter(x=np.asarray(x, dtype=float), y=np.asarray(y, dtype=float), name=name, mode="lines+markers")
-            for name, (x, y) in traces.items()]
-    layout = {"title": {"text": title}, "height": 260, "margin": {"t": 40, "b": 30}, "xaxis": {"title": {"text": x_title}},
-              "showlegend": len(traces) > 1, "uirevision": key}  # uirevision keeps zoom across redraws
-    st.plotly_chart(go.Figure(data=data, layout=layout), key=key)
+    """One small line chart (:func:`run_views.metric_figure`); ``key`` also keeps its zoom across redraws."""
+    st.plotly_chart(run_views.metric_figure(title, traces, key, x_title), key=key)
 
 
 def charts_ui(tail: runs.MetricsTail) -> None:
@@ -78,9 +64,7 @@ def checkpoints_ui(run: runs.RunInfo) -> None:
     if not found:
         st.caption("No checkpoint yet.")
         return
-    rows = [{"step": c.step, "loss": c.loss, "val loss": c.val_loss, "size (MB)": round(c.size_bytes / 1e6, 1),
-             "saved": datetime.fromtimestamp(c.created)} for c in found]
-    st.dataframe(rows, hide_index=True, key="finetune_checkpoints")
+    st.dataframe(run_views.checkpoint_table(found), hide_index=True, key="finetune_checkpoints")
     if not run.is_running:
         left, right = st.columns([1, 3])
         step = left.selectbox("Checkpoint", [c.step for c in found], index=len(found) - 1, key="finetune_ckpt",
@@ -92,31 +76,6 @@ def checkpoints_ui(run: runs.RunInfo) -> None:
                 st.warning(str(exc))
             else:
                 st.rerun()
-
-
-def live_history(run: runs.RunInfo) -> runs.MetricsTail:
-    """The selected run's metrics, brought up to date: one bounded tail per tab.
-
-    A :class:`runs.MetricsTail` keeps about ``runs.TAIL_MAX_POINTS`` points per
-    series whatever the run's length, and only the run on screen keeps one (a tab
-    that looked at many runs does not hold all their histories).
-    """
-    tails = st.session_state.setdefault("finetune_tails", {})
-    for other in [key for key in tails if key != run.id]:
-        del tails[other]
-    tail = tails.get(run.id)
-    if tail is None:
-        tail = tails[run.id] = runs.MetricsTail(run.path)
-    tail.update()
-    return tail
-
-
-def progress_text(run: runs.RunInfo, tail: runs.MetricsTail) -> str:
-    """The live view's headline: the trainer's stage ("Loading the model…") until the first step, then step and ETA."""
-    if run.is_running and not run.step:
-        return f"{run.state} · {run.message or 'Starting…'}"
-    eta = runs.format_duration(runs.eta_seconds(tail.train, run.total_steps, since=run.started_at)) if run.is_running else "–"
-    return f"{run.state} · step {run.step}/{run.total_steps or '?'} · ETA {eta}"
 
 
 def rename_ui(run: runs.RunInfo) -> None:
@@ -135,11 +94,10 @@ def rename_ui(run: runs.RunInfo) -> None:
 
 def run_ui(run: runs.RunInfo) -> None:
     """Progress, state and charts of the selected run."""
-    tail = live_history(run)
-    st.progress(run.progress, text=progress_text(run, tail))
-    at_work = run.is_running and not run.step  # the progress bar already shows the stage
-    if run.message and not run.message.startswith("Step ") and not at_work:  # nor repeat which step
-        (st.error if run.state == "failed" else st.caption)(run.message)
+    tail = run_views.follow_run(st.session_state.setdefault("finetune_tails", {}), run)  # one bounded tail per tab
+    st.progress(run.progress, text=run_views.progress_headline(run, tail))
+    if note := run_views.status_note(run):
+        (st.error if run.state == "failed" else st.caption)(note)
     if run.state == "failed" and run.log_tail:
         st.code(run.log_tail, language=None)
     actions_ui(run)
@@ -158,12 +116,6 @@ def runs_ui() -> None:
     compare_ui()
 
 
-def run_label(run: runs.RunInfo) -> str:
-    """A run as the picker shows it: its name and state (from the same listing as the table)."""
-    name = run_display_name(run.path)
-    return f"{name} · {run.state} · step {run.step}/{run.total_steps or '?'}" + (f" ({run.id})" if name != run.id else "")
-
-
 def runs_view(live: bool) -> None:
     """The runs table, the picker and the selected run's live view, all from one listing per redraw."""
     all_runs = runs.list_runs()  # the one source of every state shown below in this redraw
@@ -174,12 +126,8 @@ def runs_view(live: bool) -> None:
         st.info("No runs yet: set one up in the New run tab and start it.")
         return
     by_id = {r.id: r for r in all_runs}
-    st.dataframe([{"run": run_display_name(r.path), "state": r.state, "step": f"{r.step}/{r.total_steps or '?'}",
-                   "loss": (r.last_metrics or {}).get("loss"), "val loss": (r.last_eval or {}).get("val_loss"),
-                   "device": r.device, "model": Path(r.model or "?").name, "method": r.method,
-                   "started": datetime.fromtimestamp(r.started_at) if r.started_at else None, "id": r.id}
-                  for r in all_runs], hide_index=True, key="finetune_runs_table")
+    st.dataframe(run_views.runs_table(all_runs), hide_index=True, key="finetune_runs_table")
     if st.session_state.get("finetune_select") in by_id:
         st.session_state["finetune_run"] = st.session_state.pop("finetune_select")
-    run_id = st.selectbox("Runs", list(by_id), key="finetune_run", format_func=lambda i: run_label(by_id[i]))
+    run_id = st.selectbox("Runs", list(by_id), key="finetune_run", format_func=lambda i: run_views.run_label(by_id[i]))
     run_ui(by_id[run_id])
