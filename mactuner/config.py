@@ -220,9 +220,11 @@ class TrainConfig:
         return cls.from_dict(values)
 
     @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name -> its one-line help text."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+    def help(cls, reasons: dict[str, str] | None = None) -> dict[str, str]:
+        """Field name -> its one-line help text, or the reason ``reasons`` gives for it (e.g. a
+        :class:`mactuner.recommend.Recommendation`'s reasons for the values it chose)."""
+        reasons = reasons or {}
+        return {f.name: reasons.get(f.name) or f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 def _is_number(value: Any) -> bool:

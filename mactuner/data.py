@@ -30,7 +30,7 @@ import random
 import re
 import stat
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,6 +438,52 @@ def save_upload(name: str, data: bytes, folder: str | os.PathLike | None = None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     raise DatasetError(f"No free name for {base} in {folder}; remove some uploads.")
+
+
+def dataset_choices(folder: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The datasets a person can pick: ``"Demo: NAME"`` for each demo, then ``"Uploaded: FILE"``
+    for each earlier upload in ``folder`` (default :func:`uploads_dir`), by name.
+
+    Only regular files of a known type (:data:`EXTENSIONS`) count; links are never offered, and
+    an uploads folder that is missing or a link offers nothing.
+    """
+    choices = {f"Demo: {name}": path for name, path in DEMO_DATASETS.items()}
+    uploads = Path(folder) if folder is not None else uploads_dir()
+    for path in sorted(uploads.iterdir()) if uploads.is_dir() and not uploads.is_symlink() else []:
+        if path.suffix in EXTENSIONS and path.is_file() and not path.is_symlink():
+            choices[f"Uploaded: {path.name}"] = path
+    return choices
+
+
+class SavedUploads:
+    """The uploads one browser session saved with :func:`save_upload`, each content written once.
+
+    The fine-tune page is handed the same upload again on every rerun. Keyed by the
+    upload's id, then by its content's sha256, a rerun, or the same bytes uploaded again,
+    finds the saved file without writing it again, so its mtime (the dataset summary's
+    cache key) stays and the dataset is not re-read and re-tokenised. A saved file that
+    was deleted since is saved again.
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self.folder = folder
+        self._digests: dict[str, str] = {}  # upload id -> sha256 of its bytes
+        self._paths: dict[str, Path] = {}  # sha256 -> the saved file
+
+    def save(self, upload_id: str, name: str, read: Callable[[], bytes]) -> Path:
+        """The saved file of upload ``upload_id`` named ``name``; ``read()`` gives its bytes,
+        called only when the upload is new or its file must be written again.
+
+        Raises:
+            DatasetError, OSError: as :func:`save_upload`.
+        """
+        digest = self._digests.get(upload_id)
+        if digest is None:
+            digest = self._digests[upload_id] = hashlib.sha256(read()).hexdigest()
+        path = self._paths.get(digest)
+        if path is None or not path.is_file():
+            path = self._paths[digest] = save_upload(name, read(), self.folder)
+        return path
 
 
 # ---------------------------------------------------------------------------
@@ -887,6 +933,21 @@ class DatasetSummary:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
+
+    def rows_longer_than(self, max_length: int) -> int:
+        """Usable rows that a max length of ``max_length`` tokens would truncate."""
+        return sum(1 for n in self.token_lengths if n > max_length)
+
+
+def token_length_figure(summary: DatasetSummary, max_length: int):
+    """A plotly histogram of the rows' token lengths, with a dashed line at ``max_length``
+    (rows to its right are truncated)."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure(go.Histogram(x=summary.token_lengths, nbinsx=40))
+    figure.add_vline(x=max_length, line_dash="dash", annotation_text="max length")
+    figure.update_layout(height=220, margin=dict(t=10, b=30), xaxis_title="tokens per row", yaxis_title="rows")
+    return figure
 
 
 def percentile(values: Sequence[int], q: float) -> int:

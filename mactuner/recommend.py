@@ -344,6 +344,26 @@ def free_memory_bytes(device: str | torch.device) -> tuple[int | None, int | Non
     return axes.get("available"), axes.get("total")
 
 
+def memory_summary(estimate: MemoryEstimate, free: int | None, device: str) -> tuple[str, str | None]:
+    """The fine-tune page's words for ``estimate``: a markdown headline with its parts, and a
+    warning saying the fix when it needs more than the ``free`` bytes on ``device`` (else None).
+
+    ``free`` of ``None`` or 0 (unknown) leaves the free memory unsaid and warns of nothing.
+    """
+    parts = " · ".join(f"{name} {getattr(estimate, name) / GB:.2f} GB" for name in ("weights", "trainable", "activations", "overhead"))
+    free_text = f" of {free / GB:.1f} GB free on {device}" if free else ""
+    headline = f"**Estimated peak memory: {estimate.total / GB:.2f} GB**{free_text}  \n{parts}"
+    if not free or estimate.total <= free:
+        return headline, None
+    return headline, (f"This needs about {estimate.total / GB:.1f} GB but only {free / GB:.1f} GB is free on {device}: "
+                      "lower the batch size or max length, or turn on gradient checkpointing.")
+
+
+def reasons_markdown(reasons: dict[str, str]) -> str:
+    """The reasons as a markdown list, one ``- **setting name**: reason`` line per setting."""
+    return "\n".join(f"- **{name.replace('_', ' ')}**: {reason}" for name, reason in reasons.items())
+
+
 def _round_up(value: int, step: int) -> int:
     return int(math.ceil(value / step) * step)
 

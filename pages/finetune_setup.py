@@ -5,20 +5,19 @@ The computing is in :mod:`mactuner.data`, :mod:`mactuner.models` and
 :mod:`mactuner.recommend`; here it is only cached and rendered. Not a page itself.
 """
 
-import hashlib
 from pathlib import Path
 
-import plotly.graph_objects as go
 import streamlit as st
 
 from mactuner import data
 from mactuner.config import COMPILE_CHOICES, TrainConfig
 from mactuner.devices import optimal_dtype_reason
 from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
-from mactuner.recommend import estimate_for_config, free_memory_bytes, recommend_hyperparameters
+from mactuner.recommend import estimate_for_config, free_memory_bytes, memory_summary, reasons_markdown, recommend_hyperparameters
 
-GB = 1024**3
 SUMMARY_MAX_LENGTH = 1_000_000  # summarize untruncated; truncation is counted for the chosen max length
+INPUT_WIDTH = 190  # px per setting: rows of inputs wrap to fit the window (two per row at 800 px, +/- kept)
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # the Precision choices, in this order
 
 
 def model_ui() -> str:
@@ -36,11 +35,7 @@ def model_ui() -> str:
 
 def dataset_ui() -> Path | None:
     """The dataset file: a demo, an earlier upload, or a new upload (saved under MACTUNER_HOME)."""
-    choices = {f"Demo: {name}": path for name, path in data.DEMO_DATASETS.items()}
-    uploads = data.uploads_dir()
-    for path in sorted(uploads.iterdir()) if uploads.is_dir() and not uploads.is_symlink() else []:
-        if path.suffix in data.EXTENSIONS and path.is_file() and not path.is_symlink():
-            choices[f"Uploaded: {path.name}"] = path
+    choices = data.dataset_choices()
     choice = st.selectbox("Dataset", [*choices, "Upload a file…"], key="finetune_dataset")
     if choice in choices:
         return choices[choice]
@@ -49,25 +44,13 @@ def dataset_ui() -> Path | None:
 
 
 def saved_upload(upload) -> Path | None:
-    """The upload's file under MACTUNER_HOME, saved once per content (not on every rerun).
-
-    Keyed by the content's hash: a rerun, or the same bytes uploaded again, finds
-    the saved file without writing it again, so its mtime (the summary's cache
-    key) stays and the dataset is not re-read and re-tokenised.
-    """
-    digests = st.session_state.setdefault("finetune_upload_digests", {})  # upload id -> sha256
-    saved = st.session_state.setdefault("finetune_upload_paths", {})  # sha256 -> path
-    digest = digests.get(upload.file_id)
-    if digest is None:
-        digest = digests[upload.file_id] = hashlib.sha256(upload.getvalue()).hexdigest()
-    path = saved.get(digest)
-    if path is None or not path.is_file():
-        try:
-            path = saved[digest] = data.save_upload(upload.name, upload.getvalue())
-        except (OSError, data.DatasetError) as exc:
-            st.error(f"Could not keep the upload: {exc}")
-            return None
-    return path
+    """The upload's file under MACTUNER_HOME, saved once per content, not on every rerun (:class:`data.SavedUploads`)."""
+    try:
+        return st.session_state.setdefault("finetune_uploads", data.SavedUploads()).save(upload.file_id, upload.name,
+                                                                                         upload.getvalue)
+    except (OSError, data.DatasetError) as exc:
+        st.error(f"Could not keep the upload: {exc}")
+        return None
 
 
 @st.cache_resource(show_spinner="Loading the tokenizer…")
@@ -94,22 +77,15 @@ def recommend(model: str, dataset: str, device: str, mtime: float):
                                      summary=summarize(dataset, model, mtime))
 
 
-INPUT_WIDTH = 190  # px per setting: rows of inputs wrap to fit the window (two per row at 800 px, +/- kept)
-
-
 def summary_ui(summary: data.DatasetSummary, max_length: int) -> None:
     """Row count, format, token lengths (histogram) and truncation at ``max_length``."""
-    truncated = sum(1 for n in summary.token_lengths if n > max_length)
     with st.container(horizontal=True, wrap=True):
         st.metric("Rows", f"{summary.rows} / {summary.total_rows}", help="usable / in the file", width=INPUT_WIDTH)
         st.metric("Format", summary.format, width=INPUT_WIDTH)
         st.metric("Tokens per row", f"{summary.median_tokens:.0f} / {summary.p95_tokens}", width=INPUT_WIDTH,
                   help="median / 95th percentile")
-        st.metric("Truncated rows", truncated, help=f"rows longer than the max length ({max_length} tokens)", width=INPUT_WIDTH)
-    figure = go.Figure(go.Histogram(x=summary.token_lengths, nbinsx=40))
-    figure.add_vline(x=max_length, line_dash="dash", annotation_text="max length")
-    figure.update_layout(height=220, margin=dict(t=10, b=30), xaxis_title="tokens per row", yaxis_title="rows")
-    st.plotly_chart(figure, key="finetune_histogram")
+        st.metric("Truncated rows", summary.rows_longer_than(max_length), help=f"rows longer than the max length ({max_length} tokens)", width=INPUT_WIDTH)
+    st.plotly_chart(data.token_length_figure(summary, max_length), key="finetune_histogram")
     for problem in summary.problems[:5]:
         st.warning(problem)
 
@@ -120,7 +96,7 @@ def settings_ui(recommended: dict, reasons: dict, method: str, device: str = "cp
     The inputs sit in a wrapping row (not fixed columns), so a narrow window gets fewer per row
     and every input keeps its +/- buttons and its whole label.
     """
-    why = {name: reasons.get(name) or text for name, text in TrainConfig.help().items()}
+    why = TrainConfig.help(reasons)
     why["max_steps"] += " Here 0 means: from the epochs."
     row = st.container(horizontal=True, wrap=True)
 
@@ -148,11 +124,8 @@ def settings_ui(recommended: dict, reasons: dict, method: str, device: str = "cp
     chosen["compile"] = row.selectbox("Compile layers", COMPILE_CHOICES, key="finetune_compile", help=why["compile"],
                                       width=INPUT_WIDTH)
     with st.expander("Why these settings"):
-        st.markdown("\n".join(f"- **{name.replace('_', ' ')}**: {reason}" for name, reason in reasons.items()))
+        st.markdown(reasons_markdown(reasons))
     return chosen
-
-
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def dtype_ui(row, device: str) -> str:
@@ -168,10 +141,7 @@ def dtype_ui(row, device: str) -> str:
 def memory_ui(config: TrainConfig, summary: data.DatasetSummary, device: str) -> None:
     """The memory estimate of ``config`` (recomputed as settings change), warned about when it exceeds free memory."""
     estimate = estimate_for_config(config, summary, device, footprint=footprint_for(config.model))
-    free, _total = free_memory_bytes(device)
-    parts = " · ".join(f"{name} {getattr(estimate, name) / GB:.2f} GB" for name in ("weights", "trainable", "activations", "overhead"))
-    free_text = f" of {free / GB:.1f} GB free on {device}" if free else ""
-    st.markdown(f"**Estimated peak memory: {estimate.total / GB:.2f} GB**{free_text}  \n{parts}")
-    if free and estimate.total > free:
-        st.warning(f"This needs about {estimate.total / GB:.1f} GB but only {free / GB:.1f} GB is free on {device}: "
-                   "lower the batch size or max length, or turn on gradient checkpointing.")
+    headline, warning = memory_summary(estimate, free_memory_bytes(device)[0], device)
+    st.markdown(headline)
+    if warning:
+        st.warning(warning)

@@ -60,6 +60,10 @@ def test_every_field_is_documented():
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata.get("help"), f"{f.name} has no help text"
     assert set(TrainConfig.help()) == {f.name for f in dataclasses.fields(TrainConfig)}
+    # a recommendation's reasons replace the help of the settings it chose; the rest keep theirs
+    why = TrainConfig.help({"batch_size": "4 rows fit in the free memory.", "unknown": "ignored", "epochs": ""})
+    assert why["batch_size"] == "4 rows fit in the free memory."
+    assert why["epochs"] == TrainConfig.help()["epochs"] and "unknown" not in why
 
 
 def test_non_default_values_cover_every_field():

@@ -14,13 +14,17 @@ from mactuner.data import (
     IGNORE_INDEX,
     DataProblem,
     DatasetError,
+    DatasetSummary,
     Example,
+    SavedUploads,
     _labels_by_prefix,
+    dataset_choices,
     load_dataset_file,
     percentile,
     render_example,
     save_upload,
     summarize_dataset,
+    token_length_figure,
     tokenize_examples,
     train_validation_split,
     uploads_dir,
@@ -333,6 +337,47 @@ def test_save_upload_keeps_one_file_per_content(tmp_path):
     assert load_dataset_file(second).examples[0].text == "b"
 
 
+def test_an_upload_offered_on_every_rerun_is_written_once(tmp_path):
+    reads = []
+
+    def read(content: bytes):
+        return lambda: reads.append(content) or content
+
+    saved = SavedUploads()
+    first = saved.save("upload-1", "facts.jsonl", read(b'{"text": "a"}\n'))
+    assert first == uploads_dir() / "facts.jsonl" and first.read_bytes() == b'{"text": "a"}\n'
+    mtime, reads_so_far = first.stat().st_mtime_ns, len(reads)
+    # the next rerun hands the same upload again: neither read nor written, so the summary's cache key stays
+    assert saved.save("upload-1", "facts.jsonl", read(b"never read")) == first
+    assert len(reads) == reads_so_far and first.stat().st_mtime_ns == mtime
+    # the same bytes uploaded again (a new upload id, another name) find the same file
+    assert saved.save("upload-2", "copy.jsonl", read(b'{"text": "a"}\n')) == first
+    assert sorted(p.name for p in uploads_dir().iterdir()) == ["facts.jsonl"]
+    # other bytes under the same name get a file of their own; nothing is overwritten
+    other = saved.save("upload-3", "facts.jsonl", read(b'{"text": "b"}\n'))
+    assert other.name == "facts (2).jsonl" and first.read_bytes() == b'{"text": "a"}\n'
+    # a saved file deleted since is saved again
+    first.unlink()
+    assert saved.save("upload-1", "facts.jsonl", read(b'{"text": "a"}\n')) == first and first.is_file()
+
+
+def test_dataset_choices_offer_the_demos_then_regular_uploads_by_name(tmp_path):
+    demos = {f"Demo: {name}": path for name, path in DEMO_DATASETS.items()}
+    assert dataset_choices() == demos  # no uploads folder yet
+    save_upload("b.jsonl", b'{"text": "b"}\n')
+    save_upload("a.csv", b"text\na\n")
+    (uploads_dir() / "notes.md").write_text("not a dataset")
+    (uploads_dir() / "folder.json").mkdir()
+    (uploads_dir() / "link.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    (tmp_path / "elsewhere.jsonl").write_text('{"text": "c"}\n')
+    choices = dataset_choices()
+    assert list(choices) == [*demos, "Uploaded: a.csv", "Uploaded: b.jsonl"]
+    assert choices["Uploaded: a.csv"] == uploads_dir() / "a.csv"
+    linked = tmp_path / "linked-uploads"
+    linked.symlink_to(uploads_dir())
+    assert dataset_choices(linked) == demos  # an uploads folder that is a link offers nothing
+
+
 def test_missing_file_folder_and_unsupported_type(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         load_dataset_file(tmp_path / "nope.jsonl")
@@ -433,6 +478,19 @@ def test_truncation_and_summary(tokenizer):
     assert [len(r["input_ids"]) for r in rows] == [min(n, 256) for n in lengths]
     assert summary.trained_tokens == sum(sum(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
     assert json.loads(json.dumps(summary.to_dict()))["p95_tokens"] == summary.p95_tokens
+
+
+def test_truncated_rows_and_histogram_follow_the_chosen_max_length():
+    summary = DatasetSummary(path="d.jsonl", format="text", rows=5, total_rows=5, problems=[], max_length=1_000_000,
+                             token_lengths=[10, 40, 64, 65, 300], min_tokens=10, mean_tokens=95.8, median_tokens=64.0,
+                             p95_tokens=300, max_tokens=300, truncated_rows=0, trained_lengths=[10, 40, 64, 65, 300],
+                             trained_tokens=479, rows_without_trained_tokens=0)
+    assert summary.rows_longer_than(64) == 2 and summary.rows_longer_than(10) == 4 and summary.rows_longer_than(300) == 0
+    figure = token_length_figure(summary, 64)
+    assert list(figure.data[0].x) == [10, 40, 64, 65, 300]
+    [line] = figure.layout.shapes
+    assert (line.x0, line.x1, line.line.dash) == (64, 64, "dash")
+    assert figure.layout.xaxis.title.text == "tokens per row" and figure.layout.yaxis.title.text == "rows"
 
 
 def test_percentile_is_a_nearest_rank():

@@ -12,7 +12,15 @@ import torch
 from mactuner.config import TrainConfig
 from mactuner.data import DEMO_DATASETS
 from mactuner.models import ModelFootprint, model_footprint
-from mactuner.recommend import GB, MB, estimate_memory, recommend_hyperparameters
+from mactuner.recommend import (
+    GB,
+    MB,
+    MemoryEstimate,
+    estimate_memory,
+    memory_summary,
+    reasons_markdown,
+    recommend_hyperparameters,
+)
 from tests.locations import ROOT, WIKI_DEMO
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -75,6 +83,26 @@ def test_estimate_parts_follow_the_settings(tiny_model_dir, tiny_footprint):
         estimate_memory(tiny_footprint, method="dora")
     data = base.to_dict()
     assert data["total_bytes"] == base.total and data["total_gb"] == round(base.total / GB, 3)
+
+
+def test_memory_summary_gives_the_parts_and_warns_with_the_fix_only_when_it_does_not_fit():
+    estimate = MemoryEstimate(weights=GB, trainable=GB // 2, activations=GB // 4, overhead=GB // 4)  # 2 GB in all
+    headline, warning = memory_summary(estimate, 8 * GB, "cpu")
+    assert headline == ("**Estimated peak memory: 2.00 GB** of 8.0 GB free on cpu  \n"
+                        "weights 1.00 GB · trainable 0.50 GB · activations 0.25 GB · overhead 0.25 GB")
+    assert warning is None
+    headline, warning = memory_summary(estimate, GB, "mps")
+    assert "of 1.0 GB free on mps" in headline
+    assert warning == ("This needs about 2.0 GB but only 1.0 GB is free on mps: lower the batch size or max length, "
+                       "or turn on gradient checkpointing.")
+    for unknown in (None, 0):  # free memory unknown: not said, not warned about
+        headline, warning = memory_summary(estimate, unknown, "cuda:0")
+        assert headline.startswith("**Estimated peak memory: 2.00 GB**  \n") and warning is None
+
+
+def test_reasons_read_as_a_markdown_list():
+    assert reasons_markdown({"batch_size": "fits in memory", "lora_rank": "small data"}) == (
+        "- **batch size**: fits in memory\n- **lora rank**: small data")
 
 
 def test_recommendation_for_the_demo_data(tiny_model_dir):
