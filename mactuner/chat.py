@@ -99,6 +99,14 @@ class GenerationSettings:
         return cls(**data)
 
 
+def parse_stop_strings(text: str) -> list[str]:
+    """Stop strings as the chat page takes them: separated by ``|``, a typed ``\\n`` for a new line, empty ones dropped.
+
+    ``###|\\nUser:`` (typed as shown) gives ``###`` and a new line followed by ``User:``.
+    """
+    return [s.replace("\\n", "\n") for s in text.split("|") if s]
+
+
 @dataclass
 class ChatStats:
     """Figures of one answer, filled in while it streams.

@@ -33,6 +33,7 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,45 @@ SAVE_LOCK_TIMEOUT = 30.0  # seconds a writer waits for another tab's write of th
 
 Message = dict[str, str]
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ChatChoice:
+    """Who answers on the chat page: the base model, a fine-tuned one, or both side by side.
+
+    Attributes:
+        model: the base model (the built-in name, a hub id or a folder).
+        adapter: what makes the fine-tuned model (an adapter, an exported model or a
+            ``.gguf`` file); ``""`` for none.
+        compare: both answer every question side by side. Only with an adapter: without
+            one there is nothing to compare, and the flag is dropped.
+    """
+
+    model: str
+    adapter: str = ""
+    compare: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapter", str(self.adapter or ""))
+        object.__setattr__(self, "compare", bool(self.compare and self.adapter))
+
+    @property
+    def sides(self) -> list[str]:
+        """Who answers, in order: ``["base", "fine-tuned"]`` in Compare mode, else the one model."""
+        return ["base", "fine-tuned"] if self.compare else ["fine-tuned" if self.adapter else "base"]
+
+    def adapter_of(self, who: str) -> str:
+        """The adapter the side ``who`` answers with: ``""`` for the base model."""
+        return self.adapter if who == "fine-tuned" else ""
+
+    @property
+    def key(self) -> str:
+        """This choice's conversation key (:func:`history_key`)."""
+        return history_key(self.model, self.adapter, self.compare)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``model``, ``adapter`` and ``compare``, as :func:`save_turn` stores them beside the conversation."""
+        return {"model": self.model, "adapter": self.adapter, "compare": self.compare}
 
 
 def history_key(model: str, adapter: str = "", compare: bool = False) -> str:
@@ -91,8 +131,15 @@ def save_history(key: str, history: list[dict[str, Any]], **choice: Any) -> Path
     return write_json_atomic(history_file(key), data)
 
 
-def clear_history(key: str) -> None:
-    """Forget the conversation of ``key`` (the "New chat" button)."""
+def clear_history(key: str, in_flight: AnswersInFlight | None = None, timeout: float | None = None) -> None:
+    """Forget the conversation of ``key`` (the "New chat" button).
+
+    With ``in_flight`` (the tab's :class:`AnswersInFlight`), first wait up to ``timeout``
+    seconds for the answers its runs are still writing: a stopped answer saved after the
+    clear would bring the old conversation back.
+    """
+    if in_flight is not None:
+        in_flight.wait(timeout)
     with _locked(key):
         history_file(key).unlink(missing_ok=True)
 
@@ -234,6 +281,14 @@ def record_answer(reply: dict[str, Any], who: str, stream: Any) -> None:
         stats["finish_reason"] = "cancelled"  # closed before it generated anything
     reply.setdefault("answers", {})[who] = stream.text
     reply.setdefault("stats", {})[who] = stats
+
+
+def stats_caption(stats: dict[str, Any]) -> str:
+    """An answer's figures in one line: ``first token 0.12 s · 41.5 tokens/s · 37 tokens``
+    (a figure the stats lack is left out; the token count is always there)."""
+    ttft, tps = stats.get("time_to_first_token"), stats.get("tokens_per_second")
+    return (f"first token {ttft:.2f} s · " if ttft is not None else "") + (
+        f"{tps:.1f} tokens/s · " if tps is not None else "") + f"{stats.get('new_tokens', 0)} tokens"
 
 
 def finish_note(stats: dict[str, Any]) -> str | None:

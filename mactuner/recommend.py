@@ -350,7 +350,8 @@ def memory_summary(estimate: MemoryEstimate, free: int | None, device: str) -> t
 
     ``free`` of ``None`` or 0 (unknown) leaves the free memory unsaid and warns of nothing.
     """
-    parts = " · ".join(f"{name} {getattr(estimate, name) / GB:.2f} GB" for name in ("weights", "trainable", "activations", "overhead"))
+    parts = " · ".join(f"{name} {getattr(estimate, name) / GB:.2f} GB"
+                       for name in ("weights", "trainable", "activations", "overhead"))
     free_text = f" of {free / GB:.1f} GB free on {device}" if free else ""
     headline = f"**Estimated peak memory: {estimate.total / GB:.2f} GB**{free_text}  \n{parts}"
     if not free or estimate.total <= free:

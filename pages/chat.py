@@ -9,17 +9,18 @@ the file by id (``save_turn``), so no run or tab drops another's turns.
 
 import streamlit as st
 
-from mactuner.chat import GenerationSettings, list_adapters
+from mactuner.chat import GenerationSettings, list_adapters, parse_stop_strings
 from mactuner.chat_history import (
     AnswersInFlight,
+    ChatChoice,
     clear_history,
     conversation,
     finish_note,
-    history_key,
     load_history,
     new_turn,
     record_answer,
     save_turn,
+    stats_caption,
 )
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
@@ -27,8 +28,7 @@ from pages.chat_models import answer_stream, loaded_model, release_on_device_swi
 from pages.common import device_or_stop
 from pages.export_ui import chat_source_ui
 
-HISTORY = "chat_history"  # [{"role": "user", "content"} | {"role": "assistant", "answers": {who: text}, "stats": {who: dict}}]
-# (this session's copy of the conversation on disk for the current model choice)
+HISTORY = "chat_history"  # this session's copy of the saved conversation of the model choice (turns as in chat_history)
 IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight
 STOP_WAIT_S = 30.0  # how long the run after a Stop waits for the stopped answer to be saved
 
@@ -38,7 +38,7 @@ def answers_in_flight() -> AnswersInFlight:
     return st.session_state.setdefault(IN_FLIGHT, AnswersInFlight())
 
 
-def model_ui():
+def model_ui() -> ChatChoice:
     """Base model, adapter and compare mode."""
     left, right = st.columns(2)
     model = left.text_input("Base model", DEFAULT_MODEL, key="chat_model",
@@ -48,7 +48,7 @@ def model_ui():
                             help="A finished run's adapter or one of its checkpoints.")
     adapter = chat_source_ui() or adapters.get(label, "")  # an exported model replaces the adapter
     compare = st.toggle("Compare base and fine-tuned side by side", key="chat_compare", disabled=not adapter)
-    return model, adapter, compare and bool(adapter)
+    return ChatChoice(model, adapter, compare)
 
 
 def settings_ui() -> GenerationSettings:
@@ -60,15 +60,8 @@ def settings_ui() -> GenerationSettings:
         top_p = b.slider("Top-p", 0.05, 1.0, 0.9, 0.05, key="chat_top_p")
         max_new = c.slider("Max new tokens", 8, 1024, 256, 8, key="chat_max_new_tokens")
         stops = st.text_input("Stop strings (separate with |, \\n for a new line)", key="chat_stop")
-    stop = [s.replace("\\n", "\n") for s in stops.split("|") if s]
-    return GenerationSettings(max_new_tokens=max_new, temperature=temperature, top_p=top_p, stop=stop,
-                              system_prompt=system or None)
-
-
-def stats_caption(stats: dict) -> str:
-    ttft, tps = stats.get("time_to_first_token"), stats.get("tokens_per_second")
-    return (f"first token {ttft:.2f} s · " if ttft is not None else "") + (
-        f"{tps:.1f} tokens/s · " if tps is not None else "") + f"{stats.get('new_tokens', 0)} tokens"
+    return GenerationSettings(max_new_tokens=max_new, temperature=temperature, top_p=top_p,
+                              stop=parse_stop_strings(stops), system_prompt=system or None)
 
 
 def answer_footer(stats: dict) -> None:
@@ -101,26 +94,19 @@ def show_history(history: list[dict], names: list[str]) -> None:
                     answer_footer(message["stats"].get(who, {}))
 
 
-def history_ui(model: str, adapter: str, compare: bool) -> tuple[str, list[dict]]:
-    """This model choice's conversation, as saved (it survives a reload), and its key.
+def history_ui(choice: ChatChoice) -> list[dict]:
+    """This model choice's conversation, as saved (it survives a reload).
 
     Loaded once the answer a click interrupted is saved, so the page right after Stop shows it.
     """
     if not answers_in_flight().wait(STOP_WAIT_S):
         st.caption(":orange[The answer you stopped is still being saved; it shows at your next click.]")
-    key = history_key(model, adapter, compare)
-    st.session_state[HISTORY] = load_history(key)
-    return key, st.session_state[HISTORY]
+    st.session_state[HISTORY] = load_history(choice.key)
+    return st.session_state[HISTORY]
 
 
-def new_chat(key: str) -> None:
-    """The "New chat" button: forget the conversation, after any answer still being saved."""
-    answers_in_flight().wait(STOP_WAIT_S)
-    clear_history(key)
-
-
-def answer_ui(prompt: str, history: list[dict], key: str, choice: dict, names: list[str], device, settings) -> None:
-    """Ask every model in ``names``, streaming each answer under a Stop button; the turn is saved however it ends.
+def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, settings) -> None:
+    """Ask every model of ``choice``, streaming each answer under a Stop button; the turn is saved however it ends.
 
     Stop (or any click) interrupts this run at its next Streamlit call (``st.write_stream``'s next
     piece) with Streamlit's stop or rerun exception: the ``finally`` records the answer so far as
@@ -135,13 +121,13 @@ def answer_ui(prompt: str, history: list[dict], key: str, choice: dict, names: l
                 stop = st.empty()
                 stop.button("Stop", key="chat_stop_answer", icon=":material/stop_circle:",
                             help="End the answer being written.")
-                for column, who in zip(side_columns(names), names):
+                for column, who in zip(side_columns(choice.sides), choice.sides):
                     with column:
-                        if len(names) > 1:
+                        if choice.compare:
                             st.caption(who)
                         stream = None
                         try:
-                            loaded = loaded_model(choice["model"], choice["sources"][who], device, who)
+                            loaded = loaded_model(choice.model, choice.adapter_of(who), device, who)
                             stream = answer_stream(loaded, conversation([*history, turn], who), settings)
                             st.write_stream(stream)
                         except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory
@@ -154,7 +140,7 @@ def answer_ui(prompt: str, history: list[dict], key: str, choice: dict, names: l
                 stop.empty()
         finally:
             # also when Stop comes before an answer began (while a model loads): the question is kept
-            save_turn(key, turn, reply, model=choice["model"], adapter=choice["adapter"], compare=len(names) > 1)
+            save_turn(choice.key, turn, reply, **choice.to_dict())
     history += [turn, reply]
 
 
@@ -163,16 +149,15 @@ device = device_or_stop()
 release_on_device_switch(device)
 st.caption(f"Answers are generated on **{device}** in {dtype_name(get_optimal_dtype(device))}.")
 try:
-    model, adapter, compare = model_ui()
+    choice = model_ui()
     settings = settings_ui()
 except ValueError as exc:
     st.error(str(exc))
     st.stop()
-names = ["base", "fine-tuned"] if compare else ["fine-tuned" if adapter else "base"]
-history_id, history = history_ui(model, adapter, compare)
-show_history(history, names)
+history = history_ui(choice)
+show_history(history, choice.sides)
 if prompt := st.chat_input("Ask something", key="chat_input"):
-    answer_ui(prompt, history, history_id, {"model": model, "adapter": adapter, "sources": {"base": "", "fine-tuned": adapter}},
-              names, device, settings)
-st.button("New chat", key="chat_new", disabled=not history, on_click=new_chat, args=(history_id,),
+    answer_ui(prompt, history, choice, device, settings)
+st.button("New chat", key="chat_new", disabled=not history, on_click=clear_history,
+          args=(choice.key, answers_in_flight(), STOP_WAIT_S),  # after any answer still being saved
           help="Forget this conversation (it is kept per model choice, across reloads).")

@@ -14,6 +14,7 @@ from mactuner.chat import (
     encode_prompt,
     generation_threads,
     load_chat_model,
+    parse_stop_strings,
     release_model,
     stream_chat,
 )
@@ -57,6 +58,12 @@ def test_settings_validate_and_round_trip():
         GenerationSettings(stop=[""])
     with pytest.raises(ValueError, match="unknown"):
         GenerationSettings.from_dict({"temprature": 1})
+
+
+def test_stop_strings_as_typed_on_the_page():
+    assert parse_stop_strings("") == []
+    assert parse_stop_strings("###|\\nUser:||END") == ["###", "\nUser:", "END"]  # a typed \n is a new line
+    assert GenerationSettings(stop=parse_stop_strings("|")).stop == []  # nothing but separators: no stop string
 
 
 def test_streaming_equals_greedy_generate(tiny):

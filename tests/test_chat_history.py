@@ -14,6 +14,7 @@ import pytest
 from mactuner.chat import GenerationSettings, load_chat_model, stream_chat
 from mactuner.chat_history import (
     AnswersInFlight,
+    ChatChoice,
     clear_history,
     conversation,
     finish_note,
@@ -24,6 +25,7 @@ from mactuner.chat_history import (
     record_answer,
     save_history,
     save_turn,
+    stats_caption,
 )
 
 HISTORY = [
@@ -70,6 +72,47 @@ def test_save_load_clear_round_trip(mactuner_home):
     clear_history(key)
     assert load_history(key) == [] and not path.exists()
     clear_history(key)  # clearing twice is fine
+
+
+def test_a_chat_choice_names_who_answers_with_what_and_where_it_is_kept():
+    base = ChatChoice("SmolLM2-135M-Instruct")
+    assert base.sides == ["base"] and base.adapter_of("base") == "" and base.key == history_key("SmolLM2-135M-Instruct")
+    tuned = ChatChoice("SmolLM2-135M-Instruct", "/runs/r1/adapter")
+    assert tuned.sides == ["fine-tuned"] and tuned.adapter_of("fine-tuned") == "/runs/r1/adapter"
+    both = ChatChoice("SmolLM2-135M-Instruct", "/runs/r1/adapter", compare=True)
+    assert both.sides == ["base", "fine-tuned"]
+    assert [both.adapter_of(who) for who in both.sides] == ["", "/runs/r1/adapter"]  # the base side has no adapter
+    assert len({base.key, tuned.key, both.key}) == 3 and both.key == history_key("SmolLM2-135M-Instruct", "/runs/r1/adapter", True)
+    # nothing to compare without an adapter: the toggle is dropped, and so is its conversation
+    alone = ChatChoice("SmolLM2-135M-Instruct", "", compare=True)
+    assert not alone.compare and alone.sides == ["base"] and alone.key == base.key
+    assert both.to_dict() == {"model": "SmolLM2-135M-Instruct", "adapter": "/runs/r1/adapter", "compare": True}
+
+
+def test_stats_caption_says_what_the_answer_measured():
+    assert stats_caption({"time_to_first_token": 0.1234, "tokens_per_second": 41.46, "new_tokens": 37}) == (
+        "first token 0.12 s · 41.5 tokens/s · 37 tokens")
+    assert stats_caption({"new_tokens": 0, "tokens_per_second": None}) == "0 tokens"  # stopped before its first token
+    assert stats_caption({}) == "0 tokens"
+
+
+def test_new_chat_waits_for_a_stopped_answer_so_it_does_not_come_back(mactuner_home):
+    key, in_flight = history_key("m"), AnswersInFlight()
+    question, reply = new_turn("Hello")
+    writing = threading.Event()
+
+    def stopped_run() -> None:  # the run a Stop click interrupted: it saves its turn a moment later
+        with in_flight.writing():
+            writing.set()
+            time.sleep(0.3)
+            save_turn(key, question, reply)
+
+    old = threading.Thread(target=stopped_run)
+    old.start()
+    assert writing.wait(10)
+    clear_history(key, in_flight, timeout=10)  # New chat
+    old.join()
+    assert load_history(key) == []  # cleared after the late save, not before it
 
 
 def test_a_stream_stopped_half_way_is_recorded_as_stopped(varied_model_dir):
