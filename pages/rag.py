@@ -1,7 +1,5 @@
 """RAG: collections of documents, indexing with progress, questions answered with their sources."""
 
-from pathlib import Path
-
 import pandas as pd
 import streamlit as st
 
@@ -53,12 +51,11 @@ def index_ui(collection: rag.Collection, device) -> None:
     if not uploads and not folder:
         st.warning("Choose files to upload or name a folder first.")
         return
-    sources = [(f.name, f.getvalue()) for f in uploads or []]
-    if folder:
-        if not Path(folder).expanduser().is_dir():
-            st.error(f"No folder at {folder}.")
-            st.stop()
-        sources.append(Path(folder))
+    try:
+        sources = rag.sources_to_index([(f.name, f.getvalue()) for f in uploads or []], folder)
+    except ValueError as exc:  # no such folder: said here, in the tab
+        st.error(str(exc))
+        st.stop()
     bar = st.progress(0.0, text="Starting…")
     report = collection.add(sources, embedder(collection.settings.embedding_model, str(device)),
                             progress=lambda message, fraction: bar.progress(fraction or 0.0, text=message))
@@ -71,13 +68,10 @@ def index_ui(collection: rag.Collection, device) -> None:
 def documents_ui(collection: rag.Collection) -> None:
     """The collection's documents, and removing one."""
     docs = collection.documents()
-    st.caption(f"{len(docs)} documents · {sum(d.chunks for d in docs)} chunks · chunks of "
-               f"{collection.settings.chunk_size} characters, overlap {collection.settings.chunk_overlap}")
+    st.caption(rag.documents_summary(docs, collection.settings))
     if not docs:
         return
-    st.dataframe(pd.DataFrame([{"document": d.original_name, "type": d.kind, "chunks": d.chunks,
-                                "KB": round(d.size / 1024, 1), "id": d.id} for d in docs]),
-                 hide_index=True, width="stretch")
+    st.dataframe(pd.DataFrame(rag.document_rows(docs)), hide_index=True, width="stretch")
     left, right = st.columns([3, 1])
     doomed = left.selectbox("Remove a document", [d.id for d in docs], key="rag_remove_choice",
                             format_func=lambda i: next(d.original_name for d in docs if d.id == i))
@@ -101,19 +95,17 @@ def answer_settings_ui() -> tuple[str, str, int, int]:
 def show_checks(last: dict) -> None:
     """Under the answer: which sources it states (when it cites none), or the top source's best sentence
     as evidence when it does not state what that source says."""
-    if last.get("supported_by") and not last.get("citations"):
-        st.caption(f"Matches {', '.join(f'[{n}]' for n in last['supported_by'])} (checked by MacTuner: the model "
-                   "did not cite a source)")
+    if note := rag.support_note(last):
+        st.caption(note)
     if evidence := last.get("evidence"):
-        st.info(f"**Evidence** from source [{evidence['source']}] {evidence['file']} · {evidence['position']}:\n\n"
-                f"> {evidence['sentence']}\n\nThe answer above does not repeat the top source; this is its "
-                "sentence closest to the question.")
+        st.info(rag.evidence_note(evidence))
 
 
 def show_sources(sources: list[dict]) -> None:
+    """Each source the model was given, its text folded under its heading."""
     st.markdown("**Sources**")
     for number, hit in enumerate(sources, start=1):
-        with st.expander(f"[{number}] {hit['file']} · {hit['position']} · score {hit['score']:.3f}"):
+        with st.expander(rag.source_title(number, hit)):
             st.text(hit["text"])
 
 
@@ -142,10 +134,7 @@ try:
                          loaded_model(model, adapter, device, "Chat model"), top_k=top_k,
                          settings=GenerationSettings(max_new_tokens=max_new, temperature=0.0))
         st.write_stream(answer)
-        evidence = answer.evidence.to_dict() if answer.evidence else None
-        st.session_state["rag_last"] = {"question": question, "answer": answer.text, "evidence": evidence,
-                                        "citations": answer.citations, "supported_by": answer.supported_by,
-                                        "sources": [hit.to_dict() for hit in answer.sources]}
+        st.session_state["rag_last"] = answer.to_record()
         show_checks(st.session_state["rag_last"])
         show_sources(st.session_state["rag_last"]["sources"])
     elif last := st.session_state.get("rag_last"):

@@ -159,6 +159,30 @@ def test_collection_persists_and_adding_does_not_reembed(tiny_embedder, tiny_set
     assert {h.file for h in reopened.search("dogs", tiny_embedder, top_k=5)} == {"first.md"}
 
 
+def test_what_the_page_indexes_and_shows_of_a_collection(tiny_embedder, tiny_settings, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "cats.md").write_text("# Cats\n\nCats are small carnivorous mammals. " * 12)
+    uploads = [("../dogs.txt", b"Dogs are domesticated descendants of wolves. They bark.")]
+    with pytest.raises(ValueError, match="No folder at"):
+        rag.sources_to_index(uploads, str(tmp_path / "missing"))
+    assert rag.sources_to_index(uploads, "") == uploads  # no folder named: the uploads alone
+    sources = rag.sources_to_index(uploads, str(folder))
+    assert sources == [*uploads, folder]
+    collection = Collection.create("notes", tiny_settings)
+    report = collection.add(sources, tiny_embedder)  # what sources_to_index gives is what add takes
+    assert sorted(d.original_name for d in report.added) == ["../dogs.txt", "cats.md"] and not report.skipped
+    docs = collection.documents()
+    rows = rag.document_rows(docs)
+    assert [r["document"] for r in rows] == [d.original_name for d in docs]  # shown as uploaded, never as stored
+    assert all(r["type"] == "text" and r["chunks"] >= 1 and r["id"] for r in rows)
+    assert [r["KB"] for r in rows] == [round(d.size / 1024, 1) for d in docs] and sum(r["KB"] for r in rows) > 0.4
+    total = sum(d.chunks for d in docs)
+    assert rag.documents_summary(docs, collection.settings) == (
+        f"2 documents · {total} chunks · chunks of 200 characters, overlap 40")
+    assert rag.documents_summary([], collection.settings).startswith("0 documents · 0 chunks")
+
+
 def test_traversal_names_and_bad_files_are_contained(tiny_embedder, tiny_settings, tmp_path):
     collection = Collection.create("uploads", IndexSettings(**{**tiny_settings.to_dict(), "max_file_bytes": 2000}))
     outside = collection.folder.parent.parent  # MACTUNER_HOME

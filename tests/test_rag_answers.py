@@ -65,6 +65,29 @@ def test_a_stray_answer_gets_the_top_sources_best_sentence_as_evidence(tiny_embe
     assert overlaps_source("It was built in 1821 [1].", answer.sources[0].text, question)
     # and the documents still cannot speak as the system: the system turn is ours alone
     assert answer.messages[0] == {"role": "system", "content": rag.RAG_SYSTEM_PROMPT}
+    # what the page keeps to show the answer again after a rerun: all of it, JSON-ready
+    record = answer.to_record()
+    assert record == {"question": question, "answer": text, "evidence": evidence.to_dict(), "citations": [],
+                      "supported_by": [], "sources": [hit.to_dict() for hit in answer.sources]}
+    assert json.loads(json.dumps(record)) == record
+    assert rag.support_note(record) is None  # it states no source
+    assert "> The Karsk lighthouse was built in 1821 by the harbour guild." in rag.evidence_note(record["evidence"])
+
+
+def test_the_notes_under_an_answer_say_what_mactuner_checked():
+    # the model cited nothing, but its answer states sources 2 and 1: MacTuner says so, and that it checked
+    assert rag.support_note({"supported_by": [2, 1], "citations": []}) == (
+        "Matches [2], [1] (checked by MacTuner: the model did not cite a source)")
+    assert rag.support_note({"supported_by": [1], "citations": [1]}) is None  # it cited its source itself
+    assert rag.support_note({"supported_by": [], "citations": []}) is None
+    evidence = {"source": 1, "file": "karsk.txt", "position": "line 1, chunk 0", "score": 0.8,
+                "sentence": "The Karsk lighthouse was built in 1821."}
+    assert rag.evidence_note(evidence) == (
+        "**Evidence** from source [1] karsk.txt · line 1, chunk 0:\n\n> The Karsk lighthouse was built in 1821.\n\n"
+        "The answer above does not repeat the top source; this is its sentence closest to the question.")
+    hit = rag.SearchHit(score=0.73449, document_id="d", file="handbook.pdf", chunk=7, start=0, end=10, line=40, page=3,
+                        text="…")
+    assert rag.source_title(2, hit.to_dict()) == "[2] handbook.pdf · page 3, chunk 7 · score 0.734"
 
 
 def test_the_benchs_right_answer_states_the_fact_and_nothing_against_it():

@@ -25,7 +25,10 @@ from mactuner.rag.collection import (
     IndexSettings,
     SearchHit,
     Source,
+    document_rows,
+    documents_summary,
     list_collections,
+    sources_to_index,
 )
 from mactuner.rag.embedder import (
     DEFAULT_EMBEDDING_MODEL,
@@ -52,7 +55,10 @@ from mactuner.rag.prompt import (
     build_rag_messages,
     content_words,
     escape_document,
+    evidence_note,
     overlaps_source,
+    source_title,
+    support_note,
     tokenizer_special_tokens,
 )
 
@@ -60,7 +66,8 @@ __all__ = [
     "ANSWER_CUE", "CENTROIDS_FILE", "DEFAULT_EMBEDDING_MODEL", "RAG_SYSTEM_PROMPT", "STAGING_GRACE_SECONDS", "SUPPORTED_SUFFIXES",
     "AddReport", "Collection", "DocumentError", "DocumentInfo", "Embedder", "Evidence", "ExtractedText",
     "IndexSettings", "Progress", "RagAnswer", "RagError", "SearchHit", "Source", "TextSpan", "VectorIndex",
-    "ask", "best_sentence", "build_rag_messages", "content_words", "default_embedding_model_path",
-    "escape_document", "extract_text", "kmeans", "list_collections", "load_embedder", "overlaps_source",
-    "safe_collection_name", "safe_filename", "split_sentences", "split_text", "tokenizer_special_tokens",
+    "ask", "best_sentence", "build_rag_messages", "content_words", "default_embedding_model_path", "document_rows",
+    "documents_summary", "escape_document", "evidence_note", "extract_text", "kmeans", "list_collections", "load_embedder",
+    "overlaps_source", "safe_collection_name", "safe_filename", "source_title", "sources_to_index", "split_sentences",
+    "split_text", "support_note", "tokenizer_special_tokens",
 ]

@@ -172,6 +172,32 @@ def _size(nbytes: int) -> str:
     return f"{nbytes:.1f} MB"
 
 
+def sources_to_index(uploads: list[tuple[str, bytes]], folder: str | None = None) -> list[Source]:
+    """What to hand :meth:`Collection.add`: the uploads (name, bytes), then ``folder`` when one is named.
+
+    Raises:
+        ValueError: ``folder`` names no folder on this machine.
+    """
+    sources: list[Source] = list(uploads)
+    if folder:
+        if not Path(folder).expanduser().is_dir():
+            raise ValueError(f"No folder at {folder}.")
+        sources.append(Path(folder))
+    return sources
+
+
+def document_rows(docs: list[DocumentInfo]) -> list[dict[str, Any]]:
+    """One row per document for the documents table: its name as uploaded, type, chunks, size in KB and id."""
+    return [{"document": d.original_name, "type": d.kind, "chunks": d.chunks, "KB": round(d.size / 1024, 1), "id": d.id}
+            for d in docs]
+
+
+def documents_summary(docs: list[DocumentInfo], settings: IndexSettings) -> str:
+    """``3 documents · 41 chunks · chunks of 800 characters, overlap 120``."""
+    return (f"{len(docs)} documents · {sum(d.chunks for d in docs)} chunks · chunks of "
+            f"{settings.chunk_size} characters, overlap {settings.chunk_overlap}")
+
+
 def list_collections(root: str | os.PathLike | None = None) -> list[str]:
     """Names of the collections under ``root`` (default ``paths.rag_dir()``), sorted."""
     root = Path(root) if root else paths.rag_dir()

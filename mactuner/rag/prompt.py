@@ -194,6 +194,37 @@ class RagAnswer:
         """
         return None if self.grounded else self.support
 
+    def to_record(self) -> dict[str, Any]:
+        """The answer as a JSON-ready record, read once the stream is exhausted: ``question``, ``answer``
+        (the text), ``evidence`` (:meth:`Evidence.to_dict` or None), ``citations``, ``supported_by`` and
+        ``sources`` (each :meth:`SearchHit.to_dict`). The RAG page keeps it to show the answer again."""
+        return {"question": self.question, "answer": self.text,
+                "evidence": self.evidence.to_dict() if self.evidence else None, "citations": self.citations,
+                "supported_by": self.supported_by, "sources": [hit.to_dict() for hit in self.sources]}
+
+
+def support_note(record: dict[str, Any]) -> str | None:
+    """For an answer (a :meth:`RagAnswer.to_record`) that cites no source: which sources it states, or None.
+
+    None too when it cites its sources itself, or states none of them.
+    """
+    if not record.get("supported_by") or record.get("citations"):
+        return None
+    return (f"Matches {', '.join(f'[{n}]' for n in record['supported_by'])} (checked by MacTuner: the model "
+            "did not cite a source)")
+
+
+def evidence_note(evidence: dict[str, Any]) -> str:
+    """Markdown showing an :meth:`Evidence.to_dict` under an answer that does not repeat its top source."""
+    return (f"**Evidence** from source [{evidence['source']}] {evidence['file']} · {evidence['position']}:\n\n"
+            f"> {evidence['sentence']}\n\nThe answer above does not repeat the top source; this is its "
+            "sentence closest to the question.")
+
+
+def source_title(number: int, hit: dict[str, Any]) -> str:
+    """A source's heading: ``[1] handbook.md · line 12, chunk 0 · score 0.734`` (``hit`` a :meth:`SearchHit.to_dict`)."""
+    return f"[{number}] {hit['file']} · {hit['position']} · score {hit['score']:.3f}"
+
 
 def ask(collection: Collection, question: str, embedder: Embedder, loaded, *, top_k: int = 4,
         settings=None, max_context_chars: int = 6000) -> RagAnswer:
