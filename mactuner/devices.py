@@ -81,6 +81,13 @@ class DeviceInfo:
     def torch_device(self) -> torch.device:
         return torch.device(self.key)
 
+    @property
+    def label(self) -> str:
+        """The device as the app's picker names it: ``"NVIDIA RTX 3090 (ID: 0) · 24.0 GB"``, or the name
+        alone when its memory is unknown. Fixed facts only: Streamlit matches a choice by its label, so
+        live numbers there would lose the choice."""
+        return f"{self.name} · {format_bytes(self.memory_total)}" if self.memory_total else self.name
+
     def to_json(self, memory: MemorySnapshot | None = None) -> dict[str, Any]:
         """The original API's ``DeviceInfo`` (memory in GB, ``null`` where unknown), plus ``index`` and ``device``.
 

@@ -15,11 +15,12 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 import psutil
 
-from mactuner.devices import GB, memory_axes, nvml, nvml_handle
+from mactuner.devices import GB, format_bytes, memory_axes, nvml, nvml_handle
 
 if TYPE_CHECKING:
     from mactuner.devices import DeviceManager
@@ -248,6 +249,16 @@ class MemoryMonitor:
         with self._lock:
             history = self._device_history.get(str(device))
             return history[-1] if history else None
+
+    def free_memory_text(self, devices: Iterable[str]) -> str:
+        """``"cpu: 12.3 GB free · cuda:0: 20.1 GB free"`` from the newest samples of ``devices``; a device
+        not sampled yet, or whose free memory is unknown, is left out (``""`` when none is known)."""
+        parts = []
+        for device in devices:
+            sample = self.latest(device)
+            if sample is not None and sample.available is not None:
+                parts.append(f"{device}: {format_bytes(sample.available)} free")
+        return " · ".join(parts)
 
     def process_history(self, pid: int | None = None) -> dict[int, list[ProcessSample]]:
         """Histories of watched (and formerly watched) processes, by pid; one pid if given."""

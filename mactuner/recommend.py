@@ -113,6 +113,21 @@ class MemoryEstimate:
                  "overhead": self.overhead, "total": self.total}
         return {**{f"{k}_bytes": v for k, v in parts.items()}, **{f"{k}_gb": round(v / GB, 3) for k, v in parts.items()}}
 
+    def summary(self, free: int | None, device: str) -> tuple[str, str | None]:
+        """The fine-tune page's words for this estimate: a markdown headline with its parts, and a
+        warning saying the fix when it needs more than the ``free`` bytes on ``device`` (else None).
+
+        ``free`` of ``None`` or 0 (unknown) leaves the free memory unsaid and warns of nothing.
+        """
+        parts = " · ".join(f"{name} {getattr(self, name) / GB:.2f} GB"
+                           for name in ("weights", "trainable", "activations", "overhead"))
+        free_text = f" of {free / GB:.1f} GB free on {device}" if free else ""
+        headline = f"**Estimated peak memory: {self.total / GB:.2f} GB**{free_text}  \n{parts}"
+        if not free or self.total <= free:
+            return headline, None
+        return headline, (f"This needs about {self.total / GB:.1f} GB but only {free / GB:.1f} GB is free on {device}: "
+                          "lower the batch size or max length, or turn on gradient checkpointing.")
+
 
 def _target_names(footprint: ModelFootprint, target_modules: Any) -> list[str]:
     if target_modules in ("all-linear", ["all-linear"], ("all-linear",)):
@@ -342,22 +357,6 @@ def free_memory_bytes(device: str | torch.device) -> tuple[int | None, int | Non
 
     axes = memory_axes(memory_snapshot(device))
     return axes.get("available"), axes.get("total")
-
-
-def memory_summary(estimate: MemoryEstimate, free: int | None, device: str) -> tuple[str, str | None]:
-    """The fine-tune page's words for ``estimate``: a markdown headline with its parts, and a
-    warning saying the fix when it needs more than the ``free`` bytes on ``device`` (else None).
-
-    ``free`` of ``None`` or 0 (unknown) leaves the free memory unsaid and warns of nothing.
-    """
-    parts = " · ".join(f"{name} {getattr(estimate, name) / GB:.2f} GB"
-                       for name in ("weights", "trainable", "activations", "overhead"))
-    free_text = f" of {free / GB:.1f} GB free on {device}" if free else ""
-    headline = f"**Estimated peak memory: {estimate.total / GB:.2f} GB**{free_text}  \n{parts}"
-    if not free or estimate.total <= free:
-        return headline, None
-    return headline, (f"This needs about {estimate.total / GB:.1f} GB but only {free / GB:.1f} GB is free on {device}: "
-                      "lower the batch size or max length, or turn on gradient checkpointing.")
 
 
 def reasons_markdown(reasons: dict[str, str]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from mactuner.devices import DeviceManager, DeviceUnavailableError, format_bytes, resolve_device
+from mactuner.devices import DeviceManager, DeviceUnavailableError, resolve_device
 from mactuner.monitor import MemoryMonitor
 from mactuner.settings import load_settings, remember_device
 
@@ -157,18 +157,7 @@ def device_or_stop() -> torch.device:
 
 
 def _device_label(key: str) -> str:
-    # a fixed label: Streamlit matches the choice by its label, so live numbers here would lose it
-    info = next(i for i in device_manager().get_available_devices() if i.key == key)
-    return f"{info.name} · {format_bytes(info.memory_total)}" if info.memory_total else info.name
-
-
-def _free_memory_caption(options: list[str]) -> str:
-    parts = []
-    for key in options:
-        sample = memory_monitor().latest(key)
-        if sample is not None and sample.available is not None:
-            parts.append(f"{key}: {format_bytes(sample.available)} free")
-    return " · ".join(parts)
+    return next(i for i in device_manager().get_available_devices() if i.key == key).label  # fixed: see DeviceInfo.label
 
 
 def _remember_choice() -> None:
@@ -189,7 +178,7 @@ def device_picker() -> None:
         on_change=_remember_choice,
         help="Every page computes on this device. Your choice is remembered for new sessions.",
     )
-    if caption := _free_memory_caption(options):
+    if caption := memory_monitor().free_memory_text(options):
         st.caption(caption)
     try:
         selected_device()

@@ -13,7 +13,7 @@ from mactuner import data
 from mactuner.config import COMPILE_CHOICES, TrainConfig
 from mactuner.devices import optimal_dtype_reason
 from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
-from mactuner.recommend import estimate_for_config, free_memory_bytes, memory_summary, reasons_markdown, recommend_hyperparameters
+from mactuner.recommend import estimate_for_config, free_memory_bytes, reasons_markdown, recommend_hyperparameters
 
 SUMMARY_MAX_LENGTH = 1_000_000  # summarize untruncated; truncation is counted for the chosen max length
 INPUT_WIDTH = 190  # px per setting: rows of inputs wrap to fit the window (two per row at 800 px, +/- kept)
@@ -141,7 +141,7 @@ def dtype_ui(row, device: str) -> str:
 def memory_ui(config: TrainConfig, summary: data.DatasetSummary, device: str) -> None:
     """The memory estimate of ``config`` (recomputed as settings change), warned about when it exceeds free memory."""
     estimate = estimate_for_config(config, summary, device, footprint=footprint_for(config.model))
-    headline, warning = memory_summary(estimate, free_memory_bytes(device)[0], device)
+    headline, warning = estimate.summary(free_memory_bytes(device)[0], device)
     st.markdown(headline)
     if warning:
         st.warning(warning)

@@ -15,6 +15,7 @@ import mactuner.devices as devices
 from mactuner.devices import (
     CpuMemory,
     CudaMemory,
+    DeviceInfo,
     DeviceManager,
     DeviceUnavailableError,
     MpsMemory,
@@ -123,6 +124,9 @@ def test_two_cuda_gpus(two_cuda_gpus):
         "reason": None,
     }
     assert turing.compute_capability == "7.5" and turing.to_json()["memory_total"] == 15.0
+    # the picker's label: name and total memory, fixed facts only (a live figure would lose the choice)
+    assert ampere.label == "NVIDIA RTX 3090 (ID: 0) · 24.0 GB" and turing.label == "NVIDIA T4 (ID: 1) · 15.0 GB"
+    assert DeviceInfo("cuda", 2, "Broken GPU", is_available=False).label == "Broken GPU"  # memory unknown: the name
 
     assert manager.auto_select_device() == torch.device("cuda:0")
     assert get_optimal_dtype("cuda:0") == torch.bfloat16

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mactuner.devices import DeviceManager
+from mactuner.devices import DeviceManager, format_bytes
 from mactuner.monitor import MemoryMonitor, memory_figure
 
 MB = 1024**2
@@ -131,6 +131,16 @@ def test_samples_every_gpu_without_touching_it(two_cuda_gpus):
     assert monitor.latest("cuda:1").total == 15 * 1024**3
     assert monitor.latest("cuda:0").allocated == 2 * 1024**3
     assert two_cuda_gpus["mem_get_info"] == []  # no CUDA context created for watching
+
+
+def test_free_memory_text_names_only_what_is_known(two_cuda_gpus):
+    monitor = MemoryMonitor(DeviceManager(), interval=1.0)
+    assert monitor.free_memory_text(["cuda:0", "cpu"]) == ""  # nothing sampled yet
+    monitor.sample_once()
+    cpu, gpu = monitor.latest("cpu"), monitor.latest("cuda:0")
+    assert cpu.available is not None and gpu.available is None  # no NVML: a GPU's free memory is unknown
+    # the GPU is left out rather than shown as 0 or "unknown", and so is a device never sampled
+    assert monitor.free_memory_text(["cuda:0", "cpu", "mps"]) == f"cpu: {format_bytes(cpu.available)} free"
 
 
 def test_memory_figure_has_a_line_per_series(monitor):

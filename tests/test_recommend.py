@@ -17,7 +17,6 @@ from mactuner.recommend import (
     MB,
     MemoryEstimate,
     estimate_memory,
-    memory_summary,
     reasons_markdown,
     recommend_hyperparameters,
 )
@@ -85,18 +84,18 @@ def test_estimate_parts_follow_the_settings(tiny_model_dir, tiny_footprint):
     assert data["total_bytes"] == base.total and data["total_gb"] == round(base.total / GB, 3)
 
 
-def test_memory_summary_gives_the_parts_and_warns_with_the_fix_only_when_it_does_not_fit():
+def test_estimate_summary_gives_the_parts_and_warns_with_the_fix_only_when_it_does_not_fit():
     estimate = MemoryEstimate(weights=GB, trainable=GB // 2, activations=GB // 4, overhead=GB // 4)  # 2 GB in all
-    headline, warning = memory_summary(estimate, 8 * GB, "cpu")
+    headline, warning = estimate.summary(8 * GB, "cpu")
     assert headline == ("**Estimated peak memory: 2.00 GB** of 8.0 GB free on cpu  \n"
                         "weights 1.00 GB · trainable 0.50 GB · activations 0.25 GB · overhead 0.25 GB")
     assert warning is None
-    headline, warning = memory_summary(estimate, GB, "mps")
+    headline, warning = estimate.summary(GB, "mps")
     assert "of 1.0 GB free on mps" in headline
     assert warning == ("This needs about 2.0 GB but only 1.0 GB is free on mps: lower the batch size or max length, "
                        "or turn on gradient checkpointing.")
     for unknown in (None, 0):  # free memory unknown: not said, not warned about
-        headline, warning = memory_summary(estimate, unknown, "cuda:0")
+        headline, warning = estimate.summary(unknown, "cuda:0")
         assert headline.startswith("**Estimated peak memory: 2.00 GB**  \n") and warning is None
 
 
