@@ -45,9 +45,9 @@ def dataset_ui() -> Path | None:
 
 def saved_upload(upload) -> Path | None:
     """The upload's file under MACTUNER_HOME, saved once per content, not on every rerun (:class:`data.SavedUploads`)."""
+    uploads = st.session_state.setdefault("finetune_uploads", data.SavedUploads())  # this session's, by content
     try:
-        return st.session_state.setdefault("finetune_uploads", data.SavedUploads()).save(upload.file_id, upload.name,
-                                                                                         upload.getvalue)
+        return uploads.save(upload.file_id, upload.name, upload.getvalue)
     except (OSError, data.DatasetError) as exc:
         st.error(f"Could not keep the upload: {exc}")
         return None
@@ -84,7 +84,8 @@ def summary_ui(summary: data.DatasetSummary, max_length: int) -> None:
         st.metric("Format", summary.format, width=INPUT_WIDTH)
         st.metric("Tokens per row", f"{summary.median_tokens:.0f} / {summary.p95_tokens}", width=INPUT_WIDTH,
                   help="median / 95th percentile")
-        st.metric("Truncated rows", summary.rows_longer_than(max_length), help=f"rows longer than the max length ({max_length} tokens)", width=INPUT_WIDTH)
+        st.metric("Truncated rows", summary.rows_longer_than(max_length), width=INPUT_WIDTH,
+                  help=f"rows longer than the max length ({max_length} tokens)")
     st.plotly_chart(data.token_length_figure(summary, max_length), key="finetune_histogram")
     for problem in summary.problems[:5]:
         st.warning(problem)

@@ -82,7 +82,8 @@ def test_a_chat_choice_names_who_answers_with_what_and_where_it_is_kept():
     both = ChatChoice("SmolLM2-135M-Instruct", "/runs/r1/adapter", compare=True)
     assert both.sides == ["base", "fine-tuned"]
     assert [both.adapter_of(who) for who in both.sides] == ["", "/runs/r1/adapter"]  # the base side has no adapter
-    assert len({base.key, tuned.key, both.key}) == 3 and both.key == history_key("SmolLM2-135M-Instruct", "/runs/r1/adapter", True)
+    assert len({base.key, tuned.key, both.key}) == 3
+    assert both.key == history_key("SmolLM2-135M-Instruct", "/runs/r1/adapter", True)
     # nothing to compare without an adapter: the toggle is dropped, and so is its conversation
     alone = ChatChoice("SmolLM2-135M-Instruct", "", compare=True)
     assert not alone.compare and alone.sides == ["base"] and alone.key == base.key
