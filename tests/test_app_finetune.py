@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from mactuner import paths, runs
 from mactuner.config import TrainConfig
-from mactuner.data import DEMO_DATASETS
+from mactuner.data import DEMO_DATASETS, uploads_dir
 from tests.app_pages import open_app_page
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +112,25 @@ def test_page_renders_with_no_runs_and_recommends_settings():
     assert warned == (estimate_gb(at) > free_gb)
     assert at.button(key="finetune_start")
     assert any("No runs yet" in info.value for info in open_tab(at, "Runs").info)
+
+
+def test_an_uploaded_dataset_is_saved_once_and_offered_again():
+    at = open_page()
+    demo_rows = {m.label: m.value for m in at.metric}["Rows"]
+    at.selectbox(key="finetune_dataset").set_value("Upload a file…").run()
+    assert not at.exception, at.exception
+    content = Path(DEMO).read_bytes()
+    at.get("file_uploader")[0].upload("my facts.json", content, "application/json")
+    at.run()
+    assert not at.exception, at.exception
+    saved = uploads_dir() / "my facts.json"
+    assert saved.read_bytes() == content
+    assert {m.label: m.value for m in at.metric}["Rows"] == demo_rows  # summarised from the saved copy
+    mtime = saved.stat().st_mtime_ns
+    by_label(at.number_input, "Batch size").set_value(2).run()  # any rerun hands the page the same upload again
+    assert not at.exception, at.exception
+    assert saved.stat().st_mtime_ns == mtime and sorted(p.name for p in uploads_dir().iterdir()) == ["my facts.json"]
+    assert "Uploaded: my facts.json" in at.selectbox(key="finetune_dataset").options
 
 
 def test_page_shows_running_finished_and_failed_runs(trained_run):
