@@ -67,7 +67,7 @@ class TrainConfig:
     # how to train
     method: str = field(
         default="lora",
-        metadata={"help": "lora (small adapter), qlora (adapter on a 4-bit base, CUDA only) or full (every weight)."},
+        metadata={"help": "lora (small adapter), qlora (adapter on a quantized base: 4-bit on CUDA, int8 on a CPU) or full (every weight)."},
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank: higher learns more, costs more memory."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator: the update is scaled by alpha/rank."})

@@ -324,18 +324,26 @@ class ModelFootprint:
         if self.num_layers <= 0:
             raise ValueError(f"num_layers must be positive, got {self.num_layers}")
 
-    def weight_bytes(self, dtype: torch.dtype | str = torch.float32, quantized_4bit: bool = False) -> int:
+    def weight_bytes(self, dtype: torch.dtype | str = torch.float32, quantized_4bit: bool = False,
+                     quantized_8bit: bool = False) -> int:
         """Bytes the weights take in ``dtype``.
 
-        With ``quantized_4bit`` (QLoRA), the linear layers inside the blocks are
+        With ``quantized_4bit`` (QLoRA on CUDA), the linear layers inside the blocks are
         stored as 4-bit NF4 (half a byte per weight plus one float32 scale per 64
-        weights); embeddings, the output layer and norms stay in ``dtype``.
+        weights); with ``quantized_8bit`` (QLoRA on a CPU) as int8 rows (a byte per
+        weight plus one float32 scale per output row). Embeddings, the output layer and
+        norms stay in ``dtype``.
         """
         size = parse_dtype(dtype).itemsize
-        if not quantized_4bit:
+        if not (quantized_4bit or quantized_8bit):
             return self.num_parameters * size
-        quantizable = sum(i * o for name, shapes in self.linear_shapes.items() if name != "lm_head" for i, o in shapes)
-        return int((self.num_parameters - quantizable) * size + quantizable * (0.5 + 4 / 64))
+        shapes = [(i, o) for name, group in self.linear_shapes.items() if name != "lm_head" for i, o in group]
+        quantizable = sum(i * o for i, o in shapes)
+        if quantized_4bit:
+            stored = quantizable * (0.5 + 4 / 64)
+        else:
+            stored = quantizable + 4 * sum(o for _i, o in shapes)
+        return int((self.num_parameters - quantizable) * size + stored)
 
     def lora_parameters(self, rank: int, target_modules: list[str] | tuple[str, ...]) -> int:
         """Trainable parameters LoRA adds with ``rank`` on the named linear layers (``"all-linear"`` for all but lm_head)."""

@@ -30,6 +30,7 @@ import torch
 
 from mactuner.devices import parse_dtype
 from mactuner.models import ModelFootprint
+from mactuner.training.int8_base import int8_matmul_available
 from mactuner.training.losses import LOSS_CHUNK_TOKENS
 
 GB = 1024**3
@@ -69,7 +70,7 @@ CHECKPOINTS_PER_RUN = 4
 
 
 def method_available(method: str) -> bool:
-    """Whether the packages ``method`` needs are installed (QLoRA needs bitsandbytes)."""
+    """Whether the packages ``method`` needs on CUDA are installed (QLoRA there needs bitsandbytes)."""
     if method != "qlora":
         return True
     import importlib.util
@@ -152,7 +153,7 @@ def estimate_memory(
 
     Args:
         footprint: the model's shapes (:func:`mactuner.models.model_footprint`).
-        method: ``"lora"``, ``"qlora"`` (4-bit base) or ``"full"``.
+        method: ``"lora"``, ``"qlora"`` (4-bit base on CUDA, int8 elsewhere) or ``"full"``.
         dtype: the compute dtype (the weights' dtype for LoRA/QLoRA).
         batch_size: rows per micro-batch.
         seq_len: tokens in the longest micro-batch's rows (padded length).
@@ -185,8 +186,11 @@ def estimate_memory(
         trainable = footprint.num_parameters * (4 + _ADAM_BYTES) + autocast_copies
         adapter_activations = 0
     else:
-        # QLoRA keeps embeddings, head and norms in the compute dtype (training.qlora)
-        weights = footprint.weight_bytes(compute, quantized_4bit=method == "qlora")
+        # QLoRA keeps embeddings, head and norms in the compute dtype; its other linear layers
+        # are 4-bit on CUDA (training.qlora) and int8 elsewhere (training.int8_base)
+        qlora = method == "qlora"
+        weights = footprint.weight_bytes(compute, quantized_4bit=qlora and device_type == "cuda",
+                                         quantized_8bit=qlora and device_type != "cuda")
         lora = footprint.lora_parameters(lora_rank, target_modules)
         # the adapter in the compute dtype with its gradient; a 16-bit adapter adds float32
         # master weights and their gradients; AdamW's moments are float32
@@ -461,25 +465,28 @@ def recommend_hyperparameters(
         else "attention projections only: keeps a large model's adapter and activations small"
     )
 
-    # method: LoRA unless the weights do not fit; QLoRA needs CUDA
+    # method: LoRA unless the weights do not fit; QLoRA's base is 4-bit on CUDA, int8 on a CPU
     method = "lora"
     weights = footprint.weight_bytes(compute)
     if budget is not None and weights > 0.6 * budget:
-        if (device.type == "cuda" and method_available("qlora")
-                and footprint.weight_bytes(compute, quantized_4bit=True) < 0.6 * budget):
+        cuda = device.type == "cuda"
+        qlora_weights = footprint.weight_bytes(compute, quantized_4bit=cuda, quantized_8bit=not cuda)
+        qlora_runs = (cuda and method_available("qlora")) or (device.type == "cpu" and int8_matmul_available("cpu"))
+        if qlora_runs and qlora_weights < 0.6 * budget:
             method = "qlora"
             reasons["method"] = (
                 f"QLoRA: the {dtype_name} weights ({weights / GB:.1f} GB) leave too little of the "
-                f"{free_memory / GB:.1f} GB free; 4-bit weights take {footprint.weight_bytes(compute, True) / GB:.1f} GB"
+                f"{free_memory / GB:.1f} GB free; {'4-bit' if cuda else 'int8'} weights take {qlora_weights / GB:.1f} GB"
             )
         else:
             reasons["method"] = "LoRA: the smallest training footprint available on this device"
-            if device.type == "cuda" and not method_available("qlora"):
+            if cuda and not method_available("qlora"):
                 warnings.append("QLoRA (4-bit weights) would fit but needs the bitsandbytes package: "
                                 "pip install 'mactuner[cuda]' (or pip install bitsandbytes), then recommend again.")
             warnings.append(
                 f"The weights alone take {weights / GB:.1f} GB in {dtype_name} with {free_memory / GB:.1f} GB free: "
-                + ("choose a smaller model." if device.type != "cuda" else "even 4-bit QLoRA does not fit; choose a smaller model.")
+                + ("choose a smaller model." if device.type == "mps"
+                   else f"even {'4-bit' if cuda else 'int8'} QLoRA does not fit; choose a smaller model.")
             )
     else:
         reasons["method"] = (

@@ -17,7 +17,7 @@ from pages.common import device_or_stop
 from pages.finetune_runs import runs_ui
 from pages.finetune_setup import dataset_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
 
-METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit, CUDA)", "full": "Full fine-tuning"}
+METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA, int8 on CPU)", "full": "Full fine-tuning"}
 TABS = ("New run", "Runs")
 TAB_KEY = "finetune_tab"
 START_PROBLEM = "finetune_start_problem"  # why the last Start did not start, shown under the button

@@ -20,6 +20,7 @@ from mactuner.recommend import (
     reasons_markdown,
     recommend_hyperparameters,
 )
+from tests.fake_hardware import fake_mps_mac
 from tests.locations import ROOT, WIKI_DEMO
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -77,7 +78,15 @@ def test_estimate_parts_follow_the_settings(tiny_model_dir, tiny_footprint):
     assert full.weights == tiny_footprint.num_parameters * 4  # float32 master weights
     assert full.trainable == tiny_footprint.num_parameters * (4 + 8 + 2)  # grads, moments, autocast copies
     big = big_footprint()
-    assert estimate_memory(big, method="qlora", dtype="bfloat16").weights < estimate_memory(big, dtype="bfloat16").weights / 3
+    bf16_weights = estimate_memory(big, dtype="bfloat16").weights
+    nf4 = estimate_memory(big, method="qlora", dtype="bfloat16", device_type="cuda").weights
+    assert nf4 < bf16_weights / 3
+    # QLoRA on a CPU: int8 rows (a byte per weight and a float32 scale per row); embeddings and head stay
+    int8 = estimate_memory(big, method="qlora", dtype="bfloat16", device_type="cpu").weights
+    linear = sum(i * o for name, group in big.linear_shapes.items() if name != "lm_head" for i, o in group)
+    rows = sum(o for name, group in big.linear_shapes.items() if name != "lm_head" for _i, o in group)
+    assert int8 == bf16_weights - 2 * linear + linear + 4 * rows
+    assert nf4 < int8 < 0.6 * bf16_weights
     with pytest.raises(ValueError, match="method must be lora, qlora or full, got 'dora'"):
         estimate_memory(tiny_footprint, method="dora")
     data = base.to_dict()
@@ -151,12 +160,19 @@ def test_little_free_memory_shrinks_the_batch_then_checkpoints(tiny_footprint, e
     assert "The weights alone take" in too_big.warnings[0]
 
 
-def test_a_big_model_gets_qlora_on_cuda_and_a_warning_elsewhere():
+def test_a_big_model_gets_qlora_on_cuda_and_a_cpu_and_a_warning_elsewhere(monkeypatch):
     from unittest.mock import patch
 
     big = big_footprint()
+    # a CPU: QLoRA's int8 base (7 GB) fits where the 16- or 32-bit weights do not
     on_cpu = recommend_hyperparameters(footprint=big, device="cpu", free_memory=16 * GB)
-    assert on_cpu.method == "lora" and "choose a smaller model" in on_cpu.warnings[0]
+    assert on_cpu.method == "qlora" and "int8" in on_cpu.reasons["method"] and on_cpu.memory.weights < 8 * GB
+    too_little = recommend_hyperparameters(footprint=big, device="cpu", free_memory=8 * GB)
+    assert too_little.method == "lora" and "even int8 QLoRA does not fit" in too_little.warnings[0]
+    # a Mac: no QLoRA there
+    fake_mps_mac(monkeypatch)
+    on_mac = recommend_hyperparameters(footprint=big, device="mps", free_memory=16 * GB)
+    assert on_mac.method == "lora" and on_mac.warnings[0].endswith("choose a smaller model.")
     # a fake CUDA device: 24 GB card, bfloat16 capable (fake the hardware, not the logic)
     with patch("mactuner.devices.resolve_device", return_value=torch.device("cuda", 0)), patch(
         "mactuner.devices.get_optimal_dtype", return_value=torch.bfloat16

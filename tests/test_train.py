@@ -207,12 +207,6 @@ def test_full_fine_tuning_trains_every_weight(tiny_model_dir, facts_file, tmp_pa
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
-def test_qlora_off_cuda_is_refused_with_the_alternative(tiny_model_dir, facts_file, tmp_path):
-    with pytest.raises(TrainingError, match="QLoRA needs an NVIDIA GPU.*method: lora"):
-        train(tiny_config(tiny_model_dir, facts_file, method="qlora"), tmp_path / "run")
-    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
-
-
 def test_target_modules_that_match_nothing_fail_clearly(tiny_model_dir, facts_file):
     with pytest.raises(TrainingError, match="LoRA cannot be applied.*attn_c"):
         train(tiny_config(tiny_model_dir, facts_file, target_modules=["attn_c"]))

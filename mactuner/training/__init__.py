@@ -4,7 +4,7 @@
 micro-batches), ``losses`` (the chunked LM-head cross-entropy, the schedule),
 ``master_weights`` (float32 copies of 16-bit adapters), ``memory`` (peak per
 report, the MPS cap), ``distributed`` (torchrun process groups and collectives),
-``callbacks`` (progress, the run folder's files), ``qlora`` (the 4-bit base) and
+``callbacks`` (progress, the run folder's files), ``qlora`` (the 4-bit base on CUDA), ``int8_base`` (QLoRA's int8 base on a CPU) and
 ``errors``. None of them imports ``trainer``; ``mactuner.train`` re-exports all.
 """
 

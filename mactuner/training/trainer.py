@@ -64,9 +64,10 @@ from mactuner.devices import (
 from mactuner.locks import LockBusy, RunLock
 from mactuner.training.batching import MicroBatch, Unit, collate, make_units, plan_epoch
 from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
-from mactuner.training.compiled import LayerCompiler
+from mactuner.training.compiled import LayerCompiler, decoder_layers
 from mactuner.training.distributed import Distributed, init_distributed
 from mactuner.training.errors import NonFiniteLoss, OutOfMemory, RunFolderBusy, TrainingError
+from mactuner.training.int8_base import int8_matmul_available, quantize_frozen_linears
 from mactuner.training.losses import LOSS_CHUNK_TOKENS, linear_cross_entropy, lr_factor
 from mactuner.training.master_weights import MasterWeights
 from mactuner.training.memory import PeakMemory, limit_mps_memory
@@ -224,10 +225,15 @@ class Trainer:
 
         if not config.dataset:
             raise TrainingError("No dataset: set `dataset` to the path of a JSON, JSONL, CSV, Parquet or TXT file.")
-        if config.method == "qlora" and device.type != "cuda":
+        if config.method == "qlora" and device.type not in ("cuda", "cpu"):
             raise TrainingError(
-                f"QLoRA needs an NVIDIA GPU (bitsandbytes 4-bit kernels run on CUDA only); this run is on {device}. "
+                f"QLoRA runs on an NVIDIA GPU (4-bit base, bitsandbytes) or a CPU (int8 base); this run is on {device}. "
                 "Use method: lora instead: on a small model it fits in memory and trains at the same quality."
+            )
+        if config.method == "qlora" and device.type == "cpu" and not int8_matmul_available("cpu"):
+            raise TrainingError(
+                "QLoRA on a CPU needs torch's int8 matmul (torch._int_mm), which this PyTorch build lacks. "
+                "Install torch==2.13.0, or use method: lora."
             )
         if device.type == "mps":
             cap = limit_mps_memory()
@@ -269,7 +275,7 @@ class Trainer:
         from mactuner.models import ModelSourceError, load_model
 
         self._autocast = False
-        if config.method == "qlora":
+        if config.method == "qlora" and self.device.type == "cuda":
             from mactuner.training.qlora import load_4bit
 
             model, tokenizer, self.model_path = load_4bit(config.model, self.device, self.compute_dtype, config.trust_remote_code)
@@ -321,10 +327,25 @@ class Trainer:
             self.master_weights = MasterWeights(self.trainable, self.compute_dtype)
         self.num_trainable = sum(p.numel() for p in self.trainable)
         self.num_parameters = sum(p.numel() for p in model.parameters())
+        if config.method == "qlora" and self.device.type == "cpu":
+            self._quantize_base_int8()
         # computing logits only at trained positions needs the plain "norm → lm_head" ending
         lm_config = self.causal_lm.config
         self._head_only_where_trained = not any(
             getattr(lm_config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        )
+
+    def _quantize_base_int8(self) -> None:
+        """QLoRA on a CPU: the frozen Linear weights of the decoder layers become int8 (training.int8_base)."""
+        layers = decoder_layers(self.causal_lm)
+        count = quantize_frozen_linears(layers if layers is not None else self.causal_lm,
+                                        keep=self.causal_lm.get_output_embeddings())
+        if count == 0:
+            raise TrainingError(f"QLoRA found no frozen Linear layer to quantize in {self.config.model}; use method: lora.")
+        self._info(
+            f"QLoRA on a CPU: the {count} frozen Linear weights of the base are int8 (1 byte each; 4-bit needs CUDA), "
+            "and their matmuls run in int8. The adapter trains in "
+            f"{dtype_name(self.compute_dtype)} and is saved as a plain PEFT adapter."
         )
 
     def _compile_key(self) -> dict[str, Any]:
