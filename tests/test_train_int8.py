@@ -12,7 +12,7 @@ from mactuner.train import Trainer, TrainingCallback, TrainingError, train
 from mactuner.training import int8_base
 from mactuner.training.compiled import missing_compiler
 from mactuner.training.int8_base import Int8BaseLinear, int8_matmul_available, quantize_frozen_linears, quantize_rows
-from tests.fake_hardware import either_cpu, fake_mps_mac  # noqa: F401  (either_cpu is a fixture)
+from tests.fake_hardware import fake_mps_mac
 from tests.train_support import tiny_config, train_losses, write_fact_dataset
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available("cpu"), reason="this torch has no CPU int8 matmul")

@@ -22,6 +22,7 @@ import functools
 
 import torch
 
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (2-D) as int8 rows and the float32 scale of each row (``x ≈ q * scale``).
 
