@@ -3,7 +3,7 @@
 Same model (SmolLM2-135M-Instruct by default), same data (the first N rows of
 LLaMA-Factory's ``alpaca_en_demo.json``, tokenized the same way, max length 512),
 same device, same threads, same LoRA (r=8, alpha 16, q/k/v/o), micro-batch 4.
-Three rows in one run:
+Rows in one run:
 
 - **HF default**: what a script does with default settings: ``from_pretrained``
   (the checkpoint's float32), ``get_peft_model``, ``Trainer`` with
@@ -21,6 +21,10 @@ Three rows in one run:
   compile: by default each worker gets an empty TorchInductor cache (a first
   compile on this machine); ``--compile-cache DIR`` shares one cache folder,
   as a second run on the same machine does (run once to fill it).
+- **QLoRA-int8+comp** (CPU only, not a like-for-like row: it changes the numerics as
+  QLoRA does): MacTuner's ``method: qlora`` on a CPU — the frozen base in int8, its
+  forward and input-gradient matmuls in integers (``mactuner.training.int8_base``) —
+  with ``compile: on``.
 
 Each measurement runs in its own process so peak memory (``ru_maxrss``: peak
 resident set of the process, model loading included) is separable. Rounds
@@ -69,9 +73,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ALPACA = ROOT / "tests" / "data" / "third_party" / "llama-factory" / "alpaca_en_demo.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EMULATION_ISA = "AVX512_CORE"  # AVX-512 without BF16/AMX: what a float32-only server CPU offers oneDNN
-SIDES = ("hf_default", "hf_informed", "mactuner", "mactuner_compiled")
+VNNI_ISA = "AVX512_CORE_VNNI"  # AVX-512 with int8 VNNI, still no BF16/AMX (Cascade Lake, 2019)
+SIDES = ("hf_default", "hf_informed", "mactuner", "mactuner_compiled", "mactuner_int8")
 LABELS = {"hf_default": "HF default", "hf_informed": "HF informed", "mactuner": "MacTuner",
-          "mactuner_compiled": "MacTuner+comp"}
+          "mactuner_compiled": "MacTuner+comp", "mactuner_int8": "QLoRA-int8+comp"}
 
 
 def _peak_rss() -> int:
@@ -93,8 +98,14 @@ def _model_path(model: str) -> str:
 
 
 def _forward_weights(model) -> int:
-    """N: weights multiplied per token (a tied embedding is counted once, as the LM head)."""
-    return sum(p.numel() for p in model.parameters())
+    """N: weights multiplied per token (a tied embedding is counted once, as the LM head).
+
+    QLoRA's int8 base weights on a CPU are buffers, not parameters: they are counted too.
+    """
+    from mactuner.training.int8_base import Int8BaseLinear
+
+    int8 = sum(m.weight_int8.numel() for m in model.modules() if isinstance(m, Int8BaseLinear))
+    return sum(p.numel() for p in model.parameters()) + int8
 
 
 def _head_weights(model) -> int:
@@ -270,7 +281,7 @@ def _executed_positions(trainer, warmup: int, steps: int) -> tuple[int, int] | N
         return None
 
 
-def worker_mactuner(args, compile: str = "auto") -> dict:
+def worker_mactuner(args, compile: str = "auto", method: str | None = None) -> dict:
     import torch
 
     from mactuner.config import TrainConfig
@@ -288,7 +299,7 @@ def worker_mactuner(args, compile: str = "auto") -> dict:
 
     config = TrainConfig(
         model=args.model,
-        method=args.method,
+        method=method or args.method,
         dataset=str(_data_file(args.rows, args.data)),
         device=args.device,
         max_length=args.max_length,
@@ -320,10 +331,10 @@ def worker_mactuner(args, compile: str = "auto") -> dict:
         "head_weights": head,
         "peak_rss": _peak_rss(),
         "peak_device": _peak_device(args.device),
-        "dtype": _dtype_name(trainer.compute_dtype) + ("/nf4" if args.method == "qlora" else ""),
+        "dtype": _dtype_name(trainer.compute_dtype) + _base_suffix(trainer.config.method, args.device),
         "n_forward": n,
         "threads": torch.get_num_threads(),
-        "settings": "defaults" if compile == "auto" else f"compile: {compile}",
+        "settings": ("defaults" if compile == "auto" else f"compile: {compile}") + (", method: qlora" if method else ""),
     }
 
 
@@ -331,8 +342,22 @@ def worker_mactuner_compiled(args) -> dict:
     return worker_mactuner(args, compile="on")
 
 
+def worker_mactuner_int8(args) -> dict:
+    """QLoRA on a CPU (the frozen base in int8, its matmuls in integers), compiled."""
+    if not args.device.startswith("cpu"):
+        raise SystemExit("the mactuner_int8 side is QLoRA on a CPU; on CUDA use --method qlora (4-bit) for every side")
+    return worker_mactuner(args, compile="on", method="qlora")
+
+
+def _base_suffix(method: str, device: str) -> str:
+    if method != "qlora":
+        return ""
+    return "/nf4" if device.startswith("cuda") else "/int8"
+
+
 WORKERS = {"peak": worker_peak, "hf_default": worker_hf_default, "hf_informed": worker_hf_informed,
-           "mactuner": worker_mactuner, "mactuner_compiled": worker_mactuner_compiled}
+           "mactuner": worker_mactuner, "mactuner_compiled": worker_mactuner_compiled,
+           "mactuner_int8": worker_mactuner_int8}
 
 
 # --- the orchestrator --------------------------------------------------------
@@ -344,8 +369,8 @@ def run_worker(kind: str, args) -> dict:
         if k not in ("worker", "quick", "emulate_float32_cpu", "no_save", "sides") and v is not None
     ]
     command += ["--quick"] if args.quick else []
-    command += ["--emulate-float32-cpu"] if args.emulate_float32_cpu else []
-    env = dict(os.environ, **({"ONEDNN_MAX_CPU_ISA": EMULATION_ISA} if args.emulate_float32_cpu else {}))
+    command += [f"--emulate-float32-cpu={args.emulate_float32_cpu}"] if args.emulate_float32_cpu else []
+    env = dict(os.environ, **({"ONEDNN_MAX_CPU_ISA": args.emulate_float32_cpu} if args.emulate_float32_cpu else {}))
     load = os.getloadavg()[0]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mactuner-bench-inductor-") as cold:
@@ -436,8 +461,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (medians are shown)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every side (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="64 rows, 4 steps after 1: a few minutes")
-    parser.add_argument("--emulate-float32-cpu", action="store_true",
-                        help=f"measure as on a float32-only CPU (oneDNN capped to {EMULATION_ISA}; an emulation)")
+    parser.add_argument("--emulate-float32-cpu", nargs="?", const=EMULATION_ISA, default=None, metavar="ISA",
+                        help=f"measure as on a float32-only CPU: oneDNN capped to ISA (default {EMULATION_ISA}, a Skylake-SP; "
+                             f"{VNNI_ISA} is a Cascade Lake: int8 VNNI, no bfloat16); an emulation")
     parser.add_argument("--compile-cache", default=None,
                         help="a TorchInductor cache folder shared by the workers (default: an empty one each: cold compiles)")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
@@ -463,7 +489,7 @@ def main() -> None:
     from bench.machine import describe_machine, machine_line, write_result
 
     if args.emulate_float32_cpu:
-        os.environ["ONEDNN_MAX_CPU_ISA"] = EMULATION_ISA  # recorded in the machine description
+        os.environ["ONEDNN_MAX_CPU_ISA"] = args.emulate_float32_cpu  # recorded in the machine description
         import mactuner.devices
 
         mactuner.devices.cpu_supports_bfloat16 = lambda: False

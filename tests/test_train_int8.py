@@ -4,6 +4,9 @@ an adapter that trains as LoRA's does and loads in plain ``peft`` on the full-pr
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from mactuner.training import int8_base
 from mactuner.training.compiled import missing_compiler
 from mactuner.training.int8_base import Int8BaseLinear, int8_matmul_available, quantize_frozen_linears, quantize_rows
 from tests.fake_hardware import fake_mps_mac
+from tests.locations import ROOT
 from tests.train_support import tiny_config, train_losses, write_fact_dataset
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available("cpu"), reason="this torch has no CPU int8 matmul")
@@ -136,12 +140,34 @@ def test_a_torch_without_int8_matmul_is_told_what_to_do(tiny_model_dir, facts_fi
     import mactuner.training.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "int8_matmul_available", lambda device_type: False)
-    with pytest.raises(TrainingError, match=r"torch\._int_mm.*method: lora"):
+    with pytest.raises(TrainingError, match=r"exact int8 matmul.*VNNI or AMX.*method: lora"):
         train(tiny_config(tiny_model_dir, facts_file, method="qlora"), tmp_path / "run")
 
 
 def test_the_int8_probe_says_no_off_the_cpu():
     assert int8_base.int8_matmul_available("cpu") and not int8_base.int8_matmul_available("mps")
+
+
+def test_a_cpu_without_vnni_is_found_out_by_the_probe():
+    """oneDNN capped below VNNI (as on a Skylake server) saturates int8 products: QLoRA must not run there."""
+    probe = "from mactuner.training.int8_base import int8_matmul_available as f; print(f('cpu'))"
+    answers = {}
+    for isa in ("AVX2", "AVX2_VNNI"):
+        env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        answers[isa] = done.stdout.strip()
+    assert answers["AVX2"] == "False", answers
+    # with AVX-VNNI (where this CPU has it) the same probe passes
+    if "avx_vnni" in _cpu_flags():
+        assert answers["AVX2_VNNI"] == "True", answers
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
 @pytest.mark.skipif(missing_compiler("cpu") is not None, reason="TorchInductor needs a C++ compiler on a CPU")

@@ -36,12 +36,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.cache
 def int8_matmul_available(device_type: str = "cpu") -> bool:
-    """Whether ``torch._int_mm`` runs on ``device_type`` and gives the exact integer product (probed once)."""
+    """Whether ``torch._int_mm`` runs on ``device_type`` and gives the exact integer product (probed once).
+
+    Exact is not a given: without VNNI or AMX (e.g. an AVX-512 Skylake server), oneDNN sums
+    pairs of int8 products in int16 and saturates, so products of large values come out wrong.
+    The probe multiplies rows of extreme values (±127) and random ones.
+    """
     if device_type != "cpu":
         return False
     generator = torch.Generator().manual_seed(0)
-    a = torch.randint(-127, 128, (5, 40), generator=generator, dtype=torch.int8)
-    b = torch.randint(-127, 128, (24, 40), generator=generator, dtype=torch.int8)
+    a = torch.randint(-127, 128, (6, 64), generator=generator, dtype=torch.int8)
+    b = torch.randint(-127, 128, (24, 64), generator=generator, dtype=torch.int8)
+    a[0], a[1], b[0], b[1] = 127, -127, 127, -127
     try:
         product = torch._int_mm(a, b.t())
     except (RuntimeError, NotImplementedError):

@@ -232,8 +232,9 @@ class Trainer:
             )
         if config.method == "qlora" and device.type == "cpu" and not int8_matmul_available("cpu"):
             raise TrainingError(
-                "QLoRA on a CPU needs torch's int8 matmul (torch._int_mm), which this PyTorch build lacks. "
-                "Install torch==2.13.0, or use method: lora."
+                "QLoRA on a CPU needs an exact int8 matmul (torch._int_mm with VNNI or AMX instructions); on this "
+                "CPU or PyTorch build it is missing or rounds wrong. Use method: lora (it computes in "
+                f"{dtype_name(self.compute_dtype)} and trains at the same quality)."
             )
         if device.type == "mps":
             cap = limit_mps_memory()
