@@ -183,3 +183,20 @@ def test_compiled_int8_layers_train_like_eager_ones(tiny_model_dir, facts_file, 
     # fused rounding may move a row's int8 rounding by one step: close, not bit-equal
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=2e-2, abs=2e-2), (step, expected, got)
+
+
+@pytest.mark.slow
+def test_qlora_on_a_cpu_teaches_the_demo_facts_to_the_real_model(smollm2_path, tmp_path, mactuner_home):
+    """The int8 base is close enough: 30 QLoRA steps teach SmolLM2 the demo facts, stated by the
+    full-precision base with the adapter (as a chat of the run does)."""
+    from mactuner.chat import GenerationSettings, chat, load_chat_model
+    from tests.demo_support import demo_facts, train_demo_run
+
+    run = tmp_path / "qlora-demo"
+    result = train_demo_run(run, method="qlora")
+    assert result.losses[-1] < 0.5 * result.losses[0], result.losses
+    facts = demo_facts(3)
+    tuned = load_chat_model(adapter=run / "adapter", device="cpu")
+    settings = GenerationSettings(max_new_tokens=24, temperature=0)
+    replies = [chat(tuned, [{"role": "user", "content": f["question"]}], settings)[0] for f in facts]
+    assert sum(f["answer_keyword"].lower() in r.lower() for f, r in zip(facts, replies)) >= len(facts) - 1, replies
