@@ -21,6 +21,9 @@ Rows in one run:
   compile: by default each worker gets an empty TorchInductor cache (a first
   compile on this machine); ``--compile-cache DIR`` shares one cache folder,
   as a second run on the same machine does (run once to fill it).
+- **HF QLoRA (bnb)**: the informed peer's QLoRA, peft's documented recipe
+  (``BitsAndBytesConfig`` 4-bit NF4, ``prepare_model_for_kbit_training``) — on a
+  CPU too, where bitsandbytes ≥ 0.46 runs; skipped when bitsandbytes is missing.
 - **QLoRA-int8+comp** (CPU only, not a like-for-like row: it changes the numerics as
   QLoRA does): MacTuner's ``method: qlora`` on a CPU — the frozen base in int8, its
   forward and input-gradient matmuls in integers (``mactuner.training.int8_base``) —
@@ -56,6 +59,7 @@ with the machine's description (``bench/machine.py``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -74,9 +78,9 @@ ALPACA = ROOT / "tests" / "data" / "third_party" / "llama-factory" / "alpaca_en_
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EMULATION_ISA = "AVX512_CORE"  # AVX-512 without BF16/AMX: what a float32-only server CPU offers oneDNN
 VNNI_ISA = "AVX512_CORE_VNNI"  # AVX-512 with int8 VNNI, still no BF16/AMX (Cascade Lake, 2019)
-SIDES = ("hf_default", "hf_informed", "mactuner", "mactuner_compiled", "mactuner_int8")
+SIDES = ("hf_default", "hf_informed", "mactuner", "mactuner_compiled", "hf_qlora", "mactuner_int8")
 LABELS = {"hf_default": "HF default", "hf_informed": "HF informed", "mactuner": "MacTuner",
-          "mactuner_compiled": "MacTuner+comp", "mactuner_int8": "QLoRA-int8+comp"}
+          "mactuner_compiled": "MacTuner+comp", "hf_qlora": "HF QLoRA (bnb)", "mactuner_int8": "QLoRA-int8+comp"}
 
 
 def _peak_rss() -> int:
@@ -100,12 +104,18 @@ def _model_path(model: str) -> str:
 def _forward_weights(model) -> int:
     """N: weights multiplied per token (a tied embedding is counted once, as the LM head).
 
-    QLoRA's int8 base weights on a CPU are buffers, not parameters: they are counted too.
+    QLoRA's int8 base weights on a CPU are buffers, not parameters: they are counted too; a
+    bitsandbytes 4-bit weight packs two weights per element: counted by its layer's shape.
     """
     from mactuner.training.int8_base import Int8BaseLinear
 
-    int8 = sum(m.weight_int8.numel() for m in model.modules() if isinstance(m, Int8BaseLinear))
-    return sum(p.numel() for p in model.parameters()) + int8
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, Int8BaseLinear):
+            total += module.weight_int8.numel()
+        elif getattr(getattr(module, "weight", None), "quant_state", None) is not None:
+            total += module.in_features * module.out_features - module.weight.numel()
+    return total
 
 
 def _head_weights(model) -> int:
@@ -151,8 +161,11 @@ def worker_peak(args) -> dict:
     return result
 
 
-def _hf_worker(args, informed: bool, callbacks: tuple = ()) -> dict:
-    """One HF side: transformers ``Trainer`` + peft (``callbacks`` join its own, e.g. a profiler window)."""
+def _hf_worker(args, informed: bool, callbacks: tuple = (), method: str | None = None) -> dict:
+    """One HF side: transformers ``Trainer`` + peft (``callbacks`` join its own, e.g. a profiler window).
+
+    ``method`` (default ``args.method``): ``qlora`` loads the base in 4-bit NF4 with bitsandbytes,
+    on CUDA or on a CPU (bitsandbytes ≥ 0.46 has CPU kernels)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -171,8 +184,9 @@ def _hf_worker(args, informed: bool, callbacks: tuple = ()) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     bf16 = informed and get_optimal_dtype(args.device) == torch.bfloat16
     # default: the checkpoint's dtype (float32); informed: bfloat16 weights where the device computes them natively
+    method = method or args.method
     load = {"dtype": torch.bfloat16} if bf16 else {}
-    if args.method == "qlora":
+    if method == "qlora":
         # the QLoRA recipe of peft's docs, with MacTuner's quantization settings and checkpointing choice
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
@@ -180,8 +194,10 @@ def _hf_worker(args, informed: bool, callbacks: tuple = ()) -> dict:
         compute = get_optimal_dtype(args.device)
         load = {"dtype": compute, "device_map": {"": 0}, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)}
+        load["device_map"] = {"": 0 if args.device.startswith("cuda") else "cpu"}
+        bf16 = informed and compute == torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(path, **load)
-    if args.method == "qlora":
+    if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
     rows = tokenize_examples(load_dataset_file(_data_file(args.rows, args.data)).examples, tokenizer, args.max_length)
@@ -246,10 +262,11 @@ def _hf_worker(args, informed: bool, callbacks: tuple = ()) -> dict:
         "head_weights": _head_weights(model),
         "peak_rss": _peak_rss(),
         "peak_device": _peak_device(args.device),
-        "dtype": ("bfloat16" if bf16 else _dtype_name(next(model.parameters()).dtype)) + ("/nf4" if args.method == "qlora" else ""),
+        "dtype": ("bfloat16" if bf16 else _dtype_name(next(model.parameters()).dtype)) + ("/nf4" if method == "qlora" else ""),
         "n_forward": _forward_weights(model),
         "threads": torch.get_num_threads(),
-        "settings": ("train_sampling_strategy=group_by_length" + (", bfloat16 weights, bf16=True" if bf16 else ""))
+        "settings": ("train_sampling_strategy=group_by_length" + (", bfloat16 weights, bf16=True" if bf16 else "")
+                     + (", 4-bit NF4 base (bitsandbytes), prepare_model_for_kbit_training" if method == "qlora" else ""))
         if informed else "defaults",
     }
 
@@ -260,6 +277,11 @@ def worker_hf_default(args) -> dict:
 
 def worker_hf_informed(args) -> dict:
     return _hf_worker(args, informed=True)
+
+
+def worker_hf_qlora(args) -> dict:
+    """The informed peer's QLoRA: peft's recipe on a bitsandbytes 4-bit base (the row to hold QLoRA-int8 against)."""
+    return _hf_worker(args, informed=True, method="qlora")
 
 
 def _executed_positions(trainer, warmup: int, steps: int) -> tuple[int, int] | None:
@@ -357,7 +379,7 @@ def _base_suffix(method: str, device: str) -> str:
 
 WORKERS = {"peak": worker_peak, "hf_default": worker_hf_default, "hf_informed": worker_hf_informed,
            "mactuner": worker_mactuner, "mactuner_compiled": worker_mactuner_compiled,
-           "mactuner_int8": worker_mactuner_int8}
+           "hf_qlora": worker_hf_qlora, "mactuner_int8": worker_mactuner_int8}
 
 
 # --- the orchestrator --------------------------------------------------------
@@ -430,20 +452,21 @@ def print_table(summary: dict, args, machine_text: str) -> None:
     size = "8192" if args.device.startswith("cuda") else "2048"
     print(f"matmul peak ({size}², same threads): bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s, float32 {peaks['float32'] / 1e9:.0f} GFLOP/s")
     mem_label = next(iter(rows.values()))["memory_kind"]
-    print(f"\n{'':14} {'dtype':>9} {'thr':>3} {'padding':>7} {'tokens/s':>9} {'vs informed':>11} {'whole run':>9} {'vs inf':>7} "
+    print(f"\n{'':15} {'dtype':>13} {'thr':>3} {'padding':>7} {'tokens/s':>9} {'vs informed':>11} {'whole run':>9} {'vs inf':>7} "
           f"{mem_label:>9} {'mem vs inf':>10} {'MFU(6N)':>8} {'executed':>9} {'load':>5}")
     for row in rows.values():
         padding = "" if row["padding"] is None else f"{row['padding']:.0%}"
         executed = "" if row["executed_of_peak"] is None else f"{row['executed_of_peak']:.1%}"
         load = statistics.median(row["load_average"])
-        print(f"{row['label']:14} {row['dtype']:>9} {row['threads']:>3} {padding:>7} {row['tokens_per_second']:9.1f} "
+        print(f"{row['label']:15} {row['dtype']:>13} {row['threads']:>3} {padding:>7} {row['tokens_per_second']:9.1f} "
               f"{row['speed_vs_informed']:10.2f}x {row['whole_run_tokens_per_second']:9.1f} {row['whole_run_vs_informed']:6.2f}x "
               f"{row['memory_bytes'] / 2**30:8.2f}G {row['memory_vs_informed']:9.2f}x "
               f"{row['mfu_6n']:8.1%} {executed:>9} {load:5.1f}")
     print(f"\nHF informed = {rows['hf_informed']['settings']}. MFU(6N) = 6·N·real tokens/s over the matmul peak of the "
           "dtype that side computes in; executed = 4·N per position actually run (padding included; MacTuner's LM head "
           "only at trained tokens), same peak. Whole run = real tokens of every step (warm-up included) over the time "
-          "from the first step's start to the last step's end: a compile is paid inside it. Load = 1-minute load average during that side "
+          "from the first step's start to the last step's end: a compile is paid inside it. The int8 row's MFU is against the "
+          "float peak of its compute dtype (its matmuls run in int8, so it can pass 100 %). Load = 1-minute load average during that side "
           f"({os.cpu_count()} logical cores): on a shared machine the figures are noisy.")
 
 
@@ -497,6 +520,10 @@ def main() -> None:
     sides = ["peak"] + [s for s in SIDES if s in args.sides.split(",")]
     if "hf_informed" not in sides:
         raise SystemExit("--sides must include hf_informed: every ratio is against it")
+    if "hf_qlora" in sides and importlib.util.find_spec("bitsandbytes") is None:
+        print("hf_qlora skipped: bitsandbytes is not installed (pip install bitsandbytes; CPU kernels since 0.46)",
+              file=sys.stderr)
+        sides.remove("hf_qlora")
     results: dict[str, list[dict]] = {k: [] for k in sides}
     # MACTUNER_BENCH_PEAKS=FILE: measure the matmul peaks once, reuse them in later runs on the same machine
     peaks_file = os.environ.get("MACTUNER_BENCH_PEAKS")
