@@ -13,6 +13,7 @@ import streamlit as st
 from mactuner import data, runs
 from mactuner.config import TrainConfig
 from mactuner.models import ModelSourceError
+from mactuner.training.qlora import qlora_problem
 from pages.common import device_or_stop
 from pages.finetune_runs import runs_ui
 from pages.finetune_setup import dataset_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
@@ -72,6 +73,9 @@ def setup_ui() -> None:
         st.warning(warning)
     method = st.radio("Method", list(METHODS), index=list(METHODS).index(recommended.method), horizontal=True,
                       format_func=METHODS.get, help=recommended.reasons.get("method"))
+    if method == "qlora" and (problem := qlora_problem(device.split(":")[0])):
+        st.error(problem)
+        st.stop()
     defaults = {**TrainConfig().to_dict(), **recommended.train_config_values()}
     settings = settings_ui(defaults, recommended.reasons, method, device)
     summary_ui(summary, settings["max_length"])

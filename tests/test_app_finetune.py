@@ -114,6 +114,22 @@ def test_page_renders_with_no_runs_and_recommends_settings():
     assert any("No runs yet" in info.value for info in open_tab(at, "Runs").info)
 
 
+def test_qlora_says_before_start_where_it_cannot_run(monkeypatch):
+    from mactuner.training import int8_base
+
+    at = open_page()
+    by_label(at.radio, "Method").set_value("qlora").run()
+    if int8_base.int8_matmul_available("cpu"):
+        # this CPU multiplies int8 exactly: QLoRA's int8 base can train here
+        assert not at.error and at.button(key="finetune_start")
+    # a CPU whose int8 matmul saturates (no VNNI): said before Start, with the alternative
+    monkeypatch.setattr(int8_base, "int8_matmul_available", lambda device_type: False)
+    at.run()
+    assert not at.exception
+    assert any("VNNI or AMX" in e.value and "method: lora" in e.value for e in at.error), [e.value for e in at.error]
+    assert "finetune_start" not in [b.key for b in at.button]
+
+
 def test_an_uploaded_dataset_is_saved_once_and_offered_again():
     at = open_page()
     demo_rows = {m.label: m.value for m in at.metric}["Rows"]

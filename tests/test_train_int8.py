@@ -137,9 +137,7 @@ def test_qlora_on_mps_is_refused_with_the_alternative(tiny_model_dir, facts_file
 
 
 def test_a_torch_without_int8_matmul_is_told_what_to_do(tiny_model_dir, facts_file, tmp_path, monkeypatch):
-    import mactuner.training.trainer as trainer_module
-
-    monkeypatch.setattr(trainer_module, "int8_matmul_available", lambda device_type: False)
+    monkeypatch.setattr(int8_base, "int8_matmul_available", lambda device_type: False)
     with pytest.raises(TrainingError, match=r"exact int8 matmul.*VNNI or AMX.*method: lora"):
         train(tiny_config(tiny_model_dir, facts_file, method="qlora"), tmp_path / "run")
 

@@ -20,6 +20,29 @@ import torch
 from mactuner.training.errors import TrainingError
 
 
+def qlora_problem(device_type: str) -> str | None:
+    """Why QLoRA cannot train on ``device_type`` here, with the fix; ``None`` when it can.
+
+    CUDA needs bitsandbytes (a 4-bit base); a CPU needs an exact int8 matmul (an int8 base,
+    :mod:`mactuner.training.int8_base`); other devices (MPS) have neither.
+    """
+    import importlib.util
+
+    from mactuner.training.int8_base import int8_matmul_available
+
+    if device_type == "cuda":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return "QLoRA needs the bitsandbytes package: pip install bitsandbytes (CUDA only). Or use method: lora."
+        return None
+    if device_type == "cpu":
+        if not int8_matmul_available("cpu"):
+            return ("QLoRA on a CPU needs an exact int8 matmul (torch._int_mm with VNNI or AMX instructions); on this "
+                    "CPU or PyTorch build it is missing or rounds wrong. Use method: lora: it trains at the same quality.")
+        return None
+    return (f"QLoRA runs on an NVIDIA GPU (4-bit base, bitsandbytes) or a CPU (int8 base); this run is on {device_type}. "
+            "Use method: lora instead: on a small model it fits in memory and trains at the same quality.")
+
+
 def unquantized_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """The dtype QLoRA keeps its embeddings, head and norms in (for memory estimates)."""
     return compute_dtype

@@ -67,10 +67,11 @@ from mactuner.training.callbacks import PrintProgress, RunFolderWriter, Training
 from mactuner.training.compiled import LayerCompiler, decoder_layers
 from mactuner.training.distributed import Distributed, init_distributed
 from mactuner.training.errors import NonFiniteLoss, OutOfMemory, RunFolderBusy, TrainingError
-from mactuner.training.int8_base import int8_matmul_available, quantize_frozen_linears
+from mactuner.training.int8_base import quantize_frozen_linears
 from mactuner.training.losses import LOSS_CHUNK_TOKENS, linear_cross_entropy, lr_factor
 from mactuner.training.master_weights import MasterWeights
 from mactuner.training.memory import PeakMemory, limit_mps_memory
+from mactuner.training.qlora import qlora_problem
 
 # a run stops, marked failed, after this many optimizer steps in a row whose loss is not finite
 NON_FINITE_STEPS = 3
@@ -225,17 +226,9 @@ class Trainer:
 
         if not config.dataset:
             raise TrainingError("No dataset: set `dataset` to the path of a JSON, JSONL, CSV, Parquet or TXT file.")
-        if config.method == "qlora" and device.type not in ("cuda", "cpu"):
-            raise TrainingError(
-                f"QLoRA runs on an NVIDIA GPU (4-bit base, bitsandbytes) or a CPU (int8 base); this run is on {device}. "
-                "Use method: lora instead: on a small model it fits in memory and trains at the same quality."
-            )
-        if config.method == "qlora" and device.type == "cpu" and not int8_matmul_available("cpu"):
-            raise TrainingError(
-                "QLoRA on a CPU needs an exact int8 matmul (torch._int_mm with VNNI or AMX instructions); on this "
-                "CPU or PyTorch build it is missing or rounds wrong. Use method: lora (it computes in "
-                f"{dtype_name(self.compute_dtype)} and trains at the same quality)."
-            )
+        if config.method == "qlora" and device.type != "cuda" and (problem := qlora_problem(device.type)):
+            # (on CUDA, loading the 4-bit base names what is missing)
+            raise TrainingError(problem)
         if device.type == "mps":
             cap = limit_mps_memory()
             if cap is not None:
