@@ -493,6 +493,12 @@ def recommend_hyperparameters(
             "LoRA: trains a small adapter (a fraction of a percent of the weights) at nearly full fine-tuning quality, "
             "with a fraction of the memory; the base model stays untouched"
         )
+        if device.type == "cpu" and compute == torch.float32 and int8_matmul_available("cpu"):
+            # measured on an emulated float32-only CPU with VNNI: 1.36x MacTuner's LoRA (docs/notes/bench.md)
+            reasons["method"] += (
+                ". On this float32 CPU, QLoRA (int8 base) trains faster: its base matmuls run in int8 "
+                "(the numerics differ slightly, as with any QLoRA)"
+            )
 
     # micro-batch: the largest power of two up to the target that fits, with or
     # without gradient checkpointing

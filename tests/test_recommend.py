@@ -160,6 +160,17 @@ def test_little_free_memory_shrinks_the_batch_then_checkpoints(tiny_footprint, e
     assert "The weights alone take" in too_big.warnings[0]
 
 
+def test_a_float32_cpu_with_exact_int8_hears_of_qlora(tiny_footprint, either_cpu, monkeypatch):
+    from mactuner.training import int8_base
+
+    for exact in (True, False):
+        monkeypatch.setattr(int8_base, "int8_matmul_available", lambda device_type, exact=exact: exact)
+        monkeypatch.setattr("mactuner.recommend.int8_matmul_available", int8_base.int8_matmul_available)
+        rec = recommend_hyperparameters(footprint=tiny_footprint, device="cpu", free_memory=64 * GB)
+        assert rec.method == "lora"  # a suggestion, not a silent change of numerics
+        assert ("QLoRA (int8 base) trains faster" in rec.reasons["method"]) == (exact and either_cpu == "float32")
+
+
 def test_a_big_model_gets_qlora_on_cuda_and_a_cpu_and_a_warning_elsewhere(monkeypatch):
     from unittest.mock import patch
 
