@@ -60,6 +60,7 @@ from mactuner.devices import (
     is_out_of_memory,
     limit_host_heap_growth,
     resolve_device,
+    trim_host_heap,
 )
 from mactuner.locks import LockBusy, RunLock
 from mactuner.training.batching import MicroBatch, Unit, collate, make_units, plan_epoch
@@ -334,6 +335,13 @@ class Trainer:
         layers = decoder_layers(self.causal_lm)
         count = quantize_frozen_linears(layers if layers is not None else self.causal_lm,
                                         keep=self.causal_lm.get_output_embeddings())
+        # The float weights replaced were read from the checkpoint's memory-mapped file, whose pages
+        # stay resident while any tensor still maps it: the frozen weights left (embeddings, norms)
+        # get their own memory so the file's mapping closes, and freed heap goes back to the system.
+        for param in self.model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.clone()
+        trim_host_heap()
         if count == 0:
             raise TrainingError(f"QLoRA found no frozen Linear layer to quantize in {self.config.model}; use method: lora.")
         self._info(
