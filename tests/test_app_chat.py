@@ -224,3 +224,62 @@ def test_the_page_right_after_stop_shows_the_stopped_answer(monkeypatch, mactune
     turns = load_history(saved.stem)
     assert [t.get("content") for t in turns[::2]] == ["Write a long story about the sea.", "A short one, please."]
     assert [m.name for m in at.chat_message] == ["user", "assistant"] * 2
+
+
+# --- Compare mode: each side is saved as soon as it has answered ---------------------------------
+
+def caption_bodies(runner: LocalScriptRunner) -> list[str]:
+    """The captions a script run has drawn so far (its forward messages, as the browser receives them)."""
+    return [m.delta.new_element.markdown.body for m in runner.forward_msgs()
+            if m.HasField("delta") and m.delta.new_element.HasField("markdown")
+            and m.delta.new_element.markdown.element_type == m.delta.new_element.markdown.CAPTION]
+
+
+def test_compare_mode_saves_each_side_as_soon_as_it_has_answered(monkeypatch, varied_model_dir, tiny_adapter,
+                                                                 mactuner_home):  # noqa: F811
+    """While the fine-tuned side still answers, the file already holds the question and the base answer,
+    so a reload (or the server going away) then keeps them; the finished turn is saved once, both sides."""
+    monkeypatch.setattr(app_test_module, "LocalScriptRunner", RecordingRunner)
+    finished_run_with_adapter(mactuner_home, varied_model_dir, tiny_adapter)
+
+    def compare_page() -> AppTest:
+        at = open_page()
+        at.text_input(key="chat_model").input(str(varied_model_dir))
+        at.selectbox(key="chat_adapter").set_value("demo-run · final").run()
+        at.toggle(key="chat_compare").set_value(True).run()
+        assert not at.exception, at.exception
+        return at
+
+    at = compare_page()
+    at.slider(key="chat_temperature").set_value(0.0)
+    at.slider(key="chat_max_new_tokens").set_value(512)  # a long fine-tuned answer to look in on
+    RecordingRunner.runs.clear()
+    at.chat_input(key="chat_input").set_value("Hello there")
+    answering = threading.Thread(target=at.run, daemon=True)
+    answering.start()
+    deadline = time.monotonic() + 120
+    while not (RecordingRunner.runs and "fine-tuned" in caption_bodies(RecordingRunner.runs[0])):
+        assert time.monotonic() < deadline and answering.is_alive(), "the fine-tuned side never began"
+        time.sleep(0.005)
+    [run] = RecordingRunner.runs
+    key = history_key(str(varied_model_dir), str(mactuner_home / "runs" / "demo-run" / "adapter"), compare=True)
+    while_tuned_answers = load_history(key)
+    footers = [c for c in caption_bodies(run) if c.endswith(" tokens")]
+    assert len(footers) == 1, "the fine-tuned side ended before the file was read; make its answer longer"
+    # a reload now: a new session, drawn from the file while the fine-tuned side still answers
+    reloaded = compare_page()
+    answering.join(timeout=120)
+    assert not answering.is_alive() and not at.exception, at.exception
+
+    final = load_history(key)
+    assert [t["role"] for t in final] == ["user", "assistant"] and final[0]["content"] == "Hello there"
+    assert set(final[1]["answers"]) == {"base", "fine-tuned"}, final[1]
+    # the question and the base answer were saved before the fine-tuned side finished, the same turn
+    assert [t["role"] for t in while_tuned_answers] == ["user", "assistant"], while_tuned_answers
+    assert while_tuned_answers[0] == final[0]
+    assert while_tuned_answers[1]["answers"]["base"] == final[1]["answers"]["base"]
+    assert while_tuned_answers[1]["stats"]["base"] == final[1]["stats"]["base"]
+    # and the reloaded page showed them
+    assert [m.name for m in reloaded.chat_message] == ["user", "assistant"]
+    base = final[1]["answers"]["base"].strip()
+    assert base and any(base[:20] in m.value for m in reloaded.markdown)
