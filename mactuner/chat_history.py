@@ -13,13 +13,16 @@ fine-tuned one said, so the comparison stays honest.
 
 The file for a choice of base model, adapter and mode is
 ``MACTUNER_HOME/chat/<key>.json`` (:func:`history_file`), written atomically
-(:mod:`mactuner.fileio`) after every answer, including one stopped half-way.
+(:mod:`mactuner.fileio`) as soon as each side has answered (:class:`ChatTurn`), including
+an answer stopped half-way: in Compare mode the first side's answer is on disk while the
+second side still answers, so a reload, a closed tab or a server that goes away keeps it.
 
 Several writers may share that file: two browser tabs with the same model
 choice, and, in one tab, the script run a Stop click interrupted and the run the
 click started. So a writer never rewrites the file from the conversation it
-loaded earlier: :func:`save_turn` merges *its* question and reply, by the id the
-pair shares (:func:`new_turn`), into what the file holds now, under a lock.
+loaded earlier: :func:`save_turn` merges *its* question and the answers of its
+reply, by the id the pair shares (:func:`new_turn`), into what the file holds now,
+under a lock.
 :class:`AnswersInFlight` lets the next script run of a tab wait until the
 answers its interrupted runs were writing are saved (see its docstring).
 """
@@ -154,10 +157,13 @@ def new_turn(question: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def save_turn(key: str, question: dict[str, Any], reply: dict[str, Any], **choice: Any) -> list[dict[str, Any]]:
     """Merge one question and its reply into the saved conversation of ``key``; return the conversation saved.
 
-    The pair replaces the saved pair with the same ``id`` (the same turn saved again, e.g. once per
-    Compare side) or is appended. Turns other writers saved meanwhile (another tab, a stopped run
-    finishing late) are kept: the file is read, changed and written under a lock, never rewritten
-    from a copy loaded earlier. ``choice`` is stored beside the conversation as in :func:`save_history`.
+    A pair with the same ``id`` already saved (the same turn saved again: after each Compare side,
+    at the end of the answer) is updated in place, side by side: the answers and figures of the
+    sides ``reply`` holds replace the saved ones, and a side only the file holds (saved by another
+    writer of the same turn) is kept. Otherwise the pair is appended. Turns other writers saved
+    meanwhile (another tab, a stopped run finishing late) are kept: the file is read, changed and
+    written under a lock, never rewritten from a copy loaded earlier. ``choice`` is stored beside
+    the conversation as in :func:`save_history`.
 
     Raises:
         TimeoutError: another writer held the conversation for longer than ``SAVE_LOCK_TIMEOUT``.
@@ -172,9 +178,69 @@ def save_turn(key: str, question: dict[str, Any], reply: dict[str, Any], **choic
             history += [question, reply]
         else:
             end = at + 2 if at + 1 < len(history) and history[at + 1].get("role") == "assistant" else at + 1
-            history[at:end] = [question, reply]
+            saved = history[at + 1] if end == at + 2 else {}
+            merged = {**reply, "answers": {**saved.get("answers", {}), **reply.get("answers", {})},
+                      "stats": {**saved.get("stats", {}), **reply.get("stats", {})}}
+            history[at:end] = [question, merged]
         save_history(key, history, **choice)
     return history
+
+
+class ChatTurn:
+    """One question on the chat page, answered by each side of a :class:`ChatChoice` in turn and
+    saved into the choice's conversation as soon as each side has answered.
+
+    Use it as a context manager around the whole answer: leaving it saves the question even when
+    no side began (a Stop while a model loads, an error), and writes nothing more when each side
+    already saved::
+
+        with ChatTurn(choice, "What is the capital of Quenmark?") as turn:
+            for who in choice.sides:
+                stream = stream_chat(model_of(who), turn.conversation(history, who), settings)
+                try:
+                    consume(stream)  # drawn piece by piece; a Stop interrupts it
+                finally:
+                    turn.record(who, stream)  # saved now, stopped or not
+
+    Attributes:
+        choice: who answers, and which conversation the turn belongs to (``choice.key``).
+        question, reply: the pair as :func:`new_turn` makes it; ``reply`` fills in side by side.
+    """
+
+    def __init__(self, choice: ChatChoice, question: str) -> None:
+        self.choice = choice
+        self.question, self.reply = new_turn(question)
+        self._saved: str | None = None  # the reply as last saved (JSON), to skip a write that changes nothing
+
+    def conversation(self, history: list[dict[str, Any]], who: str) -> list[Message]:
+        """What ``who`` is asked: ``history`` as it had it (:func:`conversation`), then this question."""
+        return conversation([*history, self.question], who)
+
+    def record(self, who: str, stream: Any) -> dict[str, Any]:
+        """Store ``who``'s answer from its ended (or stopped) stream (:func:`record_answer`), save the turn
+        at once, and return the answer's figures."""
+        record_answer(self.reply, who, stream)
+        self.save()
+        return self.reply["stats"][who]
+
+    def save(self) -> None:
+        """Merge the turn as it is now into the saved conversation (:func:`save_turn`)."""
+        state = json.dumps(self.reply, sort_keys=True)
+        save_turn(self.choice.key, self.question, self.reply, **self.choice.to_dict())
+        self._saved = state
+
+    @property
+    def pair(self) -> list[dict[str, Any]]:
+        """The question and its reply, as they follow the earlier turns of a conversation."""
+        return [self.question, self.reply]
+
+    def __enter__(self) -> ChatTurn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # however the answer ended: the question is kept, and whatever was recorded since the last save
+        if self._saved != json.dumps(self.reply, sort_keys=True):
+            self.save()
 
 
 @contextlib.contextmanager

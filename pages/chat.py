@@ -1,7 +1,8 @@
 """Chat: talk to the base model or a fine-tuned adapter, or compare both side by side, with TTFT and tokens/s.
 
 Each model choice keeps its own conversation on disk (:mod:`mactuner.chat_history`), so a reload finds
-it again; in Compare mode each side sees only its own earlier answers. Stop ends the answer being written.
+it again; in Compare mode each side sees only its own earlier answers, and each side's answer is saved
+as soon as it ends (``ChatTurn``). Stop ends the answer being written.
 A click while an answer streams starts the next run while the stopped one still finishes its token
 (Streamlit's fast reruns): the next run waits for it (``AnswersInFlight``), and turns are merged into
 the file by id (``save_turn``), so no run or tab drops another's turns.
@@ -13,13 +14,10 @@ from mactuner.chat import GenerationSettings, list_adapters, parse_stop_strings
 from mactuner.chat_history import (
     AnswersInFlight,
     ChatChoice,
+    ChatTurn,
     clear_history,
-    conversation,
     finish_note,
     load_history,
-    new_turn,
-    record_answer,
-    save_turn,
     stats_caption,
 )
 from mactuner.devices import dtype_name, get_optimal_dtype
@@ -106,42 +104,38 @@ def history_ui(choice: ChatChoice) -> list[dict]:
 
 
 def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, settings) -> None:
-    """Ask every model of ``choice``, streaming each answer under a Stop button; the turn is saved however it ends.
+    """Ask every model of ``choice``, streaming each answer under a Stop button; each side's answer is saved
+    as soon as it ends, and the question however the run ends.
 
     Stop (or any click) interrupts this run at its next Streamlit call (``st.write_stream``'s next
-    piece) with Streamlit's stop or rerun exception: the ``finally`` records the answer so far as
-    stopped and merges the turn into the file, while :func:`answers_in_flight` holds the next run.
+    piece) with Streamlit's stop or rerun exception: the side's ``finally`` records its answer so far
+    as stopped and merges it into the file, while :func:`answers_in_flight` holds the next run.
     """
-    turn, reply = new_turn(prompt)
-    with answers_in_flight().writing():
-        try:
-            with st.chat_message("user"):
-                st.markdown(prompt)
-            with st.chat_message("assistant"):
-                stop = st.empty()
-                stop.button("Stop", key="chat_stop_answer", icon=":material/stop_circle:",
-                            help="End the answer being written.")
-                for column, who in zip(side_columns(choice.sides), choice.sides):
-                    with column:
-                        if choice.compare:
-                            st.caption(who)
-                        stream = None
-                        try:
-                            loaded = loaded_model(choice.model, choice.adapter_of(who), device, who)
-                            stream = answer_stream(loaded, conversation([*history, turn], who), settings)
-                            st.write_stream(stream)
-                        except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory
-                            st.error(str(exc))
-                            st.stop()
-                        finally:
-                            if stream is not None:
-                                record_answer(reply, who, stream)
-                        answer_footer(reply["stats"][who])
-                stop.empty()
-        finally:
-            # also when Stop comes before an answer began (while a model loads): the question is kept
-            save_turn(choice.key, turn, reply, **choice.to_dict())
-    history += [turn, reply]
+    with answers_in_flight().writing(), ChatTurn(choice, prompt) as turn:
+        with st.chat_message("user"):
+            st.markdown(prompt)
+        with st.chat_message("assistant"):
+            stop = st.empty()
+            stop.button("Stop", key="chat_stop_answer", icon=":material/stop_circle:",
+                        help="End the answer being written.")
+            for column, who in zip(side_columns(choice.sides), choice.sides):
+                with column:
+                    if choice.compare:
+                        st.caption(who)
+                    stream = None
+                    try:
+                        loaded = loaded_model(choice.model, choice.adapter_of(who), device, who)
+                        stream = answer_stream(loaded, turn.conversation(history, who), settings)
+                        st.write_stream(stream)
+                    except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory
+                        st.error(str(exc))
+                        st.stop()
+                    finally:
+                        if stream is not None:
+                            turn.record(who, stream)  # saved now: the next side may be stopped or never end
+                    answer_footer(turn.reply["stats"][who])
+            stop.empty()
+    history += turn.pair
 
 
 st.title("Chat")

@@ -1,10 +1,12 @@
 """Saved chat conversations: one file per model choice, written atomically; each model sees only
 its own answers; a stream stopped half-way is recorded as stopped with the text it had; writers that
 overlap (two tabs, a stopped run finishing late) never drop each other's turns, and the run after a
-Stop can wait until the stopped answer is saved."""
+Stop can wait until the stopped answer is saved. In Compare mode each side's answer is saved as soon
+as it ends, into the same turn."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 import time
@@ -15,6 +17,7 @@ from mactuner.chat import GenerationSettings, load_chat_model, stream_chat
 from mactuner.chat_history import (
     AnswersInFlight,
     ChatChoice,
+    ChatTurn,
     clear_history,
     conversation,
     finish_note,
@@ -213,3 +216,80 @@ def test_the_run_after_stop_waits_for_the_stopped_answer(varied_model_dir, mactu
     assert reply["stats"]["base"]["finish_reason"] == "cancelled"
     old.join()
     assert not in_flight.busy() and in_flight.wait(timeout=0)
+
+
+def test_a_compare_turn_is_saved_as_soon_as_each_side_ends(varied_model_dir, mactuner_home):
+    loaded = load_chat_model(str(varied_model_dir), device="cpu")  # answers for both sides: what is saved when counts
+    choice = ChatChoice(str(varied_model_dir), "/runs/r1/adapter", compare=True)
+    settings = GenerationSettings(max_new_tokens=40, temperature=0)
+    earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "answers": {"base": "Hello."}, "stats": {}}]
+    save_history(choice.key, earlier)
+    with pytest.raises(StopRequested), ChatTurn(choice, "Hello there") as turn:
+        assert turn.conversation(earlier, "base")[-1] == {"role": "user", "content": "Hello there"}
+        assert turn.conversation(earlier, "fine-tuned") == [{"role": "user", "content": "Hello there"}]
+        base = stream_chat(loaded, turn.conversation(earlier, "base"), GenerationSettings(max_new_tokens=6, temperature=0))
+        "".join(base)
+        assert turn.record("base", base)["finish_reason"] == "length"
+        # the base answer is on disk while the fine-tuned side answers
+        saved = load_history(choice.key)
+        assert saved[:2] == earlier and saved[2:] == turn.pair and set(saved[3]["answers"]) == {"base"}
+        tuned = stream_chat(loaded, turn.conversation(earlier, "fine-tuned"), settings)
+        try:
+            for n, _ in enumerate(tuned):
+                if n == 2:
+                    raise StopRequested  # Stop while the fine-tuned side answers
+        finally:
+            turn.record("fine-tuned", tuned)
+            written = history_file(choice.key).stat()
+    saved = load_history(choice.key)
+    assert [t["role"] for t in saved] == ["user", "assistant"] * 2 and saved[2:] == turn.pair  # one turn, both sides
+    assert saved[3]["answers"]["base"] == base.text and saved[3]["answers"]["fine-tuned"] == tuned.text
+    assert saved[3]["stats"]["fine-tuned"]["finish_reason"] == "cancelled"
+    # leaving the turn wrote nothing more (each write replaces the file); leaving one that no side answered
+    # (an error, a Stop while a model loads) keeps the question
+    assert (history_file(choice.key).stat().st_ino, history_file(choice.key).stat().st_mtime_ns) == (
+        written.st_ino, written.st_mtime_ns)
+    with ChatTurn(choice, "Never answered"):
+        pass
+    with pytest.raises(StopRequested), ChatTurn(choice, "Stopped while a model loads") as stopped:
+        raise StopRequested
+    saved = load_history(choice.key)
+    assert [t.get("content") for t in saved[::2]] == ["Hi", "Hello there", "Never answered", "Stopped while a model loads"]
+    assert saved[-2:] == stopped.pair and saved[-1]["answers"] == {}
+
+
+def test_compare_sides_saved_at_the_same_moment_by_many_tabs_keep_every_answer(mactuner_home):
+    choice = ChatChoice("m", "/runs/r1/adapter", compare=True)
+    tabs, questions = 6, 4
+    start = threading.Barrier(tabs)
+    shared = ChatTurn(choice, "asked in one tab, its sides saved by two writers")  # e.g. a retry of the save
+
+    def tab(n: int) -> None:
+        start.wait()
+        for i in range(questions):
+            with ChatTurn(choice, f"tab {n} question {i}") as turn:
+                for who in choice.sides:
+                    turn.reply["answers"][who] = f"{who} {n}.{i}"
+                    turn.save()
+        # two writers of one turn save different sides at once: neither side is lost
+        writer = copy.deepcopy(shared)
+        writer.reply["answers"][choice.sides[n % 2]] = f"from writer {n}"
+        start.wait()
+        writer.save()
+
+    threads = [threading.Thread(target=tab, args=(n,)) for n in range(tabs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    saved = load_history(choice.key)
+    asked = [t["content"] for t in saved if t["role"] == "user"]
+    assert len(asked) == len(set(asked)) == tabs * questions + 1  # every turn once
+    assert [t["role"] for t in saved] == ["user", "assistant"] * (tabs * questions + 1)
+    for n in range(tabs):  # each tab's turns in the order it asked them, each with both answers
+        mine = [i for i, t in enumerate(saved) if t.get("content", "").startswith(f"tab {n} ")]
+        assert [saved[i]["content"] for i in mine] == [f"tab {n} question {i}" for i in range(questions)]
+        assert [saved[i + 1]["answers"] for i in mine] == [
+            {who: f"{who} {n}.{i}" for who in choice.sides} for i in range(questions)]
+    [both] = [saved[i + 1] for i, t in enumerate(saved) if t["role"] == "user" and t.get("id") == shared.question["id"]]
+    assert set(both["answers"]) == set(choice.sides)
