@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mactuner.data import IGNORE_INDEX
+from mactuner.training.compiled import missing_compiler
 from mactuner.training.losses import linear_cross_entropy, lr_factor
 
 VOCAB, HIDDEN, ROWS = 97, 16, 23
@@ -34,12 +35,12 @@ def _reference(hidden, weight, labels):
     return loss.detach(), h.grad, w.grad
 
 
-def _ours(hidden, weight, labels, chunk, train_weight=True):
+def _ours(hidden, weight, labels, chunk, train_weight=True, fused=False):
     """The trainer's way: only the trained positions go through the chunked loss."""
     h = hidden.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(train_weight)
     trained = labels != IGNORE_INDEX
-    loss = linear_cross_entropy(h[trained], w, labels[trained], chunk)
+    loss = linear_cross_entropy(h[trained], w, labels[trained], chunk, fused=fused)
     # scaled like the trainer's loss (divided by the token count), to check the chain rule too
     (loss * 0.5).backward()
     return loss.detach(), h.grad * 2, (w.grad * 2 if train_weight else None)
@@ -78,6 +79,29 @@ def test_a_frozen_head_gets_no_gradient_and_hidden_still_does():
     _loss, grad_h, grad_w = _ours(hidden, weight, labels, chunk=4, train_weight=False)
     assert grad_w is None
     torch.testing.assert_close(grad_h, ref_h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(missing_compiler("cpu") is not None, reason="TorchInductor needs a C++ compiler on a CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("train_weight", [True, False], ids=["trained-head", "frozen-head"])
+def test_the_fused_loss_compiled_gives_the_eager_values_and_gradients(tmp_path, monkeypatch, dtype, train_weight):
+    """What the trainer runs once its layers are compiled: the same loss and gradients, chunk sizes varying."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    hidden, weight, labels = _problem(dtype, seed=4)
+    ref_loss, ref_h, ref_w = _reference(hidden, weight, labels)
+    for chunk in (3, 5, 64):  # chunks of different lengths: one dynamic-shape compile serves them
+        loss, grad_h, grad_w = _ours(hidden, weight, labels, chunk, train_weight=train_weight, fused=True)
+        eager_loss, eager_h, eager_w = _ours(hidden, weight, labels, chunk, train_weight=train_weight)
+        tight = dtype == torch.float32
+        assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-6 if tight else 1e-4)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5 if tight else 1e-3)
+        assert grad_h.dtype == dtype
+        torch.testing.assert_close(grad_h.float(), eager_h.float(), rtol=1e-5 if tight else 2e-2, atol=1e-6 if tight else 1e-2)
+        torch.testing.assert_close(grad_h.float(), ref_h.float(), rtol=1e-4 if tight else 2e-2, atol=1e-5 if tight else 2e-2)
+        if train_weight:
+            torch.testing.assert_close(grad_w.float(), ref_w.float(), rtol=1e-4 if tight else 2e-2, atol=1e-5 if tight else 2e-2)
+        else:
+            assert grad_w is None
 
 
 def test_without_gradients_the_value_is_the_same_and_nothing_is_recorded():

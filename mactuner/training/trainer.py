@@ -724,7 +724,8 @@ class Trainer:
             head = self.causal_lm.get_output_embeddings()
             if type(head) is torch.nn.Linear and head.bias is None:
                 weight = head.weight if not self._autocast else head.weight.to(self.compute_dtype)
-                return linear_cross_entropy(hidden.to(weight.dtype), weight, batch.targets, LOSS_CHUNK_TOKENS)
+                return linear_cross_entropy(hidden.to(weight.dtype), weight, batch.targets, LOSS_CHUNK_TOKENS,
+                                            fused=self._compiler.compiled)
             # an adapted head (LoRA on lm_head): the plain route
             return F.cross_entropy(head(hidden).float(), batch.targets, reduction="sum")
 
