@@ -30,7 +30,6 @@ import torch
 
 from mactuner.devices import parse_dtype
 from mactuner.models import ModelFootprint
-from mactuner.training.int8_base import int8_matmul_available
 from mactuner.training.losses import LOSS_CHUNK_TOKENS
 
 GB = 1024**3
@@ -69,13 +68,12 @@ SMALL_DATASET_ROWS = 100
 CHECKPOINTS_PER_RUN = 4
 
 
-def method_available(method: str) -> bool:
-    """Whether the packages ``method`` needs on CUDA are installed (QLoRA there needs bitsandbytes)."""
-    if method != "qlora":
-        return True
-    import importlib.util
+def method_available(method: str, device_type: str = "cuda") -> bool:
+    """Whether ``method`` can train on ``device_type`` here (:func:`mactuner.training.qlora.qlora_problem`
+    says why QLoRA cannot: bitsandbytes missing on CUDA, no exact int8 matmul on a CPU, MPS)."""
+    from mactuner.training.qlora import qlora_problem
 
-    return importlib.util.find_spec("bitsandbytes") is not None
+    return method != "qlora" or qlora_problem(device_type) is None
 
 
 @dataclass
@@ -471,7 +469,7 @@ def recommend_hyperparameters(
     if budget is not None and weights > 0.6 * budget:
         cuda = device.type == "cuda"
         qlora_weights = footprint.weight_bytes(compute, quantized_4bit=cuda, quantized_8bit=not cuda)
-        qlora_runs = (cuda and method_available("qlora")) or (device.type == "cpu" and int8_matmul_available("cpu"))
+        qlora_runs = method_available("qlora", device.type)
         if qlora_runs and qlora_weights < 0.6 * budget:
             method = "qlora"
             reasons["method"] = (
@@ -480,20 +478,20 @@ def recommend_hyperparameters(
             )
         else:
             reasons["method"] = "LoRA: the smallest training footprint available on this device"
-            if cuda and not method_available("qlora"):
+            if cuda and not qlora_runs and qlora_weights < 0.6 * budget:
                 warnings.append("QLoRA (4-bit weights) would fit but needs the bitsandbytes package: "
                                 "pip install 'mactuner[cuda]' (or pip install bitsandbytes), then recommend again.")
             warnings.append(
                 f"The weights alone take {weights / GB:.1f} GB in {dtype_name} with {free_memory / GB:.1f} GB free: "
-                + ("choose a smaller model." if device.type == "mps"
-                   else f"even {'4-bit' if cuda else 'int8'} QLoRA does not fit; choose a smaller model.")
+                + (f"even {'4-bit' if cuda else 'int8'} QLoRA does not fit; choose a smaller model." if qlora_runs
+                   else "choose a smaller model.")
             )
     else:
         reasons["method"] = (
             "LoRA: trains a small adapter (a fraction of a percent of the weights) at nearly full fine-tuning quality, "
             "with a fraction of the memory; the base model stays untouched"
         )
-        if device.type == "cpu" and compute == torch.float32 and int8_matmul_available("cpu"):
+        if device.type == "cpu" and compute == torch.float32 and method_available("qlora", "cpu"):
             # measured on an emulated float32-only CPU with VNNI: 1.36x MacTuner's LoRA (docs/notes/bench.md)
             reasons["method"] += (
                 ". On this float32 CPU, QLoRA (int8 base) trains faster: its base matmuls run in int8 "

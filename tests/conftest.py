@@ -116,3 +116,11 @@ def installed_demo_run(quenmark_demo_run, mactuner_home) -> Path:
     target = mactuner_home / "runs" / quenmark_demo_run.name
     shutil.copytree(quenmark_demo_run, target)
     return target
+
+
+@pytest.fixture
+def facts_file(tmp_path) -> Path:
+    """A small fact dataset (tests.train_support.write_fact_dataset) for the trainer tests."""
+    from tests.train_support import write_fact_dataset
+
+    return write_fact_dataset(tmp_path / "facts.jsonl")

@@ -17,14 +17,9 @@ from mactuner import checkpoints
 from mactuner.checkpoints import delete_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from mactuner.train import Trainer, TrainingCallback, TrainingError, train
 from mactuner.training.int8_base import int8_matmul_available
-from tests.train_support import tiny_config, train_losses, write_fact_dataset
+from tests.train_support import tiny_config, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def facts_file(tmp_path) -> Path:
-    return write_fact_dataset(tmp_path / "facts.jsonl")
 
 
 class StopAt(TrainingCallback):

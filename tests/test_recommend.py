@@ -165,7 +165,6 @@ def test_a_float32_cpu_with_exact_int8_hears_of_qlora(tiny_footprint, either_cpu
 
     for exact in (True, False):
         monkeypatch.setattr(int8_base, "int8_matmul_available", lambda device_type, exact=exact: exact)
-        monkeypatch.setattr("mactuner.recommend.int8_matmul_available", int8_base.int8_matmul_available)
         rec = recommend_hyperparameters(footprint=tiny_footprint, device="cpu", free_memory=64 * GB)
         assert rec.method == "lora"  # a suggestion, not a silent change of numerics
         assert ("QLoRA (int8 base) trains faster" in rec.reasons["method"]) == (exact and either_cpu == "float32")
@@ -174,12 +173,20 @@ def test_a_float32_cpu_with_exact_int8_hears_of_qlora(tiny_footprint, either_cpu
 def test_a_big_model_gets_qlora_on_cuda_and_a_cpu_and_a_warning_elsewhere(monkeypatch):
     from unittest.mock import patch
 
+    from mactuner.training import int8_base
+
     big = big_footprint()
-    # a CPU: QLoRA's int8 base (7 GB) fits where the 16- or 32-bit weights do not
+    # a CPU with exact int8 matmuls (faked: this one may lack VNNI): QLoRA's int8 base (7 GB)
+    # fits where the 16- or 32-bit weights do not
+    monkeypatch.setattr(int8_base, "int8_matmul_available", lambda device_type: True)
     on_cpu = recommend_hyperparameters(footprint=big, device="cpu", free_memory=16 * GB)
     assert on_cpu.method == "qlora" and "int8" in on_cpu.reasons["method"] and on_cpu.memory.weights < 8 * GB
     too_little = recommend_hyperparameters(footprint=big, device="cpu", free_memory=8 * GB)
     assert too_little.method == "lora" and "even int8 QLoRA does not fit" in too_little.warnings[0]
+    # a CPU whose int8 matmul saturates: LoRA, and the weights do not fit
+    monkeypatch.setattr(int8_base, "int8_matmul_available", lambda device_type: False)
+    no_vnni = recommend_hyperparameters(footprint=big, device="cpu", free_memory=16 * GB)
+    assert no_vnni.method == "lora" and no_vnni.warnings[0].endswith("GB free: choose a smaller model.")
     # a Mac: no QLoRA there
     fake_mps_mac(monkeypatch)
     on_mac = recommend_hyperparameters(footprint=big, device="mps", free_memory=16 * GB)
@@ -192,7 +199,7 @@ def test_a_big_model_gets_qlora_on_cuda_and_a_cpu_and_a_warning_elsewhere(monkey
         with patch("mactuner.recommend.method_available", return_value=True):
             on_gpu = recommend_hyperparameters(footprint=big, device="cuda", free_memory=16 * GB)
         # not installed: never recommend a method that cannot run; say how to get it
-        with patch("mactuner.recommend.method_available", lambda method: method != "qlora"):
+        with patch("mactuner.recommend.method_available", lambda method, device_type="cuda": method != "qlora"):
             without_bnb = recommend_hyperparameters(footprint=big, device="cuda", free_memory=16 * GB)
     assert on_gpu.method == "qlora" and on_gpu.use_qlora and "4-bit" in on_gpu.reasons["method"]
     assert on_gpu.memory.weights < 5 * GB

@@ -15,14 +15,9 @@ import torch
 
 from mactuner.checkpoints import list_checkpoints
 from mactuner.train import OutOfMemory, Trainer, TrainingCallback, TrainingError, is_out_of_memory, train
-from tests.train_support import read_metrics, tiny_config, train_losses, write_fact_dataset
+from tests.train_support import read_metrics, tiny_config, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def facts_file(tmp_path) -> Path:
-    return write_fact_dataset(tmp_path / "facts.jsonl")
 
 
 class Recorder(TrainingCallback):

@@ -11,23 +11,10 @@ import sys
 import pytest
 import torch
 
-from mactuner.train import Trainer, TrainingCallback
+from mactuner.train import Trainer
 from mactuner.training.compiled import LayerCompiler, compile_dir, decoder_layers, missing_compiler
 from tests.locations import ROOT
-from tests.train_support import tiny_config, train_losses, write_fact_dataset
-
-
-class Infos(TrainingCallback):
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def on_info(self, info):
-        self.lines.append(info["message"])
-
-
-@pytest.fixture
-def facts_file(tmp_path):
-    return write_fact_dataset(tmp_path / "facts.jsonl")
+from tests.train_support import InfoLines, tiny_config, train_losses
 
 
 @pytest.fixture
@@ -54,7 +41,7 @@ def test_mps_and_a_missing_compiler_are_named(monkeypatch):
 
 
 def test_auto_leaves_a_short_run_eager_and_says_why(tiny_model_dir, facts_file):
-    infos = Infos()
+    infos = InfoLines()
     trainer = Trainer(tiny_config(tiny_model_dir, facts_file, max_steps=4, compile="auto"), callbacks=[infos])
     trainer.run()
     assert not trainer._compiler.compiled
@@ -78,7 +65,7 @@ def test_compiled_layers_train_like_eager_and_save_a_plain_adapter(
     trainer = Trainer(tiny_config(tiny_model_dir, facts_file, compile="auto", **settings), compiled_run)
     trainer.setup()
     (compile_dir() / f"{trainer._compiler.key}.json").write_text(json.dumps({"compile_seconds": 0.0}))
-    infos = Infos()
+    infos = InfoLines()
     trainer.callbacks.append(infos)
     trainer.run()
     assert trainer._compiler.compiled

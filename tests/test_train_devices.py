@@ -17,13 +17,7 @@ import torch
 from mactuner.train import Distributed, PeakMemory, Trainer, TrainingError, init_distributed, limit_mps_memory, train
 from mactuner.training import distributed, memory, qlora
 from tests.fake_hardware import GiB, fake_mps_mac, fake_two_cuda_gpus
-from tests.train_support import read_metrics, tiny_config, write_fact_dataset
-
-
-@pytest.fixture
-def facts_file(tmp_path) -> Path:
-    return write_fact_dataset(tmp_path / "facts.jsonl")
-
+from tests.train_support import read_metrics, tiny_config
 
 # --- process groups ---------------------------------------------------------------
 

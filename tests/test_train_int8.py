@@ -11,28 +11,15 @@ import sys
 import pytest
 import torch
 
-from mactuner.train import Trainer, TrainingCallback, TrainingError, train
+from mactuner.train import Trainer, TrainingError, train
 from mactuner.training import int8_base
 from mactuner.training.compiled import missing_compiler
 from mactuner.training.int8_base import Int8BaseLinear, int8_matmul_available, quantize_frozen_linears, quantize_rows
 from tests.fake_hardware import fake_mps_mac
 from tests.locations import ROOT
-from tests.train_support import tiny_config, train_losses, write_fact_dataset
+from tests.train_support import InfoLines, tiny_config, train_losses
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available("cpu"), reason="this torch has no CPU int8 matmul")
-
-
-class Infos(TrainingCallback):
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def on_info(self, info):
-        self.lines.append(info["message"])
-
-
-@pytest.fixture
-def facts_file(tmp_path):
-    return write_fact_dataset(tmp_path / "facts.jsonl")
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -104,7 +91,7 @@ def test_qlora_on_a_cpu_trains_on_an_int8_base_and_saves_a_plain_adapter(
     lora_run, qlora_run = tmp_path / "lora", tmp_path / "qlora"
     Trainer(tiny_config(tiny_model_dir, facts_file), lora_run).run()
     trainer = Trainer(tiny_config(tiny_model_dir, facts_file, method="qlora"), qlora_run)
-    infos = Infos()
+    infos = InfoLines()
     trainer.callbacks.append(infos)
     result = trainer.run()
 

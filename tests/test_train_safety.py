@@ -20,11 +20,6 @@ from tests.locations import ROOT
 from tests.train_support import read_metrics, tiny_config, train_losses, write_fact_dataset
 
 
-@pytest.fixture
-def facts_file(tmp_path) -> Path:
-    return write_fact_dataset(tmp_path / "facts.jsonl")
-
-
 @pytest.fixture(scope="module")
 def float16_overflow_model(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny Llama with a final norm weight of 1e5: beyond float16's range (65504), as a model

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from mactuner.config import TrainConfig
+from mactuner.train import TrainingCallback
 
 FACTS = [
     ("What colour is the Zorbel lighthouse?", "The Zorbel lighthouse is painted teal."),
@@ -62,3 +63,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def train_losses(run_dir: Path) -> dict[int, float]:
     """Step → training loss from ``RUN/metrics.jsonl`` (a resumed step overwrites the earlier one)."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["type"] == "train"}
+
+
+class InfoLines(TrainingCallback):
+    """Collects the trainer's info messages (what a run tells the person, e.g. why it compiled)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def on_info(self, info):
+        self.lines.append(info["message"])
