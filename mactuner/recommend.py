@@ -491,11 +491,14 @@ def recommend_hyperparameters(
             "LoRA: trains a small adapter (a fraction of a percent of the weights) at nearly full fine-tuning quality, "
             "with a fraction of the memory; the base model stays untouched"
         )
-        if device.type == "cpu" and compute == torch.float32 and method_available("qlora", "cpu"):
-            # measured on an emulated float32-only CPU with VNNI: 1.36x MacTuner's LoRA (docs/notes/bench.md)
+        if device.type == "cpu" and method_available("qlora", "cpu"):
+            # measured (docs/notes/bench.md): 1.36x MacTuner's LoRA on an emulated float32 CPU with VNNI;
+            # on a bfloat16 CPU the README demo took 94 s with QLoRA against 73 s with LoRA
             reasons["method"] += (
                 ". On this float32 CPU, QLoRA (int8 base) trains faster: its base matmuls run in int8 "
-                "(the numerics differ slightly, as with any QLoRA)"
+                "(the numerics differ slightly, as with any QLoRA)" if compute == torch.float32 else
+                ". QLoRA (int8 base) would take less memory for the weights but train slower on this "
+                "bfloat16 CPU"
             )
 
     # micro-batch: the largest power of two up to the target that fits, with or

@@ -160,7 +160,7 @@ def test_little_free_memory_shrinks_the_batch_then_checkpoints(tiny_footprint, e
     assert "The weights alone take" in too_big.warnings[0]
 
 
-def test_a_float32_cpu_with_exact_int8_hears_of_qlora(tiny_footprint, either_cpu, monkeypatch):
+def test_a_cpu_with_exact_int8_hears_what_qlora_would_do_there(tiny_footprint, either_cpu, monkeypatch):
     from mactuner.training import int8_base
 
     for exact in (True, False):
@@ -168,6 +168,7 @@ def test_a_float32_cpu_with_exact_int8_hears_of_qlora(tiny_footprint, either_cpu
         rec = recommend_hyperparameters(footprint=tiny_footprint, device="cpu", free_memory=64 * GB)
         assert rec.method == "lora"  # a suggestion, not a silent change of numerics
         assert ("QLoRA (int8 base) trains faster" in rec.reasons["method"]) == (exact and either_cpu == "float32")
+        assert ("train slower on this bfloat16 CPU" in rec.reasons["method"]) == (exact and either_cpu == "bfloat16")
 
 
 def test_a_big_model_gets_qlora_on_cuda_and_a_cpu_and_a_warning_elsewhere(monkeypatch):

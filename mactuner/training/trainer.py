@@ -345,8 +345,8 @@ class Trainer:
         if count == 0:
             raise TrainingError(f"QLoRA found no frozen Linear layer to quantize in {self.config.model}; use method: lora.")
         self._info(
-            f"QLoRA on a CPU: the {count} frozen Linear weights of the base are int8 (1 byte each; 4-bit needs CUDA), "
-            "and their matmuls run in int8. The adapter trains in "
+            f"QLoRA on a CPU: the {count} frozen Linear layers of the base hold int8 weights (1 byte each; 4-bit "
+            "needs CUDA), and their matmuls run in int8. The adapter trains in "
             f"{dtype_name(self.compute_dtype)} and is saved as a plain PEFT adapter."
         )
 
