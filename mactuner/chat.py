@@ -495,11 +495,14 @@ def list_adapters() -> list[AdapterChoice]:
         name = run_display_name(run.path)
         shown = run.id if name == run.id else f"{name} ({run.id})"
         final = run.path / "adapter"
-        if run.state == "finished" and (final / "adapter_config.json").is_file():
+        has_final = run.state == "finished" and (final / "adapter_config.json").is_file()
+        if has_final:
             choices.append(AdapterChoice(f"{shown} · final", final, run.id, run.model, None))
         for checkpoint in reversed(list_checkpoints(run.path)):
             if (checkpoint.path / "adapter_config.json").is_file():
                 label = f"{shown} · step {checkpoint.step}"
+                if has_final and checkpoint.step == run.step:  # saved at the last step: what final/ holds
+                    label += " (same weights as final)"
                 choices.append(AdapterChoice(label, checkpoint.path, run.id, run.model, checkpoint.step))
     return choices
 

@@ -40,11 +40,13 @@ def progress_headline(run: RunInfo, tail: MetricsTail) -> str:
     """The live view's headline: the trainer's stage ("Loading the model…") until the first step, then step and ETA.
 
     The ETA comes from the pace of ``tail``'s latest train records since the run last
-    (re)started; a run that is not training shows ``–``.
+    (re)started; a run that is not training shows no ETA.
     """
     if run.is_running and not run.step:
         return f"{run.state} · {run.message or 'Starting…'}"
-    eta = format_duration(eta_seconds(tail.train, run.total_steps, since=run.started_at)) if run.is_running else "–"
+    if not run.is_running:  # a run that is not training has no time left to show
+        return f"{run.state} · step {steps_text(run)}"
+    eta = format_duration(eta_seconds(tail.train, run.total_steps, since=run.started_at))
     return f"{run.state} · step {steps_text(run)} · ETA {eta}"
 
 

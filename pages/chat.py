@@ -20,14 +20,17 @@ from mactuner.chat_history import (
     load_history,
     stats_caption,
 )
+from mactuner.chat_recent import recent_conversations
 from mactuner.devices import dtype_name, get_optimal_dtype
+from mactuner.display import plural
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from pages.chat_models import answer_stream, loaded_model, release_on_device_switch
 from pages.common import device_or_stop
-from pages.export_ui import chat_source_ui
+from pages.export_ui import CHAT_OPEN, CHAT_OPEN_ADAPTER, chat_source_ui
 
 HISTORY = "chat_history"  # this session's copy of the saved conversation of the model choice (turns as in chat_history)
 IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight
+RESTORED = "chat_restored"  # the saved conversation restore_ui reopened, said once under the pickers
 STOP_WAIT_S = 30.0  # how long the run after a Stop waits for the stopped answer to be saved
 
 
@@ -36,16 +39,41 @@ def answers_in_flight() -> AnswersInFlight:
     return st.session_state.setdefault(IN_FLIGHT, AnswersInFlight())
 
 
+def restore_ui(adapters: dict[str, str]) -> None:
+    """Put back a model choice before the pickers are drawn: the adapter "Open in Chat" on a run sent here,
+    or, when the pickers are new (a reload, or back from another page), the latest saved conversation's."""
+    if opened := st.session_state.pop(CHAT_OPEN_ADAPTER, None):
+        choice = ChatChoice(st.session_state.get("chat_model", DEFAULT_MODEL), opened)
+    elif "chat_adapter" not in st.session_state and (recent := recent_conversations(1)):
+        choice = recent[0].choice
+        st.session_state[RESTORED] = recent[0]
+    else:
+        return
+    label = next((label for label, path in adapters.items() if path == choice.adapter), None)
+    if choice.adapter and label is None:
+        st.session_state[CHAT_OPEN] = choice.adapter  # an exported model: its picker selects it
+    st.session_state["chat_model"] = choice.model
+    st.session_state["chat_adapter"] = label or "(none)"
+    if label is not None:
+        st.session_state["chat_exported"] = "(none)"
+    st.session_state["chat_compare"] = choice.compare
+
+
 def model_ui() -> ChatChoice:
-    """Base model, adapter and compare mode."""
-    left, right = st.columns(2)
-    model = left.text_input("Base model", DEFAULT_MODEL, key="chat_model",
-                            help="The built-in model, a Hugging Face id or a local folder.")
+    """Base model, adapter and compare mode (as last used, see :func:`restore_ui`)."""
     adapters = {choice.label: str(choice.path) for choice in list_adapters()}
+    restore_ui(adapters)
+    left, right = st.columns(2)
+    st.session_state.setdefault("chat_model", DEFAULT_MODEL)  # a value, not a default: restore_ui may set it
+    model = left.text_input("Base model", key="chat_model",
+                            help="The built-in model, a Hugging Face id or a local folder.")
     label = right.selectbox("Fine-tuned adapter", ["(none)", *adapters], key="chat_adapter",
                             help="A finished run's adapter or one of its checkpoints.")
     adapter = chat_source_ui() or adapters.get(label, "")  # an exported model replaces the adapter
     compare = st.toggle("Compare base and fine-tuned side by side", key="chat_compare", disabled=not adapter)
+    if restored := st.session_state.pop(RESTORED, None):
+        st.caption(f"Reopened your last conversation ({plural(restored.questions, 'question')}, the last: "
+                   f"“{restored.last_question[:60]}”). Pick another model to start another.")
     return ChatChoice(model, adapter, compare)
 
 

@@ -7,9 +7,11 @@ logic is in :mod:`mactuner.runs` and :mod:`mactuner.run_views`. Not a page itsel
 import streamlit as st
 
 from mactuner import run_views, runs
+from mactuner.display import table_for_people
 from mactuner.run_names import run_display_name, set_run_name
 from pages.common import memory_monitor
 from pages.eval_ui import compare_ui, evaluate_ui
+from pages.export_ui import CHAT_OPEN_ADAPTER
 
 MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
 LIVE_REFRESH_S = 1.0  # while a run trains
@@ -35,17 +37,18 @@ def charts_ui(tail: runs.MetricsTail) -> None:
 
 
 def actions_ui(run: runs.RunInfo) -> None:
-    """Cancel, resume, delete, download, as the run's state allows."""
-    cols = st.columns(4)
+    """Cancel, resume, delete, download and Open in Chat, as the run's state allows: one row of buttons,
+    each as wide as its label (they wrap in a narrow window instead of cutting their labels)."""
+    row = st.container(horizontal=True)
     try:
-        if run.is_running and cols[0].button("Cancel (saves a checkpoint)", key="finetune_cancel"):
+        if run.is_running and row.button("Cancel (saves a checkpoint)", key="finetune_cancel"):
             runs.cancel_run(run.id)
             st.toast(f"Asked {run.id} to stop; it saves a checkpoint first.")
-        if run.state in ("cancelled", "failed") and cols[0].button("Resume", key="finetune_resume"):
+        if run.state in ("cancelled", "failed") and row.button("Resume", key="finetune_resume"):
             runs.resume_run(run.id, force=st.session_state.get("finetune_force", False))
             st.toast(f"Resuming {run.id}.")
         if not run.is_running:
-            with cols[1].popover("Delete run"):
+            with row.popover("Delete run"):
                 if st.button(f"Delete {run.id} and its checkpoints", key="finetune_delete"):
                     runs.delete_run(run.id)
                     st.rerun()
@@ -54,8 +57,14 @@ def actions_ui(run: runs.RunInfo) -> None:
     except runs.RunError as exc:
         st.warning(str(exc))
     if (run.path / "adapter").is_dir():
-        cols[2].download_button("Download adapter (.zip)", lambda: runs.export_adapter_zip(run.id).read_bytes(),
-                                file_name=f"{run.id}-adapter.zip", mime="application/zip", on_click="ignore")
+        row.download_button("Download adapter (.zip)", lambda: runs.export_adapter_zip(run.id).read_bytes(),
+                            file_name=f"{run.id}-adapter.zip", mime="application/zip", on_click="ignore",
+                            key="finetune_download")
+    if run.state == "finished" and (run.path / "adapter" / "adapter_config.json").is_file():
+        if row.button("Open in Chat", key="finetune_open_chat", icon=":material/chat:",
+                      help="Chat with this run's final adapter."):
+            st.session_state[CHAT_OPEN_ADAPTER] = str(run.path / "adapter")  # the Chat page selects it
+            st.switch_page("pages/chat.py")
 
 
 def checkpoints_ui(run: runs.RunInfo) -> None:
@@ -64,7 +73,7 @@ def checkpoints_ui(run: runs.RunInfo) -> None:
     if not found:
         st.caption("No checkpoint yet.")
         return
-    st.dataframe(run_views.checkpoint_table(found), hide_index=True, key="finetune_checkpoints")
+    st.dataframe(table_for_people(run_views.checkpoint_table(found)), hide_index=True, key="finetune_checkpoints")
     if not run.is_running:
         left, right = st.columns([1, 3])
         step = left.selectbox("Checkpoint", [c.step for c in found], index=len(found) - 1, key="finetune_ckpt",
@@ -126,8 +135,10 @@ def runs_view(live: bool) -> None:
         st.info("No runs yet: set one up in the New run tab and start it.")
         return
     by_id = {r.id: r for r in all_runs}
-    st.dataframe(run_views.runs_table(all_runs), hide_index=True, key="finetune_runs_table")
+    st.dataframe(table_for_people(run_views.runs_table(all_runs)), hide_index=True, key="finetune_runs_table")
     if st.session_state.get("finetune_select") in by_id:
         st.session_state["finetune_run"] = st.session_state.pop("finetune_select")
+    if st.session_state.get("finetune_run") not in by_id:  # a new session (a reload): the training run first
+        st.session_state["finetune_run"] = next((r.id for r in all_runs if r.is_running), all_runs[0].id)
     run_id = st.selectbox("Runs", list(by_id), key="finetune_run", format_func=lambda i: run_views.run_label(by_id[i]))
     run_ui(by_id[run_id])
