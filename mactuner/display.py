@@ -7,8 +7,8 @@ own records keep full precision and their keys (JSON, CSV and the CLI read those
 from __future__ import annotations
 
 import math
-from datetime import datetime
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 MISSING = "—"  # a figure that is not known (yet)
