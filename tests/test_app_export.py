@@ -62,8 +62,10 @@ def test_export_section_then_chat_compares_torch_base_and_the_gguf(varied_model_
     assert not at.exception, at.exception
     path = mactuner_home / "exports" / "gguf" / "demo-run-final-f16.gguf"
     assert path.is_file() and (mactuner_home / "exports" / "gguf" / "demo-run-final-f16.Modelfile").is_file()
-    assert any(f"Saved to `{path}`" in s.value for s in at.success)
-    assert any("ollama create" in c.value for c in at.code)
+    # MacTuner's own folder shown from its home, and the command names the Modelfile the download saves
+    assert any("Saved to `$MACTUNER_HOME/exports/gguf/demo-run-final-f16.gguf`" in s.value for s in at.success)
+    assert any("cd $MACTUNER_HOME/exports/gguf\nollama create my-model -f demo-run-final-f16.Modelfile" in c.value
+               for c in at.code)
 
     at.button(key="export_open_chat").click().run()
     assert not at.exception, at.exception
