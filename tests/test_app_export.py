@@ -36,7 +36,7 @@ def test_variant_verdict_folder_download_and_open_in_chat(varied_model_dir, tiny
     expected = quantize.report_verdicts(at.session_state["quant_report"])["int8-dynamic"]
     verdict = next(m.value for m in at.markdown if m.value.startswith("**int8-dynamic**"))
     assert verdict == f"**int8-dynamic** {verdict_badge(expected)} {expected.text}" and expected.level in verdict
-    assert "favours" in expected.text and not re.search("[\U0001F000-\U0001FAFF\u2600-\u27BF]", verdict)
+    assert ("favours" in expected.text) == bool(expected.favoured) and not re.search("[\U0001F000-\U0001FAFF\u2600-\u27BF]", verdict)
     assert any("within 5 % is as good" in c.value and "speed" in c.value for c in at.caption)  # the limits
     # the variant's own folder, relative to MacTuner's home (no absolute path on screen)
     assert any(c.value == "Saved under `$MACTUNER_HOME/exports/demo-run-adapter-variants/int8-dynamic`" for c in at.caption)
