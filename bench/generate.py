@@ -47,7 +47,7 @@ def _emulate_float32_cpu() -> None:
     """In this process: report the CPU as float32-only (the ISA cap must already be in the environment)."""
     import mactuner.devices
 
-    mactuner.devices.cpu_supports_bfloat16 = lambda: False
+    mactuner.devices.probe.cpu_supports_bfloat16 = lambda: False
 
 
 def generate_round(model, inputs, tokens: int):

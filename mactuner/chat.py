@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from mactuner.cpu_threads import CpuThreads
+from mactuner.devices.cpu_threads import CpuThreads
 from mactuner.devices import empty_device_cache, get_optimal_dtype, resolve_device
 from mactuner.models import DEFAULT_MODEL, LoadedModel, Progress, load_model
 
@@ -320,7 +320,7 @@ def decode_plan(device: torch.device, dtype: torch.dtype, decode_weights: str = 
         return "int4"
     if decode_weights in ("int8", "int4") and dtype in (torch.float32, torch.bfloat16) and int8_kernel_available():
         return "int8"
-    if dtype == torch.bfloat16 and devices.cpu_supports_bfloat16():
+    if dtype == torch.bfloat16 and devices.probe.cpu_supports_bfloat16():
         return "packed-bfloat16"
     return "as-loaded"
 

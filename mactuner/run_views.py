@@ -87,7 +87,7 @@ def metric_figure(title: str, traces: dict[str, tuple[Sequence[float], Sequence[
     """A small plotly line chart of one or more metrics; ``traces`` maps a name to ``(xs, ys)``.
 
     Redrawn every second while a run trains, so built cheaply (as
-    :func:`mactuner.monitor.memory_figure`): numpy arrays go out as compact binary, and
+    :func:`mactuner.devices.monitor.memory_figure`): numpy arrays go out as compact binary, and
     the layout is given to the constructor (plotly's ``update_layout`` validation costs
     several times more). ``revision`` is the layout's ``uirevision``: the same value
     keeps the person's zoom across redraws. The legend shows only with several traces.

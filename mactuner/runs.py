@@ -667,7 +667,7 @@ def sync_monitor(monitor: Any, all_runs: list[RunInfo] | None = None) -> None:
     """Have a memory monitor sample every running run's process, and stop sampling runs that ended.
 
     Args:
-        monitor: a :class:`mactuner.monitor.MemoryMonitor` (``watched``,
+        monitor: a :class:`mactuner.devices.monitor.MemoryMonitor` (``watched``,
             ``watch_process``, ``unwatch_process``).
         all_runs: the runs as just listed (saves listing them again); None lists them.
     """

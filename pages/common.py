@@ -18,7 +18,7 @@ import streamlit as st
 import torch
 
 from mactuner.devices import DeviceManager, DeviceUnavailableError, resolve_device
-from mactuner.monitor import MemoryMonitor
+from mactuner.devices.monitor import MemoryMonitor
 from mactuner.settings import load_settings, remember_device
 
 DEVICE_KEY = "device"  # st.session_state key holding the chosen device, e.g. "cpu", "cuda:0"

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from mactuner.devices import DeviceInfo, dtype_name, format_bytes, get_optimal_dtype
-from mactuner.monitor import DeviceSample, memory_figure
+from mactuner.devices.monitor import DeviceSample, memory_figure
 from mactuner.runs import sync_monitor
 from pages.common import device_manager, device_or_stop, memory_monitor
 

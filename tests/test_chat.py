@@ -139,7 +139,7 @@ def test_packed_bf16_linears_give_the_same_logits(varied_model_dir, monkeypatch)
 
     from mactuner.chat import PackedLinear, pack_linear_weights
 
-    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: True)  # packing is for bfloat16 CPUs
+    monkeypatch.setattr("mactuner.devices.probe.cpu_supports_bfloat16", lambda: True)  # packing is for bfloat16 CPUs
     packed = load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.bfloat16)
     plain = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.bfloat16).eval()
     if not torch.backends.mkldnn.is_available():
@@ -163,7 +163,7 @@ def test_decode_weights_follow_the_cpu_kind(varied_model_dir, monkeypatch, nativ
 
     if not int8_kernel_available():
         pytest.skip("this torch has no CPU int8 weight-only kernel")
-    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: native_bf16)
+    monkeypatch.setattr("mactuner.devices.probe.cpu_supports_bfloat16", lambda: native_bf16)
     dtype = torch.bfloat16 if native_bf16 else torch.float32
     fast = load_chat_model(str(varied_model_dir), device="cpu", decode_weights="int8")
     exact = load_chat_model(str(varied_model_dir), device="cpu", dtype=dtype)
@@ -206,7 +206,7 @@ def test_int4_decode_weights_are_the_cpu_default_and_stay_close(varied_model_dir
 
     if not int4_kernel_available():
         pytest.skip("this torch has no CPU int4 weight-only kernel")
-    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: native_bf16)
+    monkeypatch.setattr("mactuner.devices.probe.cpu_supports_bfloat16", lambda: native_bf16)
     dtype = torch.bfloat16 if native_bf16 else torch.float32
     assert decode_plan(torch.device("cpu"), dtype, "int4") == "int4"
     small = load_chat_model(str(varied_model_dir), device="cpu")  # the default when dtype is left to the device
@@ -267,7 +267,7 @@ def test_real_model_int8_decoding_keeps_the_demo_answers(smollm2_path, monkeypat
 
     if not int8_kernel_available():
         pytest.skip("this torch has no CPU int8 weight-only kernel")
-    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: native_bf16)
+    monkeypatch.setattr("mactuner.devices.probe.cpu_supports_bfloat16", lambda: native_bf16)
     dtype = torch.bfloat16 if native_bf16 else torch.float32
     fast, exact = load_chat_model(device="cpu", decode_weights=weights), load_chat_model(device="cpu", dtype=dtype)
     settings = GenerationSettings(temperature=0, max_new_tokens=32)

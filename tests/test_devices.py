@@ -75,7 +75,7 @@ def test_cpu_dtype_follows_the_cpu_capability(cpu_only, monkeypatch):
     native = any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16", "bf16"))
     assert devices.cpu_supports_bfloat16() is native
     assert get_optimal_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
-    monkeypatch.setattr(devices, "cpu_supports_bfloat16", lambda: False)
+    monkeypatch.setattr(devices.probe, "cpu_supports_bfloat16", lambda: False)
     assert get_optimal_dtype("cpu") == torch.float32
 
 
@@ -91,10 +91,10 @@ def test_bfloat16_detection_on_macos_uses_sysctl(monkeypatch):
     monkeypatch.setattr(Path, "read_text", read_text)
     devices.cpu_supports_bfloat16.cache_clear()
     try:
-        monkeypatch.setattr(devices, "_sysctl", {"hw.optional.arm.FEAT_BF16": "1"}.get)
+        monkeypatch.setattr(devices.probe, "_sysctl", {"hw.optional.arm.FEAT_BF16": "1"}.get)
         assert devices.cpu_supports_bfloat16() is True
         devices.cpu_supports_bfloat16.cache_clear()
-        monkeypatch.setattr(devices, "_sysctl", {"hw.optional.arm.FEAT_BF16": "0"}.get)
+        monkeypatch.setattr(devices.probe, "_sysctl", {"hw.optional.arm.FEAT_BF16": "0"}.get)
         assert devices.cpu_supports_bfloat16() is False
     finally:
         devices.cpu_supports_bfloat16.cache_clear()
@@ -287,7 +287,7 @@ def test_quick_health_touches_no_device(two_cuda_gpus):
 
 def test_nvml_shows_other_processes_use(two_cuda_gpus, monkeypatch):
     # another program holds 6 GiB on cuda:0; torch in this process knows only its own 2 GiB
-    monkeypatch.setattr(devices, "nvml", lambda: FakeNVML({4242: 6 * GiB, 4243: 3 * GiB}))
+    monkeypatch.setattr(devices.memory, "nvml", lambda: FakeNVML({4242: 6 * GiB, 4243: 3 * GiB}))
     snapshot = devices.memory_snapshot("cuda:0", init=False)
     assert snapshot.used == 9 * GiB and snapshot.free == 15 * GiB and snapshot.total == 24 * GiB
     assert snapshot.allocated == 2 * GiB
@@ -308,7 +308,7 @@ def test_mps_advice(mps_mac, monkeypatch):
 def test_nvml_readings_are_matched_by_uuid_not_index(two_cuda_gpus, monkeypatch):
     # CUDA lists the RTX 3090 first (fastest first), NVML lists the T4 first (PCI bus order):
     # matching by index would show the T4's numbers on the 3090's card
-    monkeypatch.setattr(devices, "nvml", lambda: FakeNVML({4242: 6 * GiB}))
+    monkeypatch.setattr(devices.memory, "nvml", lambda: FakeNVML({4242: 6 * GiB}))
     assert devices.cuda_uuid(0) == f"GPU-{GPUS[0].uuid}"
     first = devices.memory_snapshot("cuda:0", init=False)
     second = devices.memory_snapshot("cuda:1", init=False)
@@ -327,7 +327,7 @@ def test_selecting_a_cuda_gpu_creates_no_cuda_context(two_cuda_gpus, monkeypatch
             raise AssertionError("allocated on CUDA just to probe")
         return real_empty(*args, device=device, **kwargs)
 
-    monkeypatch.setattr(devices, "probe_device", REAL_PROBE)
+    monkeypatch.setattr(devices.probe, "probe_device", REAL_PROBE)
     monkeypatch.setattr(torch, "empty", empty)
     manager = DeviceManager()
     assert manager.select_device("cuda:1") == torch.device("cuda", 1)
@@ -347,7 +347,7 @@ def test_mps_dtype_follows_macos(monkeypatch):
 
 def test_mps_card_shows_the_whole_macs_use(mps_mac, monkeypatch):
     # unified memory: a training run in another process uses the same RAM; the app's Metal share is separate
-    monkeypatch.setattr(devices.psutil, "virtual_memory", lambda: SimpleNamespace(total=32 * GiB, available=20 * GiB))
+    monkeypatch.setattr(devices.memory.psutil, "virtual_memory", lambda: SimpleNamespace(total=32 * GiB, available=20 * GiB))
     axes = devices.memory_axes(devices.memory_snapshot("mps"))
     assert axes["used"] == 12 * GiB  # system use, not this process's 3 GiB
     assert axes["reserved"] == 3 * GiB  # this app's own share, labelled as such

@@ -285,7 +285,7 @@ def test_series_are_thinned_for_charts_but_keep_the_latest_point():
 
 def test_sync_monitor_watches_running_runs_and_drops_ended_ones(sleeper):
     from mactuner.devices import DeviceManager
-    from mactuner.monitor import MemoryMonitor
+    from mactuner.devices.monitor import MemoryMonitor
 
     monitor = MemoryMonitor(DeviceManager(), interval=60)  # not started: sampled by hand below
     make_run("live", "running", pid=sleeper.pid, create_time=psutil.Process(sleeper.pid).create_time())

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from mactuner import checkpoints, fingerprint
 from mactuner.config import TrainConfig
-from mactuner.cpu_threads import CpuThreads
+from mactuner.devices.cpu_threads import CpuThreads
 from mactuner.data import IGNORE_INDEX
 from mactuner.devices import (
     dtype_name,
