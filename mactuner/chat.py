@@ -486,7 +486,7 @@ class AdapterChoice:
 def list_adapters() -> list[AdapterChoice]:
     """Adapters found under ``paths.runs_dir()``: each run's final ``adapter/`` (finished runs) then its checkpoints, newest run first."""
     from mactuner.checkpoints import list_checkpoints
-    from mactuner.run_names import run_display_name
+    from mactuner.runs.names import run_display_name
     from mactuner.runs import list_runs
 
     choices = []

@@ -1,13 +1,14 @@
 """UI-only part of the fine-tune page: the runs list and the live view of one run.
 
 Kept apart from ``pages/finetune.py`` (the set-up) so each stays short; all the
-logic is in :mod:`mactuner.runs` and :mod:`mactuner.run_views`. Not a page itself.
+logic is in :mod:`mactuner.runs` and :mod:`mactuner.runs.views`. Not a page itself.
 """
 
 import streamlit as st
 
-from mactuner import run_views, runs
-from mactuner.run_names import run_display_name, set_run_name
+from mactuner import runs
+from mactuner.runs import views as run_views
+from mactuner.runs.names import run_display_name, set_run_name
 from pages.common import memory_monitor
 from pages.eval_ui import compare_ui, evaluate_ui
 

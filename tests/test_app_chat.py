@@ -81,7 +81,7 @@ def finished_run_with_adapter(home: Path, model_dir: Path, adapter: Path) -> Non
 
 
 def test_adapters_are_listed_by_the_run_name_a_person_gave(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
-    from mactuner.run_names import set_run_name
+    from mactuner.runs.names import set_run_name
 
     finished_run_with_adapter(mactuner_home, varied_model_dir, tiny_adapter)
     set_run_name("demo-run", "Lighthouse facts")

@@ -37,7 +37,7 @@ from tests.train_support import tiny_config, write_fact_dataset
 def stop_left_runs():
     """No trainer outlives its test."""
     yield
-    for run in runs._list_runs(runs.get_run):
+    for run in runs.store._list_runs(runs.get_run):
         # alive, verified to be the run's own process, and not this test process (some tests write its pid)
         if run.is_running and run.pid and run.pid != os.getpid():
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -12,8 +12,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mactuner.run_names import run_display_name
-from mactuner.runs import MetricsTail, RunInfo, eta_seconds, format_duration
+from mactuner.runs.metrics import MetricsTail, eta_seconds, format_duration
+from mactuner.runs.names import run_display_name
+from mactuner.runs.store import RunInfo
 
 
 def steps_text(run: RunInfo) -> str:
