@@ -52,8 +52,8 @@ def main() -> None:
     parser.add_argument("--gguf", action="append", help="a GGUF file to time (repeatable); default: export f16 and q8_0")
     args = parser.parse_args()
 
+    from mactuner.chat.llamacpp import llama_cpp_missing_reason, load_gguf_chat_model, stream_gguf_chat
     from mactuner.export import export_gguf
-    from mactuner.llamacpp_chat import llama_cpp_missing_reason, load_gguf_chat_model, stream_gguf_chat
 
     if reason := llama_cpp_missing_reason():
         sys.exit(reason)

@@ -206,7 +206,7 @@ def _load_tuned(adapter: Path, base: str | None, device):
 
 
 def _base_source(adapter: Path, model: str | None) -> str | None:
-    from mactuner.chat import base_model_for
+    from mactuner.adapters import base_model_for
     from mactuner.config import TrainConfig
 
     if model:
@@ -240,9 +240,10 @@ def evaluate(
         max_new_tokens: longest answer per prompt.
         progress: ``(message, fraction or None)`` callback.
     """
-    from mactuner.chat import GenerationSettings, chat, load_chat_model, release_model
+    from mactuner.chat import GenerationSettings, chat, load_chat_model
     from mactuner.data import tokenize_examples
     from mactuner.devices import resolve_device
+    from mactuner.models import release_model
 
     started = time.perf_counter()
     device = resolve_device(device)

@@ -4,8 +4,9 @@ import pandas as pd
 import streamlit as st
 
 from mactuner import rag
-from mactuner.chat import GenerationSettings, list_adapters
+from mactuner.chat import GenerationSettings
 from mactuner.models import DEFAULT_MODEL
+from mactuner.runs.views import list_adapters
 from pages.chat_models import loaded_model, release_on_device_switch
 from pages.common import device_or_stop
 from pages.rag_cache import embedder, open_collection

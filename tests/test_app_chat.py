@@ -15,7 +15,7 @@ from streamlit.testing.v1 import app_test as app_test_module
 from streamlit.testing.v1.element_tree import ElementTree
 from streamlit.testing.v1.local_script_runner import LocalScriptRunner
 
-from mactuner.chat_history import history_dir, history_key, load_history
+from mactuner.chat.history import history_dir, history_key, load_history
 from tests.app_pages import open_app_page
 
 

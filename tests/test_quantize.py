@@ -9,18 +9,9 @@ import pytest
 import torch
 
 from mactuner.chat import GenerationSettings, chat, load_chat_model
-from mactuner.quantize import (
-    METHODS,
-    VARIANT_FILE,
-    compare_variants,
-    load_variant,
-    merge_adapter,
-    model_memory_bytes,
-    perplexity,
-    quantize,
-    supported_methods,
-    unsupported_reason,
-)
+from mactuner.export.merge import merge_adapter
+from mactuner.quantize import METHODS, VARIANT_FILE, load_variant, quantize, supported_methods, unsupported_reason
+from mactuner.quantize.compare import compare_variants, model_memory_bytes, perplexity
 
 TEXT = (
     "The Nile is a major north-flowing river in northeastern Africa. It flows into the Mediterranean Sea. "

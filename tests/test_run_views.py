@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from mactuner import paths
-from mactuner.runs import views as run_views
 from mactuner.checkpoints import CheckpointInfo
-from mactuner.runs.names import set_run_name
 from mactuner.runs import MetricsTail, RunInfo
+from mactuner.runs import views as run_views
+from mactuner.runs.names import set_run_name
 
 
 def run_folder(run_id: str, metrics: list[dict] | None = None) -> Path:

@@ -8,13 +8,16 @@ what a person reads about a run is decided, and tested, here.
 from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mactuner.adapters import is_adapter
+from mactuner.checkpoints import list_checkpoints
 from mactuner.runs.metrics import MetricsTail, eta_seconds, format_duration
 from mactuner.runs.names import run_display_name
-from mactuner.runs.store import RunInfo
+from mactuner.runs.store import RunInfo, list_runs
 
 
 def steps_text(run: RunInfo) -> str:
@@ -101,3 +104,31 @@ def metric_figure(title: str, traces: dict[str, tuple[Sequence[float], Sequence[
     layout = {"title": {"text": title}, "height": 260, "margin": {"t": 40, "b": 30},
               "xaxis": {"title": {"text": x_title}}, "showlegend": len(traces) > 1, "uirevision": revision}
     return go.Figure(data=data, layout=layout)
+
+
+@dataclass
+class AdapterChoice:
+    """An adapter a person can chat with: a finished run's final adapter or one of its checkpoints."""
+
+    label: str  # "run-id · final" or "run-id · step 50"
+    path: Path
+    run_id: str
+    base_model: str | None  # the run's configured model, if known
+    step: int | None  # None for the final adapter
+
+
+def list_adapters() -> list[AdapterChoice]:
+    """Adapters found under ``paths.runs_dir()``: each run's final ``adapter/`` (finished runs) then its checkpoints, newest run first."""
+    choices = []
+    for run in list_runs():
+        # the person's name for the run, with the id when it has one (names need not be unique)
+        name = run_display_name(run.path)
+        shown = run.id if name == run.id else f"{name} ({run.id})"
+        final = run.path / "adapter"
+        if run.state == "finished" and is_adapter(final):
+            choices.append(AdapterChoice(f"{shown} · final", final, run.id, run.model, None))
+        for checkpoint in reversed(list_checkpoints(run.path)):
+            if is_adapter(checkpoint.path):
+                label = f"{shown} · step {checkpoint.step}"
+                choices.append(AdapterChoice(label, checkpoint.path, run.id, run.model, checkpoint.step))
+    return choices

@@ -51,7 +51,6 @@ import torch.nn.functional as F
 
 from mactuner import checkpoints, fingerprint
 from mactuner.config import TrainConfig
-from mactuner.devices.cpu_threads import CpuThreads
 from mactuner.data import IGNORE_INDEX
 from mactuner.devices import (
     dtype_name,
@@ -62,6 +61,7 @@ from mactuner.devices import (
     resolve_device,
     trim_host_heap,
 )
+from mactuner.devices.cpu_threads import CpuThreads
 from mactuner.locks import LockBusy, RunLock
 from mactuner.training.batching import MicroBatch, Unit, collate, make_units, plan_epoch
 from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
