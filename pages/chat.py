@@ -23,9 +23,9 @@ from mactuner.chat.history import (
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.runs.views import list_adapters
-from pages.chat_models import answer_stream, loaded_model, release_on_device_switch
-from pages.common import device_or_stop
-from pages.export_ui import chat_source_ui
+from ui.chat_models import answer_stream, loaded_model, release_on_device_switch
+from ui.common import device_or_stop
+from ui.export_ui import chat_source_ui
 
 HISTORY = "chat_history"  # this session's copy of the saved conversation of the model choice (turns as in chat_history)
 IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight

@@ -8,8 +8,8 @@ from mactuner.export import merge_adapter
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.quantize import compare as quantize_compare
 from mactuner.runs.views import list_adapters
-from pages.common import device_or_stop
-from pages.export_ui import export_section, variants_ui
+from ui.common import device_or_stop
+from ui.export_ui import export_section, variants_ui
 
 ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mactuner.devices import memory
+from mactuner.devices import probe as probing
 from mactuner.devices.dtype import dtype_name, get_optimal_dtype
 from mactuner.devices.memory import OOM_ADVICE, read_or_none
 from mactuner.devices.probe import DeviceInfo, detect_devices
@@ -116,8 +117,8 @@ def health(devices: list[DeviceInfo] | None = None, *, probe: bool = True) -> di
         },
         "mps": {"built": mps_built, "available": mps_ok, "macos": platform.mac_ver()[0] or None},
         "cpu": {
-            "name": probe.cpu_name(),
-            "native_bfloat16": probe.cpu_supports_bfloat16(),
+            "name": probing.cpu_name(),
+            "native_bfloat16": probing.cpu_supports_bfloat16(),
             "threads": torch.get_num_threads(),
         },
     }

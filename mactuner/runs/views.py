@@ -1,7 +1,7 @@
 """What the fine-tune page shows of its runs, as plain values: the runs table, the picker's
 label, the progress headline, the checkpoint table and the metric charts.
 
-``pages/finetune_runs.py`` only renders these (Streamlit stays out of this module), so
+``ui/finetune_runs.py`` only renders these (Streamlit stays out of this module), so
 what a person reads about a run is decided, and tested, here.
 """
 

@@ -9,8 +9,8 @@ import streamlit as st
 from mactuner import runs
 from mactuner.runs import views as run_views
 from mactuner.runs.names import run_display_name, set_run_name
-from pages.common import memory_monitor
-from pages.eval_ui import compare_ui, evaluate_ui
+from ui.common import memory_monitor
+from ui.eval_ui import compare_ui, evaluate_ui
 
 MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
 LIVE_REFRESH_S = 1.0  # while a run trains

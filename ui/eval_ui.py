@@ -8,7 +8,7 @@ import streamlit as st
 
 from mactuner import evaluate, runs
 from mactuner.models import ModelSourceError
-from pages.common import selected_device
+from ui.common import selected_device
 
 ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
 
