@@ -44,6 +44,7 @@ import psutil
 import torch
 
 from mactuner import paths
+from mactuner.devices.memory import format_bytes
 from mactuner.fileio import (
     STAGING_PREFIX,
     atomic_open,
@@ -163,14 +164,6 @@ class AddReport:
 
 
 Source = Path | str | tuple[str, bytes]  # a file or folder path, or an upload: (name, bytes)
-
-def _size(nbytes: int) -> str:
-    for unit in ("bytes", "KB", "MB"):
-        if nbytes < 1024 or unit == "MB":
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} MB"
-
 
 def sources_to_index(uploads: list[tuple[str, bytes]], folder: str | None = None) -> list[Source]:
     """What to hand :meth:`Collection.add`: the uploads (name, bytes), then ``folder`` when one is named.
@@ -344,7 +337,7 @@ class Collection:
             def read() -> bytes:
                 size = path.stat().st_size
                 if size > limit:
-                    raise DocumentError(f"{display}: {_size(size)} is over the {_size(limit)} limit")
+                    raise DocumentError(f"{display}: {format_bytes(size)} is over the {format_bytes(limit)} limit")
                 try:
                     return path.read_bytes()
                 except OSError as exc:
@@ -357,7 +350,7 @@ class Collection:
 
                 def upload(d=data, n=upload_name) -> bytes:
                     if len(d) > limit:
-                        raise DocumentError(f"{n}: {_size(len(d))} is over the {_size(limit)} limit")
+                        raise DocumentError(f"{n}: {format_bytes(len(d))} is over the {format_bytes(limit)} limit")
                     return bytes(d)
                 yield str(upload_name), upload
                 continue
@@ -379,7 +372,7 @@ class Collection:
     def _add_document(self, display: str, name: str, data: bytes, digest: str, embedder: Embedder,
                       progress: Progress) -> DocumentInfo:
         if len(data) > self.settings.max_file_bytes:
-            raise DocumentError(f"{display}: {_size(len(data))} is over the {_size(self.settings.max_file_bytes)} limit")
+            raise DocumentError(f"{display}: {format_bytes(len(data))} is over the {format_bytes(self.settings.max_file_bytes)} limit")
         try:
             extracted = extract_text(data, display)
         except DocumentError:

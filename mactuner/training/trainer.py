@@ -58,6 +58,7 @@ from mactuner.devices import (
     get_optimal_dtype,
     is_out_of_memory,
     limit_host_heap_growth,
+    parse_dtype,
     resolve_device,
     trim_host_heap,
 )
@@ -197,7 +198,7 @@ class Trainer:
         if device.type == "cuda" and self.dist.enabled:
             device = self.dist.device
         self.device = device
-        self.compute_dtype = get_optimal_dtype(device) if config.dtype == "auto" else getattr(torch, config.dtype)
+        self.compute_dtype = get_optimal_dtype(device) if config.dtype == "auto" else parse_dtype(config.dtype)
         # from now on, so that the first steps are judged over the seconds of loading
         self._threads = CpuThreads() if device.type == "cpu" else None
         if device.type == "cpu":
