@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mactuner.devices import parse_dtype
+from mactuner.devices import parse_dtype, resolve_dtype
 from mactuner.models import ModelFootprint
 from mactuner.training.losses import LOSS_CHUNK_TOKENS
 
@@ -214,11 +214,10 @@ def estimate_for_config(config: Any, summary: Any = None, device: str | torch.de
         device: where it trains; ``None``: the config's device.
         footprint: the model's footprint if already read (else read from ``config.model``).
     """
-    from mactuner.devices import get_optimal_dtype
     from mactuner.models import model_footprint
 
     device = torch.device(device if device is not None else (config.device or "cpu"))
-    dtype = get_optimal_dtype(device) if config.dtype in (None, "auto") else parse_dtype(config.dtype)
+    dtype = resolve_dtype(config.dtype, device)
     footprint = footprint or model_footprint(config.model, trust_remote_code=getattr(config, "trust_remote_code", False))
     seq_len = config.max_length
     trained = None

@@ -55,11 +55,10 @@ from mactuner.data import IGNORE_INDEX
 from mactuner.devices import (
     dtype_name,
     empty_device_cache,
-    get_optimal_dtype,
     is_out_of_memory,
     limit_host_heap_growth,
-    parse_dtype,
     resolve_device,
+    resolve_dtype,
     trim_host_heap,
 )
 from mactuner.devices.cpu_threads import CpuThreads
@@ -198,7 +197,7 @@ class Trainer:
         if device.type == "cuda" and self.dist.enabled:
             device = self.dist.device
         self.device = device
-        self.compute_dtype = get_optimal_dtype(device) if config.dtype == "auto" else parse_dtype(config.dtype)
+        self.compute_dtype = resolve_dtype(config.dtype, device)
         # from now on, so that the first steps are judged over the seconds of loading
         self._threads = CpuThreads() if device.type == "cpu" else None
         if device.type == "cpu":
