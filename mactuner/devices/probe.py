@@ -321,7 +321,7 @@ def check_device(device: str | torch.device) -> torch.device:
         raise DeviceUnavailableError(f"mps is not available on this machine: {why}. Available: {_existing()}.")
     try:
         probe_device(parsed)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+    except Exception as exc:
         raise DeviceUnavailableError(f"The device {parsed} is not available on this machine: {exc}") from exc
     return parsed
 

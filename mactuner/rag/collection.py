@@ -202,7 +202,7 @@ def list_collections(root: str | os.PathLike | None = None) -> list[str]:
 class Collection:
     """A named set of documents with their chunks and embeddings, persisted under one folder.
 
-    Open or create one with :meth:`open` / :meth:`create` (or :meth:`open_or_create`);
+    Open or create one with :meth:`open` / :meth:`create`;
     a new ``Collection`` object on the same folder (another process, after a
     restart) sees exactly what was saved.
     """
@@ -252,14 +252,6 @@ class Collection:
         collection = cls(folder, meta["name"], IndexSettings.from_dict(meta["settings"]), meta.get("dimension"))
         collection.clean_stale_staging()
         return collection
-
-    @classmethod
-    def open_or_create(cls, name: str, settings: IndexSettings | None = None, *, root=None) -> Collection:
-        """Open ``name`` if it exists, else create it with ``settings``."""
-        folder = cls._folder(name, root)
-        if (folder / "collection.json").is_file():
-            return cls.open(name, root=root)
-        return cls.create(name, settings, root=root)
 
     def _save_meta(self) -> None:
         write_json_atomic(self.folder / "collection.json", {

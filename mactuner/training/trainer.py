@@ -613,7 +613,7 @@ class Trainer:
             try:
                 loss_sum = self._accumulate(mine, trained_tokens)
                 failed = False
-            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            except Exception as error:
                 if not is_out_of_memory(error):
                     raise
                 failed = True
