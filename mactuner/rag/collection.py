@@ -369,7 +369,7 @@ class Collection:
             extracted = extract_text(data, display)
         except DocumentError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a parser's surprise about one file must not stop the batch
+        except Exception as exc:
             raise DocumentError(f"{display}: cannot read this file ({type(exc).__name__}: {exc})") from exc
         text = extracted.text
         spans = split_text(text, self.settings.chunk_size, self.settings.chunk_overlap)
