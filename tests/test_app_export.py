@@ -4,15 +4,13 @@ it through llama.cpp beside the torch base model in compare mode."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
-import pytest
-
-from mactuner import quantize
-from pages.export_ui import verdict_badge
+from mactuner.quantize import compare as quantize_compare
 from tests.app_pages import open_app_page
+from tests.features import requires
 from tests.test_app_quantize import TEXT, make_run
+from ui.export_ui import verdict_badge
 
 
 def ask(at, question: str, tokens: int = 8):
@@ -33,7 +31,7 @@ def test_variant_verdict_folder_download_and_open_in_chat(varied_model_dir, tiny
     at.button(key="quant_run").click().run()
     assert not at.exception, at.exception
     # the verdict shown is the one the library reaches from these measurements, as a text badge (no emoji)
-    expected = quantize.report_verdicts(at.session_state["quant_report"])["int8-dynamic"]
+    expected = quantize_compare.report_verdicts(at.session_state["quant_report"])["int8-dynamic"]
     verdict = next(m.value for m in at.markdown if m.value.startswith("**int8-dynamic**"))
     assert verdict == f"**int8-dynamic** {verdict_badge(expected)} {expected.text}" and expected.level in verdict
     assert ("favours" in expected.text) == bool(expected.favoured) and not re.search("[\U0001F000-\U0001FAFF\u2600-\u27BF]", verdict)
@@ -52,8 +50,7 @@ def test_variant_verdict_folder_download_and_open_in_chat(varied_model_dir, tiny
     assert reply["answers"]["fine-tuned"] and reply["stats"]["fine-tuned"]["new_tokens"] > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama-cpp-python is not installed (make setup builds it: see docs/notes/export.md)")
+@requires("llama_cpp")
 def test_export_section_then_chat_compares_torch_base_and_the_gguf(varied_model_dir, tiny_adapter, mactuner_home):
     make_run(mactuner_home, varied_model_dir, tiny_adapter)
     at = open_app_page("pages/quantize.py")

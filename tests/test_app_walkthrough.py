@@ -14,7 +14,7 @@ import time
 import psutil
 
 from mactuner import evaluate, paths
-from mactuner.chat import list_adapters
+from mactuner.runs.views import list_adapters
 from tests.app_pages import open_app_page
 from tests.test_app_chat import ask, finished_run_with_adapter
 from tests.test_app_finetune import copy_run, open_tab, progress_texts, trained_run  # noqa: F401 (a fixture)

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from mactuner.quantize import QuantizeReport, VariantResult, report_highlights, report_verdicts, variant_verdict
+from mactuner.quantize.compare import (
+    QuantizeReport,
+    VariantResult,
+    report_highlights,
+    report_verdicts,
+    variant_verdict,
+)
 
 MB = 1_000_000
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from mactuner import export, paths, quantize
+from mactuner import export, paths
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
+from mactuner.quantize import compare as quantize_compare
 
 CHAT_OPEN = "chat_open"  # session key: a model path the Chat page selects on its next run
 CHAT_OPEN_ADAPTER = "chat_open_adapter"  # session key: a run's adapter the Chat page selects on its next run
@@ -77,7 +78,7 @@ BADGE_COLOURS = {"recommended": "green", "trade-off": "blue", "check its answers
                  "not recommended": "red", "no gain": "gray", "failed": "red"}
 
 
-def verdict_badge(verdict: quantize.Verdict) -> str:
+def verdict_badge(verdict: quantize_compare.Verdict) -> str:
     """Markdown for a verdict's level as a coloured text badge, e.g. ``:green-badge[recommended]``."""
     colour = BADGE_COLOURS.get(verdict.level)
     return f":{colour}-badge[{verdict.level}]" if colour else ""
@@ -85,18 +86,18 @@ def verdict_badge(verdict: quantize.Verdict) -> str:
 
 def verdict_legend(reference: str) -> str:
     """How the verdicts are reached, with the limits the library uses."""
-    good, acceptable, worse = (f"{(limit - 1) * 100:.0f} %" for limit, _ in quantize.VERDICT_THRESHOLDS)
+    good, acceptable, worse = (f"{(limit - 1) * 100:.0f} %" for limit, _ in quantize_compare.VERDICT_THRESHOLDS)
     return (f"Verdicts weigh quality (perplexity), speed (tokens/s) and size on disk against **{reference}**, and "
             f"say which the variant favours. Quality: within {good} is as good, within {acceptable} a little "
             f"worse, within {worse} check its answers, beyond that not recommended. Speed counts beyond "
-            f"±{(quantize.SPEED_MARGIN - 1) * 100:.0f} %, size beyond ±{(quantize.SIZE_MARGIN - 1) * 100:.0f} %.")
+            f"±{(quantize_compare.SPEED_MARGIN - 1) * 100:.0f} %, size beyond ±{(quantize_compare.SIZE_MARGIN - 1) * 100:.0f} %.")
 
 
-def variants_ui(report: quantize.QuantizeReport) -> None:
+def variants_ui(report: quantize_compare.QuantizeReport) -> None:
     """Each variant: its verdict, its own folder, a zip download and Open in Chat."""
-    verdicts = quantize.report_verdicts(report)
+    verdicts = quantize_compare.report_verdicts(report)
     st.caption(verdict_legend(report.variants[0].name))
-    if highlights := quantize.report_highlights(report):
+    if highlights := quantize_compare.report_highlights(report):
         st.caption(highlights[0].upper() + highlights[1:] + ".")
     rows = [v for v in report.variants if v.error is None and v.path]
     for i, variant in enumerate(rows):
@@ -135,7 +136,7 @@ def chat_source_ui() -> str:
             st.warning("That is not a .gguf file.")
             return ""
         if path.lower().endswith(".gguf"):
-            from mactuner.llamacpp_chat import llama_cpp_missing_reason
+            from mactuner.chat.llamacpp import llama_cpp_missing_reason
 
             if reason := llama_cpp_missing_reason():
                 st.warning(reason)
@@ -143,7 +144,7 @@ def chat_source_ui() -> str:
         return path
     path = sources.get(label, "")
     if path.lower().endswith(".gguf"):
-        from mactuner.llamacpp_chat import llama_cpp_missing_reason
+        from mactuner.chat.llamacpp import llama_cpp_missing_reason
 
         if reason := llama_cpp_missing_reason():
             st.warning(reason)

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mactuner import chat_history
-from mactuner.chat_history import ChatChoice
+from mactuner.chat import history as chat_history
+from mactuner.chat.history import ChatChoice
 
 MAX_FILES_READ = 20  # the newest files looked at: enough to skip a few stale ones, never a whole folder
 

@@ -9,7 +9,7 @@ import streamlit as st
 from mactuner import evaluate, paths, runs
 from mactuner.display import table_for_people
 from mactuner.models import ModelSourceError
-from pages.common import selected_device
+from ui.common import selected_device
 
 ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
 

@@ -12,7 +12,7 @@ import json
 import os
 
 from mactuner.fileio import write_json_atomic
-from mactuner.runs import run_path
+from mactuner.runs.store import run_path
 
 NAME_FILE = "name.json"
 MAX_NAME_LENGTH = 80
