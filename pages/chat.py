@@ -20,44 +20,24 @@ from mactuner.chat.history import (
     load_history,
     stats_caption,
 )
-from mactuner.chat.recent import recent_conversations
 from mactuner.devices import dtype_name, get_optimal_dtype
-from mactuner.display import plural
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.runs.views import list_adapters
+from ui.chat_choice import restore_ui, restored_note
+from ui.chat_compare import compare_answers
 from ui.chat_models import answer_stream, loaded_model, release_on_device_switch
 from ui.common import device_or_stop
-from ui.export_ui import CHAT_OPEN, CHAT_OPEN_ADAPTER, chat_source_ui
+from ui.export_ui import chat_source_ui
 
 HISTORY = "chat_history"  # this session's copy of the saved conversation of the model choice (turns as in chat_history)
 IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight
-RESTORED = "chat_restored"  # the saved conversation restore_ui reopened, said once under the pickers
+CONVERSATION_PX = 520  # the conversation's box: the page around it stays about one window high
 STOP_WAIT_S = 30.0  # how long the run after a Stop waits for the stopped answer to be saved
 
 
 def answers_in_flight() -> AnswersInFlight:
     """This browser session's answers still being written (shared by its overlapping script runs)."""
     return st.session_state.setdefault(IN_FLIGHT, AnswersInFlight())
-
-
-def restore_ui(adapters: dict[str, str]) -> None:
-    """Put back a model choice before the pickers are drawn: the adapter "Open in Chat" on a run sent here,
-    or, when the pickers are new (a reload, or back from another page), the latest saved conversation's."""
-    if opened := st.session_state.pop(CHAT_OPEN_ADAPTER, None):
-        choice = ChatChoice(st.session_state.get("chat_model", DEFAULT_MODEL), opened)
-    elif "chat_adapter" not in st.session_state and (recent := recent_conversations(1)):
-        choice = recent[0].choice
-        st.session_state[RESTORED] = recent[0]
-    else:
-        return
-    label = next((label for label, path in adapters.items() if path == choice.adapter), None)
-    if choice.adapter and label is None:
-        st.session_state[CHAT_OPEN] = choice.adapter  # an exported model: its picker selects it
-    st.session_state["chat_model"] = choice.model
-    st.session_state["chat_adapter"] = label or "(none)"
-    if label is not None:
-        st.session_state["chat_exported"] = "(none)"
-    st.session_state["chat_compare"] = choice.compare
 
 
 def model_ui() -> ChatChoice:
@@ -72,9 +52,8 @@ def model_ui() -> ChatChoice:
                             help="A finished run's adapter or one of its checkpoints.")
     adapter = chat_source_ui() or adapters.get(label, "")  # an exported model replaces the adapter
     compare = st.toggle("Compare base and fine-tuned side by side", key="chat_compare", disabled=not adapter)
-    if restored := st.session_state.pop(RESTORED, None):
-        st.caption(f"Reopened your last conversation ({plural(restored.questions, 'question')}, the last: "
-                   f"“{restored.last_question[:60]}”). Pick another model to start another.")
+    if note := restored_note():
+        st.caption(note)
     return ChatChoice(model, adapter, compare)
 
 
@@ -132,9 +111,27 @@ def history_ui(choice: ChatChoice) -> list[dict]:
     return st.session_state[HISTORY]
 
 
-def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, settings) -> None:
-    """Ask every model of ``choice``, streaming each answer under a Stop button; each side's answer is saved
-    as soon as it ends, and the question however the run ends.
+def answer_one(turn: ChatTurn, history: list[dict], choice: ChatChoice, device, settings) -> None:
+    """The one model of ``choice`` answers, streamed; saved however it ends."""
+    [who] = choice.sides
+    stream = None
+    try:
+        loaded = loaded_model(choice.model, choice.adapter_of(who), device, who)
+        stream = answer_stream(loaded, turn.conversation(history, who), settings)
+        st.write_stream(stream)
+    except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory
+        st.error(str(exc))
+        st.stop()
+    finally:
+        if stream is not None:
+            turn.record(who, stream)  # saved now, stopped or not
+    answer_footer(turn.reply["stats"][who])
+
+
+def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, settings, stop) -> None:
+    """Ask every model of ``choice`` (in Compare mode both at once, :func:`compare_answers`), with a Stop
+    button in ``stop`` (an ``st.empty`` above the conversation); each side's answer is saved as soon as it
+    ends, and the question however the run ends.
 
     Stop (or any click) interrupts this run at its next Streamlit call (``st.write_stream``'s next
     piece) with Streamlit's stop or rerun exception: the side's ``finally`` records its answer so far
@@ -144,25 +141,13 @@ def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, sett
         with st.chat_message("user"):
             st.markdown(prompt)
         with st.chat_message("assistant"):
-            stop = st.empty()
             stop.button("Stop", key="chat_stop_answer", icon=":material/stop_circle:",
                         help="End the answer being written.")
-            for column, who in zip(side_columns(choice.sides), choice.sides):
-                with column:
-                    if choice.compare:
-                        st.caption(who)
-                    stream = None
-                    try:
-                        loaded = loaded_model(choice.model, choice.adapter_of(who), device, who)
-                        stream = answer_stream(loaded, turn.conversation(history, who), settings)
-                        st.write_stream(stream)
-                    except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory
-                        st.error(str(exc))
-                        st.stop()
-                    finally:
-                        if stream is not None:
-                            turn.record(who, stream)  # saved now: the next side may be stopped or never end
-                    answer_footer(turn.reply["stats"][who])
+            if choice.compare:
+                compare_answers(turn, history, choice, device, settings, answer_footer,
+                                lambda slot, text: slot.markdown(text))
+            else:
+                answer_one(turn, history, choice, device, settings)
             stop.empty()
     history += turn.pair
 
@@ -178,9 +163,15 @@ except ValueError as exc:
     st.error(str(exc))
     st.stop()
 history = history_ui(choice)
-show_history(history, choice.sides)
-if prompt := st.chat_input("Ask something", key="chat_input"):
-    answer_ui(prompt, history, choice, device, settings)
-st.button("New chat", key="chat_new", disabled=not history, on_click=clear_history,
-          args=(choice.key, answers_in_flight(), STOP_WAIT_S),  # after any answer still being saved
-          help="Forget this conversation (it is kept per model choice, across reloads).")
+prompt = st.chat_input("Ask something", key="chat_input")  # drawn pinned to the window's bottom
+# Stop and the conversation sit right under the pickers, in a box of its own height that follows the newest
+# answer: changing the adapter higher up never leaves the answer being written below the fold
+controls = st.container(horizontal=True)
+stop = controls.empty()
+controls.button("New chat", key="chat_new", disabled=not history, on_click=clear_history,
+                args=(choice.key, answers_in_flight(), STOP_WAIT_S),  # after any answer still being saved
+                help="Forget this conversation (it is kept per model choice, across reloads).")
+with st.container(height=CONVERSATION_PX if history or prompt else "content", key="chat_conversation"):
+    show_history(history, choice.sides)
+    if prompt:
+        answer_ui(prompt, history, choice, device, settings, stop)
