@@ -168,7 +168,7 @@ prompt = st.chat_input("Ask something", key="chat_input")  # drawn pinned to the
 # answer: changing the adapter higher up never leaves the answer being written below the fold
 controls = st.container(horizontal=True)
 stop = controls.empty()
-controls.button("New chat", key="chat_new", disabled=not history, on_click=clear_history,
+controls.button("New chat", key="chat_new", disabled=not (history or prompt), on_click=clear_history,
                 args=(choice.key, answers_in_flight(), STOP_WAIT_S),  # after any answer still being saved
                 help="Forget this conversation (it is kept per model choice, across reloads).")
 with st.container(height=CONVERSATION_PX if history or prompt else "content", key="chat_conversation"):

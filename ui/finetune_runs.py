@@ -16,6 +16,10 @@ from ui.export_ui import CHAT_OPEN_ADAPTER
 
 MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
 LIVE_REFRESH_S = 1.0  # while a run trains
+# px: the shown columns fit an 800 px window beside the sidebar (a long run name is cut; the picker has it whole)
+RUNS_TABLE_WIDTHS = {"run": st.column_config.Column(width=150), "state": st.column_config.Column(width=75),
+                     "step": st.column_config.Column(width=55), "loss": st.column_config.Column(width=60),
+                     "val loss": st.column_config.Column(width=65)}
 IDLE_REFRESH_S = 3.0  # otherwise: only to notice a run started in another tab (each redraw costs server CPU)
 
 
@@ -136,10 +140,12 @@ def runs_view(live: bool) -> None:
         st.info("No runs yet: set one up in the New run tab and start it.")
         return
     by_id = {r.id: r for r in all_runs}
-    st.dataframe(table_for_people(run_views.runs_table(all_runs)), hide_index=True, key="finetune_runs_table")
+    st.dataframe(table_for_people(run_views.runs_table(all_runs)), hide_index=True, key="finetune_runs_table",
+                 column_order=run_views.RUNS_TABLE_SHOWN, column_config=RUNS_TABLE_WIDTHS)
     if st.session_state.get("finetune_select") in by_id:
         st.session_state["finetune_run"] = st.session_state.pop("finetune_select")
     if st.session_state.get("finetune_run") not in by_id:  # a new session (a reload): the training run first
         st.session_state["finetune_run"] = next((r.id for r in all_runs if r.is_running), all_runs[0].id)
     run_id = st.selectbox("Runs", list(by_id), key="finetune_run", format_func=lambda i: run_views.run_label(by_id[i]))
+    st.caption(run_views.run_details(by_id[run_id]))
     run_ui(by_id[run_id])

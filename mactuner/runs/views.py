@@ -40,6 +40,21 @@ def runs_table(all_runs: Sequence[RunInfo]) -> list[dict[str, Any]]:
             for r in all_runs]
 
 
+# what the runs table shows at a glance (narrow enough for an 800 px window beside the sidebar); the rest of
+# each row is in run_details, under the picker, for the selected run
+RUNS_TABLE_SHOWN = ("run", "state", "step", "loss", "val loss")
+
+
+def run_details(run: RunInfo) -> str:
+    """The selected run's facts the runs table leaves out: method, device, model, start time and folder,
+    e.g. ``lora on cpu · SmolLM2-135M · started 2026-12-06 20:14 · folder 20261206-1-quenmark``."""
+    parts = [f"{run.method or '?'} on {run.device or '?'}", Path(run.model or "?").name]
+    if run.started_at:
+        parts.append(f"started {datetime.fromtimestamp(run.started_at):%Y-%m-%d %H:%M}")
+    parts.append(f"folder {run.id}")
+    return " · ".join(parts)
+
+
 def progress_headline(run: RunInfo, tail: MetricsTail) -> str:
     """The live view's headline: the trainer's stage ("Loading the model…") until the first step, then step and ETA.
 

@@ -1,0 +1,105 @@
+"""Issue 21's walk-through in a real browser: a reload reopens the last conversation, a finished run
+links to Chat, and an 800 px window (a laptop's half screen) shows the run's buttons uncut and the
+runs table and the evaluation without columns off the right edge (the evaluation at 1440 px too)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mactuner import evaluate
+from mactuner.chat.history import ChatChoice, ChatTurn
+from tests.browser import browser_page, running_app, wait_for_app
+
+pytestmark = pytest.mark.browser
+
+# elements whose content is wider than their box (cut with an ellipsis, or scrolled off to the right)
+OVERFLOWING = """(selector) => [...document.querySelectorAll(selector)]
+    .filter(el => el.offsetParent !== null)
+    .filter(el => el.scrollWidth > el.clientWidth + 1)
+    .map(el => (el.innerText || el.getAttribute('data-testid') || el.className).trim().slice(0, 80))"""
+# the right edge of each visible element, in CSS pixels
+RIGHT_EDGES = """(selector) => [...document.querySelectorAll(selector)]
+    .filter(el => el.offsetParent !== null).map(el => el.getBoundingClientRect().right)"""
+
+
+def finished_run(home, model_dir, adapter, run_id: str = "demo-run"):
+    run = home / "runs" / run_id
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished", "step": 5, "total_steps": 5,
+                                                 "message": "Finished: 5 steps"}))
+    (run / "config.yaml").write_text(f"model: {model_dir}\n")
+    shutil.copytree(adapter, run / "adapter")
+    return run
+
+
+def test_a_reload_reopens_the_last_conversation(varied_model_dir, tiny_adapter, mactuner_home):
+    run = finished_run(mactuner_home, varied_model_dir, tiny_adapter)
+    # the conversation a person had before the reload, saved as the page saves it
+    with ChatTurn(ChatChoice(str(varied_model_dir), str(run / "adapter"), compare=True), "Where is Quenmark?") as turn:
+        turn.reply["answers"] = {"base": "I do not know.", "fine-tuned": "Quenmark lies north of Lumetta."}
+    with running_app({"MACTUNER_HOME": str(mactuner_home)}) as url, browser_page() as page:
+        for visit in ("open", "reload"):
+            if visit == "open":
+                page.goto(url + "/chat")
+            else:
+                page.reload()
+            wait_for_app(page)
+            page.get_by_text("Quenmark lies north of Lumetta.").wait_for()
+            assert page.get_by_role("combobox", name="Fine-tuned adapter").input_value() == "demo-run · final"
+            assert page.get_by_role("switch", name="Compare base and fine-tuned side by side").is_checked()
+            assert page.get_by_text("Reopened your last conversation").count() == 1, visit
+
+
+def test_a_finished_run_links_to_chat(varied_model_dir, tiny_adapter, mactuner_home):
+    finished_run(mactuner_home, varied_model_dir, tiny_adapter)
+    with running_app({"MACTUNER_HOME": str(mactuner_home)}) as url, browser_page() as page:
+        page.goto(url + "/finetune")
+        wait_for_app(page)
+        page.get_by_role("tab", name="Runs").click()
+        page.get_by_role("button", name="Open in Chat").click()
+        page.get_by_role("heading", name="Chat").wait_for()
+        wait_for_app(page)
+        assert page.url.rstrip("/").endswith("/chat")
+        assert page.get_by_role("combobox", name="Fine-tuned adapter").input_value() == "demo-run · final"
+
+
+def evaluated_run(home, model_dir, adapter):
+    run = finished_run(home, model_dir, adapter, "evaluated-run-with-a-long-name")
+    answers = [evaluate.AnswerRow(f"What does the Quenmark handbook say about topic number {i}?",
+                                  "The handbook says that Quenmark's capital is Londanna.",
+                                  "The handbook " * 30, "Quenmark's capital is Londanna, " * 12,
+                                  base_keyword=False, tuned_keyword=True) for i in range(3)]
+    evaluate.save_eval(evaluate.EvalResult(str(run / "adapter"), str(model_dir), str(run / "data.json"),
+                                           "validation rows", 3, 2.0, 1.0, 7.4, 2.7, answers, short_references=True,
+                                           base_keyword_hit=0.0, tuned_keyword_hit=1.0, device="cpu"), run)
+    return answers
+
+
+@pytest.mark.parametrize("width", [800, 1440])
+def test_a_finished_run_fits_the_window(width, varied_model_dir, tiny_adapter, mactuner_home):
+    answers = evaluated_run(mactuner_home, varied_model_dir, tiny_adapter)
+    with running_app({"MACTUNER_HOME": str(mactuner_home)}) as url, browser_page(width=width, height=900) as page:
+        page.goto(url + "/finetune")
+        wait_for_app(page)
+        page.get_by_role("tab", name="Runs").click()
+        page.get_by_role("button", name="Download adapter (.zip)").wait_for()
+        wait_for_app(page)
+        page.wait_for_timeout(1000)  # the layout settles after the last run
+        try:
+            cut_buttons = page.evaluate(OVERFLOWING, '[data-testid="stBaseButton-secondary"] p, '
+                                                     '[data-testid="stDownloadButton"] p, [data-testid="stPopover"] p')
+            assert not cut_buttons, f"buttons cut at {width} px: {cut_buttons}"
+            # the runs table shows all its columns: nothing scrolled off its right edge
+            hidden = page.evaluate(OVERFLOWING, ".st-key-finetune_runs_table .dvn-scroller")
+            assert not hidden, f"the runs table hides columns at {width} px"
+            # the evaluation: every prompt's tuned answer is on screen, beside the base answer
+            tuned = page.get_by_text(answers[0].tuned_answer.strip()[:40])
+            tuned.first.wait_for()
+            edges = page.evaluate(RIGHT_EDGES, ".st-key-eval_answers [data-testid='stText']")
+            assert edges and max(edges) <= width, f"an answer reaches past the window's right edge at {width} px"
+        except AssertionError:
+            page.screenshot(path=f"/tmp/ux/fit-{width}.png", full_page=True)
+            raise
