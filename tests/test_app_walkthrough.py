@@ -127,3 +127,16 @@ def test_quantize_shows_mactuners_folders_relative_to_its_home(mactuner_home):
     at = open_app_page("pages/quantize.py")
     shown = " ".join(c.value for c in at.caption)
     assert "`$MACTUNER_HOME/exports`" in shown and str(mactuner_home) not in shown
+
+
+def test_the_conversation_sits_under_the_pickers_in_a_box_of_its_own(varied_model_dir):
+    """Issue 21: after scrolling up to change the adapter, the answer and Stop rendered below the fold. The
+    conversation is now a box of fixed height (it follows the newest answer) right under the pickers, with
+    Stop and New chat just above it; the page stays about one window high."""
+    at = ask(open_app_page("pages/chat.py"), varied_model_dir, "Hello there")
+    blocks = list(at.main.children.values())
+    [box] = [b for b in blocks if b.type == "flex_container" and b.proto.id.endswith("chat_conversation")]
+    assert box.proto.height_config.pixel_height == 520
+    assert [m.name for m in box.get("chat_message")] == ["user", "assistant"]  # the answer is in the box
+    controls = blocks[blocks.index(box) - 1]
+    assert [b.key for b in controls.get("button")] == ["chat_new"]  # Stop's place (emptied once answered) and New chat
