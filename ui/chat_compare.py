@@ -43,11 +43,14 @@ def compare_answers(turn: ChatTurn, history: list[dict], choice: ChatChoice, dev
         st.error(str(exc))
         st.stop()
     saved: set[str] = set()
+    drawn = dict.fromkeys(streams, "")
     try:
         with ParallelAnswers(streams) as answers:
             for ended in answers.updates(REDRAW_S):
                 for who, text in answers.texts().items():
-                    draw(slots[who], text)
+                    if text != drawn[who]:  # each redraw is a message to the browser: only what grew
+                        draw(slots[who], text)
+                        drawn[who] = text
                 for who in ended:
                     turn.record(who, streams[who])  # saved now: the other side may still be answering
                     saved.add(who)
