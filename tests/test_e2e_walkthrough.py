@@ -111,3 +111,34 @@ def test_a_finished_run_fits_the_window(width, varied_model_dir, tiny_adapter, m
         except AssertionError:
             page.screenshot(path=f"/tmp/ux/fit-{width}.png", full_page=True)
             raise
+
+
+def test_a_reload_lands_on_the_running_run(varied_model_dir, tiny_adapter, mactuner_home):
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    finished_run(mactuner_home, varied_model_dir, tiny_adapter, "b-finished")  # listed first: the newer id
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # the "trainer"
+    try:
+        running = mactuner_home / "runs" / "a-running"
+        running.mkdir(parents=True)
+        (running / "config.yaml").write_text(f"model: {varied_model_dir}\n")
+        (running / "status.json").write_text(json.dumps({"state": "running", "pid": sleeper.pid, "step": 2,
+                                                         "total_steps": 40, "started_at": time.time(),
+                                                         "message": "Step 2/40"}))
+        (running / "process.json").write_text(json.dumps({"pid": sleeper.pid,
+                                                          "create_time": psutil.Process(sleeper.pid).create_time()}))
+        with running_app({"MACTUNER_HOME": str(mactuner_home)}) as url, browser_page() as page:
+            page.goto(url + "/finetune")
+            for visit in ("open", "reload"):
+                if visit == "reload":
+                    page.reload()
+                page.get_by_role("combobox", name="Runs").wait_for(timeout=120_000)
+                assert page.get_by_role("tab", name="Runs").get_attribute("aria-selected") == "true", visit
+                assert page.get_by_role("combobox", name="Runs").input_value().startswith("a-running · running"), visit
+    finally:
+        sleeper.kill()
+        sleeper.wait()
