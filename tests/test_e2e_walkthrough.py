@@ -114,13 +114,13 @@ def test_a_finished_run_fits_the_window(width, varied_model_dir, tiny_adapter, m
 
 
 def test_a_reload_lands_on_the_running_run(varied_model_dir, tiny_adapter, mactuner_home):
+    import os
     import subprocess
     import sys
     import time
 
     import psutil
 
-    finished_run(mactuner_home, varied_model_dir, tiny_adapter, "b-finished")  # listed first: the newer id
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # the "trainer"
     try:
         running = mactuner_home / "runs" / "a-running"
@@ -131,6 +131,9 @@ def test_a_reload_lands_on_the_running_run(varied_model_dir, tiny_adapter, mactu
                                                          "message": "Step 2/40"}))
         (running / "process.json").write_text(json.dumps({"pid": sleeper.pid,
                                                           "create_time": psutil.Process(sleeper.pid).create_time()}))
+        # a run set up later is listed first (newest config first): the training one is not the first listed
+        later = finished_run(mactuner_home, varied_model_dir, tiny_adapter, "b-finished")
+        os.utime(later / "config.yaml", (time.time() + 60, time.time() + 60))
         with running_app({"MACTUNER_HOME": str(mactuner_home)}) as url, browser_page() as page:
             page.goto(url + "/finetune")
             for visit in ("open", "reload"):
