@@ -23,7 +23,7 @@ from mactuner.chat.history import (
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.runs.views import list_adapters
-from ui.chat_choice import restore_ui, restored_note
+from ui.chat_choice import recent_ui, restore_ui, restored_note
 from ui.chat_compare import compare_answers
 from ui.chat_models import answer_stream, loaded_model, release_on_device_switch
 from ui.common import device_or_stop, ensure_frame
@@ -54,6 +54,7 @@ def model_ui() -> ChatChoice:
                             help="A finished run's adapter or one of its checkpoints.")
     adapter = chat_source_ui() or adapters.get(label, "")  # an exported model replaces the adapter
     compare = st.toggle("Compare base and fine-tuned side by side", key="chat_compare", disabled=not adapter)
+    recent_ui(adapters)
     if note := restored_note():
         st.caption(note)
     return ChatChoice(model, adapter, compare)

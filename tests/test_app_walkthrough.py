@@ -140,3 +140,25 @@ def test_the_conversation_sits_under_the_pickers_in_a_box_of_its_own(varied_mode
     assert [m.name for m in box.get("chat_message")] == ["user", "assistant"]  # the answer is in the box
     controls = blocks[blocks.index(box) - 1]
     assert [b.key for b in controls.get("button")] == ["chat_new"]  # Stop's place (emptied once answered) and New chat
+
+
+def test_recent_conversations_can_be_reopened(varied_model_dir, tiny_adapter, mactuner_home):
+    from mactuner.chat.history import ChatChoice, ChatTurn
+
+    run = mactuner_home / "runs" / "demo-run"
+    finished_run_with_adapter(mactuner_home, varied_model_dir, tiny_adapter)
+    for choice, question in ((ChatChoice(str(varied_model_dir)), "Base question?"),
+                             (ChatChoice(str(varied_model_dir), str(run / "adapter")), "Tuned question?")):
+        with ChatTurn(choice, question) as turn:
+            turn.reply["answers"] = {choice.sides[0]: "An answer."}
+        time.sleep(0.05)  # the second one is the latest
+    at = open_app_page("pages/chat.py")
+    assert at.selectbox(key="chat_adapter").value == "demo-run · final"  # the latest, reopened
+    options = at.selectbox(key="chat_recent").options
+    assert len(options) == 3 and options[1].startswith("demo-run · final on varied-llama")
+    base = next(o for o in options if o.startswith("base model"))
+    assert "1 question, the last: “Base question?”" in base
+    at.selectbox(key="chat_recent").set_value(base).run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="chat_adapter").value == "(none)" and at.text_input(key="chat_model").value == str(varied_model_dir)
+    assert [t.get("content") for t in at.session_state["chat_history"][::2]] == ["Base question?"]
