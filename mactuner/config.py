@@ -112,7 +112,7 @@ class TrainConfig:
     log_every: int = field(default=1, metadata={"help": "Steps between progress reports."})
 
     # where and how precisely
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:N or mps; None picks the best one."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:N or mps; None: the remembered device, else the best one (MPS > CUDA > CPU)."})
     dtype: str = field(
         default="auto",
         metadata={"help": "Compute precision: auto (the device's best), float32, bfloat16 or float16."},
