@@ -3,8 +3,8 @@
 Makes the quantized variants of a model (or of an adapter merged into its base)
 under ``MACTUNER_HOME/exports`` and measures each one against the unquantized
 reference: size on disk, memory after load, tokens/s, perplexity on held-out
-text (default: a slice of the shared ``wiki_demo.txt``; ``--text-file`` for
-your own). A method the device cannot run is listed with the reason.
+text (default: 8,000 characters of ``mactuner/demo/held_out.txt``; ``--text-file``
+for your own). A method the device cannot run is listed with the reason.
 ``--list`` shows the methods and whether this device supports them. An existing
 ``--out`` folder holding files MacTuner did not create is refused (nothing is
 deleted) unless ``--overwrite`` is given.
