@@ -51,7 +51,7 @@ def test_the_old_notes_and_architecture_file_are_gone_and_nothing_points_at_them
     stale = []
     for folder in (*CODE_FOLDERS, "tests", "bench", "docs", "configs"):
         for path in (ROOT / folder).rglob("*"):
-            if path.suffix in (".py", ".md", ".yaml", ".sh") and path != Path(__file__):
+            if path.suffix in (".py", ".md", ".yaml", ".sh") and path.resolve() != Path(__file__).resolve():
                 text = path.read_text(encoding="utf-8", errors="replace")
                 if "docs/notes" in text or "ARCHITECTURE.md" in text:
                     stale.append(str(path.relative_to(ROOT)))

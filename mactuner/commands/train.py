@@ -1,7 +1,7 @@
 """``python -m mactuner train CONFIG.yaml [--run-dir RUN] [--resume] [--max-steps N …]``
 or, without a YAML file, ``python -m mactuner train --dataset FILE [--model M] [--device D] --recommended``.
 
-Trains in the foreground, writing the run folder (see ARCHITECTURE.md). Every
+Trains in the foreground, writing the run folder (see docs/architecture.md). Every
 ``TrainConfig`` field can be overridden on the command line
 (``--learning-rate 1e-4``, ``--no-packing``, ``--device cpu``). Without a config
 file the run starts from ``TrainConfig``'s defaults, or with ``--recommended``

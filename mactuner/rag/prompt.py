@@ -1,6 +1,6 @@
 """Asking a collection: the prompt a small chat model follows, the streamed answer, and its evidence.
 
-The prompt (see ``docs/notes/rag.md`` for the measurements behind it) is built
+The prompt (see ``docs/benchmarks.md``, "RAG answers", for the measurements behind it) is built
 for models as small as the built-in SmolLM2-135M-Instruct: a short system
 instruction, then one user turn holding the numbered sources, the question and a
 one-line cue to answer from the sources. Small models copy long instructions and
@@ -36,8 +36,8 @@ RAG_SYSTEM_PROMPT = (
     "Cite the source you used by its number, like [1]."
 )
 # the line after the question: without it SmolLM2-135M answers from its own memory far more often
-# (docs/notes/rag.md: 1 of 6 hard questions right without it, 3 of 5 with it). Re-measured on 34 questions
-# against the old prompt and eight other short layouts (docs/notes/ragprompt.md, `python -m bench.rag_answers
+# (docs/benchmarks.md: 1 of 6 hard questions right without it, 3 of 5 with it). Re-measured on 34 questions
+# against the old prompt and eight other short layouts (docs/benchmarks.md, `python -m bench.rag_answers
 # --variants all`): 22/34 right, the old prompt 20/34, none of the others more than one question better.
 ANSWER_CUE = "Answer from the sources above."
 
