@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/ruff check mactuner pages ui app.py tests bench
 
 test: setup browser lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 bench: setup
 	$(BIN)/python -m bench.monitor_overhead

@@ -26,8 +26,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mactuner.chat import GenerationSettings, load_chat_model, stream_chat  # noqa: E402
-from mactuner.models import DEFAULT_MODEL, default_model_path  # noqa: E402
+from mactuner.chat import GenerationSettings, load_chat_model, stream_chat
+from mactuner.models import DEFAULT_MODEL, default_model_path
 
 PROMPTS = [
     [{"role": "user", "content": "Write a long story about a young dragon who guards an old library high in the snowy mountains."}],

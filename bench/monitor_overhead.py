@@ -22,8 +22,8 @@ import time
 
 import psutil
 
-from mactuner.devices import DeviceManager  # noqa: E402
-from mactuner.devices.monitor import MemoryMonitor  # noqa: E402
+from mactuner.devices import DeviceManager
+from mactuner.devices.monitor import MemoryMonitor
 
 TARGET_SHARE = 0.01  # of one core, at a 1 s interval
 

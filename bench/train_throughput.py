@@ -413,7 +413,7 @@ def _peak_for(dtype: str, peaks: dict) -> float:
 
 def summarize(results: dict[str, list[dict]], args) -> dict:
     """Medians per side, ratios against the informed peer, MFU against each side's own dtype's peak."""
-    med = lambda kind, key: statistics.median(x[key] for x in results[kind])  # noqa: E731
+    med = lambda kind, key: statistics.median(x[key] for x in results[kind])
     peaks = {"bfloat16": med("peak", "bfloat16"), "float32": med("peak", "float32")}
     on_gpu = args.device.startswith("cuda")
     rows = {}

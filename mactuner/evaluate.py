@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mactuner import fileio
+from mactuner.adapters import is_adapter
 from mactuner.models import Progress
 
 EVAL_FILE = "eval.json"
@@ -197,7 +198,7 @@ def _load_tuned(adapter: Path, base: str | None, device):
     from mactuner.chat import load_chat_model
     from mactuner.quantize import load_variant
 
-    if (adapter / "adapter_config.json").is_file():
+    if is_adapter(adapter):
         # exact weights on both sides: the comparison measures the fine-tune, not the chat engine's storage
         return load_chat_model(base, adapter, device=device, decode_weights="exact")
     if (adapter / "config.json").is_file():  # a full fine-tuning run's folder: a whole model
@@ -211,7 +212,7 @@ def _base_source(adapter: Path, model: str | None) -> str | None:
 
     if model:
         return model
-    if (adapter / "adapter_config.json").is_file():
+    if is_adapter(adapter):
         return base_model_for(None, adapter)
     run = run_folder_of(adapter)
     return TrainConfig.load(run / "config.yaml").model if run else None

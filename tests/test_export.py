@@ -4,7 +4,6 @@ with ``gguf_file=``; a file MacTuner did not write is never replaced without --o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -21,11 +20,9 @@ from mactuner.export import (
     modelfile_text,
     template_default_system,
 )
+from tests.features import requires
 
-LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-needs_llama_cpp = pytest.mark.skipif(
-    not LLAMA_CPP, reason="llama-cpp-python is not installed (make setup builds it: see docs/notes/export.md)"
-)
+needs_llama_cpp = requires("llama_cpp")
 QUESTION = [{"role": "user", "content": "Tell me about the sea."}]
 GREEDY = GenerationSettings(max_new_tokens=16, temperature=0.0)
 

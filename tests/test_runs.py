@@ -216,10 +216,9 @@ def tiny_config(model_dir: Path, **changes):
 
 
 def test_background_runs_with_a_real_trainer(tiny_model_dir):
-    started = time.monotonic()
     run = runs.start_run(tiny_config(tiny_model_dir, max_steps=400), name="demo data")
-    assert time.monotonic() - started < 2, "start_run must return at once"
-    assert run.state == "running" and run.id.endswith("demo-data")
+    # start_run returns while the trainer is still setting up (how fast is bench/'s business, not a test's)
+    assert run.state == "running" and run.id.endswith("demo-data") and runs.get_run(run.id).step in (None, 0)
     assert (run.path / "config.yaml").exists() and (run.path / "log.txt").exists()
 
     # a second run on the same device is refused, naming the first…

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from mactuner.adapters import is_adapter
 from mactuner.chat import load_chat_model, stream_chat
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import release_model
@@ -36,7 +37,7 @@ def _load(model: str, adapter: str, device, progress):
 
         progress("loading the GGUF file in llama.cpp…", None)
         return load_gguf_chat_model(path)
-    if path is not None and path.is_dir() and not (path / "adapter_config.json").is_file():
+    if path is not None and path.is_dir() and not is_adapter(path):
         from mactuner.quantize import load_variant
 
         progress(f"loading {path.name}…", None)

@@ -24,7 +24,7 @@ def chart(title: str, traces: dict[str, tuple[list, list]], key: str, x_title: s
 
 def charts_ui(tail: runs.MetricsTail) -> None:
     """Loss and validation loss, learning rate, gradient norm, tokens/s and memory of one run."""
-    series = lambda name, kind="train": tail.series(name, kind, max_points=MAX_POINTS)  # noqa: E731
+    series = lambda name, kind="train": tail.series(name, kind, max_points=MAX_POINTS)
     chart("Loss", {"train": series("loss"), "validation": series("val_loss", "eval")}, "finetune_chart_loss")
     left, right = st.columns(2)
     with left:

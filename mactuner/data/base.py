@@ -15,7 +15,7 @@ FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 """File types understood by :func:`load_dataset_file`."""
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 DEMO_DATASETS: dict[str, Path] = {
     "quenmark-alpaca": DEMO_DIR / "quenmark_alpaca.json",
     "quenmark-messages": DEMO_DIR / "quenmark_messages.jsonl",

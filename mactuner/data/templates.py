@@ -114,7 +114,7 @@ def encode_examples(examples: Sequence[Example], tokenizer: Any, assistant_only_
     for index, example in enumerate(examples):
         try:
             text, example_spans = render_example(example, tokenizer)
-        except Exception as exc:  # noqa: BLE001 - jinja raises anything a template author chose
+        except Exception as exc:
             where = f"line {example.line}" if example.line is not None else f"example {index + 1}"
             message = f"the chat template cannot render it ({exc})"
             if problems is None:

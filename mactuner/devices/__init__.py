@@ -13,6 +13,7 @@ from mactuner.devices.dtype import (
     mps_supports_bfloat16,
     optimal_dtype_reason,
     parse_dtype,
+    resolve_dtype,
 )
 from mactuner.devices.health import (
     RELEVANT_ENV,
@@ -60,6 +61,7 @@ from mactuner.devices.probe import (
     DeviceUnavailableError,
     auto_device,
     check_device,
+    cpu_flags,
     cpu_name,
     cpu_supports_bfloat16,
     detect_devices,
@@ -86,6 +88,7 @@ __all__ = [
     "auto_device",
     "check_device",
     "clear_cache",
+    "cpu_flags",
     "cpu_memory",
     "cpu_name",
     "cpu_supports_bfloat16",
@@ -115,6 +118,7 @@ __all__ = [
     "probe_device",
     "read_or_none",
     "resolve_device",
+    "resolve_dtype",
     "tensor_memory_in_use",
     "time_matmul",
     "to_gb",

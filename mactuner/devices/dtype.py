@@ -33,6 +33,14 @@ def get_optimal_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if probe.cpu_supports_bfloat16() else torch.float32
 
 
+def resolve_dtype(setting: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """The dtype a run computes in: ``"auto"`` (or ``None``) is the device's best (:func:`get_optimal_dtype`),
+    anything else is parsed (:func:`parse_dtype`). The one rule the trainer and the memory estimate share."""
+    if setting is None or setting == "auto":
+        return get_optimal_dtype(device)
+    return parse_dtype(setting)
+
+
 def mps_supports_bfloat16() -> bool:
     """Whether Metal computes bfloat16 here: macOS 14 (Sonoma) or later."""
     version = platform.mac_ver()[0]

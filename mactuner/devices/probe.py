@@ -127,6 +127,19 @@ def cpu_name() -> str:
     return _sysctl("machdep.cpu.brand_string") or platform.processor() or platform.machine() or "CPU"
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's capability flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); ``None`` without one (macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return flags
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_supports_bfloat16() -> bool:
     """Whether the CPU computes bfloat16 natively, from its capability flags.
@@ -139,14 +152,9 @@ def cpu_supports_bfloat16() -> bool:
     build machine (AMD EPYC with avx512_bf16) a bfloat16 matmul measured ~3.7x
     faster than float32; ``health()`` re-measures it on every machine.
     """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         return _sysctl("hw.optional.arm.FEAT_BF16") == "1"
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
@@ -313,7 +321,7 @@ def check_device(device: str | torch.device) -> torch.device:
         raise DeviceUnavailableError(f"mps is not available on this machine: {why}. Available: {_existing()}.")
     try:
         probe_device(parsed)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+    except Exception as exc:
         raise DeviceUnavailableError(f"The device {parsed} is not available on this machine: {exc}") from exc
     return parsed
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mactuner import fileio, paths
+from mactuner.adapters import is_adapter
 from mactuner.export.convert import TAG_KEY
 from mactuner.export.modelfile import MODELFILE_HEADER, modelfile_text, run_system_prompt
 from mactuner.models import DEFAULT_MODEL, Progress, loadable_path
@@ -166,14 +167,10 @@ def _recorded_base(merged: Path) -> str:
         return "its base model"
 
 
-def _is_adapter(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
-
-
 def _convert(model_dir: Path, tmp: Path, outtype: str, name: str, tag: dict, progress: Progress | None,
              start: float, span: float) -> None:
     env = dict(os.environ)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the folder holding the mactuner package
     env["PYTHONPATH"] = os.pathsep.join([str(converter_dir()), str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [sys.executable, "-m", "mactuner.export.convert", str(model_dir), str(tmp), outtype, "--name", name,
                "--tag", json.dumps(tag)]
@@ -256,7 +253,7 @@ def export_gguf(
     scratch = fileio.unique_temp_name(target.parent / "merge", prefix=fileio.STAGING_PREFIX)
     tmp = fileio.unique_temp_name(target.parent / "export.gguf")
     try:
-        if adapter_path is not None and _is_adapter(adapter_path):
+        if adapter_path is not None and is_adapter(adapter_path):
             if progress:
                 progress("Merging the adapter into its base model…", 0.0)
             source_dir = merge_adapter(adapter_path, scratch, base=model)
@@ -269,7 +266,7 @@ def export_gguf(
             source = str(source_dir)
         tokenizer = AutoTokenizer.from_pretrained(source_dir)
         tag = {"source": source, "outtype": outtype, "time": time.time()}
-        start = 0.3 if adapter_path is not None and _is_adapter(adapter_path) else 0.0
+        start = 0.3 if adapter_path is not None and is_adapter(adapter_path) else 0.0
         _convert(source_dir, tmp, outtype, label, tag, progress, start, 0.95 - start)
         if progress:
             progress("Writing the Ollama Modelfile…", 0.97)
@@ -350,7 +347,7 @@ def chat_sources() -> list[ChatSource]:
     for run in paths.runs_dir().iterdir() if paths.runs_dir().is_dir() else []:
         candidates = [run / "adapter", *sorted((run / "checkpoints").glob("step-*"))]
         for folder in candidates:
-            if (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+            if (folder / "config.json").is_file() and not is_adapter(folder):
                 label = f"full fine-tune · {run.name} · {'final' if folder.name == 'adapter' else folder.name}"
                 found.append(((folder / "config.json").stat().st_mtime, ChatSource(label, folder, "full")))
     return [source for _, source in sorted(found, key=lambda item: item[0], reverse=True)]

@@ -14,6 +14,7 @@ import torch
 
 from mactuner import fileio, paths
 from mactuner.adapters import base_model_for, check_adapter
+from mactuner.devices import parse_dtype
 from mactuner.models import Progress, loadable_path
 from mactuner.quantize.methods import VARIANT_FILE
 
@@ -72,7 +73,7 @@ def merge_adapter(
         progress(f"Loading base model {base_path}…", 0.1)
     stored_dtype = getattr(AutoConfig.from_pretrained(base_path), "dtype", None) or torch.float32
     if isinstance(stored_dtype, str):
-        stored_dtype = getattr(torch, stored_dtype)
+        stored_dtype = parse_dtype(stored_dtype)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if progress:

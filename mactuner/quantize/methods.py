@@ -44,7 +44,7 @@ from mactuner.models import LoadedModel, Progress, loadable_path, release_model
 
 VARIANT_FILE = "mactuner_variant.json"
 DYNAMIC_STATE_FILE = "quantized_state_dict.pt"
-HELD_OUT_TEXT = Path(__file__).resolve().parent / "demo" / "held_out.txt"  # Wikipedia text via LLaMA-Factory (demo/NOTICE.md)
+HELD_OUT_TEXT = Path(__file__).resolve().parents[1] / "demo" / "held_out.txt"  # Wikipedia text via LLaMA-Factory (demo/NOTICE.md)
 PROBE = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 import psutil
 
 import mactuner
-from mactuner import fileio, fingerprint, locks, paths
+from mactuner import fileio, fingerprint, locks
 from mactuner.runs.store import (  # the package's own helpers
     CANCEL_GRACE_S,
     RunConflict,
@@ -38,21 +37,12 @@ from mactuner.runs.store import (  # the package's own helpers
     _record_verdict,
     _write_json_atomic,
     get_run,
+    new_run_folder,
     reconcile_run,
     run_checkpoints,
     run_path,
     wait_for_exit,
 )
-
-
-def _new_run_id(name: str | None) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", (name or "run").strip()).strip("-._")[:40] or "run"
-    base = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
-    candidate, n = base, 1
-    while (paths.runs_dir() / candidate).exists():
-        n += 1
-        candidate = f"{base}-{n}"
-    return candidate
 
 
 def package_root() -> Path:
@@ -152,8 +142,7 @@ def start_run(config: Any, *, name: str | None = None, force: bool = False) -> R
     prints = fingerprint.compute(config)  # hashing the dataset is done before taking the lock
     with _launching():
         _check_device_free(device, force)
-        path = paths.runs_dir() / _new_run_id(name)
-        path.mkdir(parents=True)
+        path = new_run_folder(name)
         config.save(path / "config.yaml")
         fileio.write_json_atomic(path / fingerprint.FINGERPRINT_FILE, prints)
         now = time.time()

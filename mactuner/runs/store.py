@@ -179,6 +179,24 @@ def _normal_device(device: Any) -> str | None:
 # --- run folders -------------------------------------------------------------
 
 
+def new_run_folder(label: str | None = None) -> Path:
+    """Create and return a new, empty run folder: ``<YYYYmmdd-HHMMSS>-<label>[-N]`` under ``runs_dir()``.
+
+    The one rule for run-folder names (the fine-tune page and ``mactuner train`` alike). Creating the
+    folder is the claim: two processes asking at the same second get different folders.
+    """
+    base = f"{time.strftime('%Y%m%d-%H%M%S')}-{fileio.slug(label or 'run', default='run', max_chars=40)}"
+    paths.runs_dir().mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = paths.runs_dir() / (base if n == 1 else f"{base}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
 def run_path(run: str | os.PathLike) -> Path:
     """The folder of a run given its id (a name under ``runs_dir()``) or its path."""
     path = Path(run)
