@@ -234,3 +234,29 @@ def test_cli_md_documents_every_command_action_and_flag():
             if f"`{choice}`" not in body:
                 missing.append(f"{name} {choice} (the action)")
     assert not missing, "not documented in docs/cli.md: " + ", ".join(sorted(missing))
+
+
+def stated_default_problems(parser: argparse.ArgumentParser, label: str) -> list[str]:
+    """Options whose help says "(default X)" while the parser's default is something else."""
+    problems = []
+    for action in parser._actions:
+        match = re.search(r"\(default:? ([^)]+)\)", action.help or "")
+        if match and action.default not in (None, False, [], argparse.SUPPRESS):
+            stated = match.group(1).strip()
+            if stated != str(action.default):
+                problems.append(f"{label} {action.option_strings or action.dest}: help says {stated!r}, "
+                                f"default is {action.default!r}")
+    return problems
+
+
+def test_help_texts_state_the_real_defaults():
+    _, commands = full_parser()
+    problems = []
+    for name, parser in commands.items():
+        problems += stated_default_problems(parser, name)
+        for action, sub_parser in subcommands(parser).items():
+            problems += stated_default_problems(sub_parser, f"{name} {action}")
+    assert not problems, "\n".join(problems)
+    wrong = argparse.ArgumentParser()
+    wrong.add_argument("--top-k", type=int, default=5, help="chunks retrieved (default 4)")
+    assert stated_default_problems(wrong, "check")  # the check itself can fail
