@@ -8,8 +8,10 @@ from mactuner.export import merge_adapter
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.quantize import compare as quantize_compare
 from mactuner.runs.views import list_adapters
-from ui.common import device_or_stop
+from ui.common import device_or_stop, ensure_frame
 from ui.export_ui import export_section, variants_ui
+
+ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
 
