@@ -343,7 +343,7 @@ def export_gguf(
     _check_target(sidecar, overwrite, _modelfile_is_ours)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not out:
-        fileio.mark_as_ours(target.parent, "GGUF exports written by MacTuner")
+        fileio.mark_as_ours(target.parent, "GGUF exports written by MacTuner", listing=False)
 
     adapter_path = Path(adapter).expanduser() if adapter else None
     if adapter_path is not None and not adapter_path.is_dir():

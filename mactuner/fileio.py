@@ -148,13 +148,58 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
     return target
 
 
-def mark_as_ours(folder: str | os.PathLike, what: str = "") -> None:
-    """Leave MacTuner's marker in a folder it created, so a later overwrite knows it may."""
-    Path(folder, MARKER_FILE).write_text((what or "created by MacTuner") + "\n", encoding="utf-8")
+def _listing(folder: Path) -> dict[str, int | None]:
+    """Every entry under ``folder`` (the marker left out): relative name → size (None for a folder or link)."""
+    listing: dict[str, int | None] = {}
+    for path in folder.rglob("*"):
+        name = path.relative_to(folder).as_posix()
+        if name == MARKER_FILE:
+            continue
+        try:
+            regular = path.is_file() and not path.is_symlink()
+            listing[name] = path.stat().st_size if regular else None
+        except OSError:
+            continue  # vanished while listed
+    return listing
+
+
+def mark_as_ours(folder: str | os.PathLike, what: str = "", *, listing: bool = True) -> None:
+    """Leave MacTuner's marker in a folder it created, so a later overwrite knows it may.
+
+    The marker lists every file MacTuner wrote there (name and size): a file the person
+    added or changed later makes the folder theirs again (:func:`foreign_entries`).
+    ``listing=False`` marks a folder MacTuner adds to over time but never replaces
+    whole (the exports folder, a variants folder holding marked sub-folders).
+    """
+    folder = Path(folder)
+    record = {"written_by": "MacTuner", "what": what or "created by MacTuner",
+              "files": _listing(folder) if listing else None}
+    Path(folder, MARKER_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def foreign_entries(folder: str | os.PathLike) -> list[str] | None:
+    """What in a marked ``folder`` MacTuner did not write (added, or changed in size), sorted.
+
+    None when ``folder`` carries no marker. A marker without a list (written before the
+    list existed, or a folder that is only added to) lists nothing as foreign.
+    """
+    folder = Path(folder)
+    marker = folder / MARKER_FILE
+    if not marker.is_file() or marker.is_symlink():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # a marker of an earlier version: plain text
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return []
+    now = _listing(folder)
+    return sorted(name for name, size in now.items() if name not in files or files[name] != size)
 
 
 def owned_by_mactuner(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is missing, empty, or carries MacTuner's marker (so writing over it loses nothing)."""
+    """Whether ``folder`` is missing, empty, or MacTuner's own (marked, and nothing in it added or changed since)."""
     folder = Path(folder)
     if folder.is_symlink():
         return False
@@ -162,8 +207,9 @@ def owned_by_mactuner(folder: str | os.PathLike) -> bool:
         return True
     if not folder.is_dir():
         return False
-    if (folder / MARKER_FILE).is_file():
-        return True
+    foreign = foreign_entries(folder)
+    if foreign is not None:
+        return not foreign
     return not any(folder.iterdir())
 
 
@@ -197,6 +243,14 @@ def prepare_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
         raise OutputNotOurs(f"{path} is a symbolic link; choose a real folder for the output.")
     if overwrite or owned_by_mactuner(path):
         return path
+    foreign = foreign_entries(path) if path.is_dir() else None
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputNotOurs(
+            f"{path} was written by MacTuner, but files appeared or changed there since: {shown}. Replacing the "
+            "folder would delete them. Move them out, choose another folder, or pass --overwrite "
+            "(overwrite=True) to replace it anyway."
+        )
     what = "is a file" if path.exists() and not path.is_dir() else "holds files MacTuner did not create"
     raise OutputNotOurs(
         f"{path} {what}; writing there would delete them. Choose a new or empty folder, "

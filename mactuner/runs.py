@@ -61,7 +61,7 @@ import psutil
 import yaml
 
 import mactuner
-from mactuner import fileio, fingerprint, locks, paths
+from mactuner import fileio, fingerprint, locks, paths, run_folder
 
 STATES = ("running", "finished", "failed", "cancelled")
 LOG_TAIL_LINES = 20
@@ -799,6 +799,7 @@ def start_run(config: Any, *, name: str | None = None, force: bool = False) -> R
         _check_device_free(device, force)
         path = paths.runs_dir() / _new_run_id(name)
         path.mkdir(parents=True)
+        run_folder.mark_run_folder(path)
         config.save(path / "config.yaml")
         fileio.write_json_atomic(path / fingerprint.FINGERPRINT_FILE, prints)
         now = time.time()
