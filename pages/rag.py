@@ -8,6 +8,7 @@ from mactuner.chat import GenerationSettings, list_adapters
 from mactuner.models import DEFAULT_MODEL
 from pages.chat_models import loaded_model, release_on_device_switch
 from pages.common import device_or_stop
+from pages.model_text import show_model_text, stream_model_text
 from pages.rag_cache import embedder, open_collection
 
 UPLOAD_TYPES = sorted(suffix.lstrip(".") for suffix in rag.SUPPORTED_SUFFIXES)
@@ -133,12 +134,12 @@ try:
         answer = rag.ask(collection, question, embedder(collection.settings.embedding_model, str(device)),
                          loaded_model(model, adapter, device, "Chat model"), top_k=top_k,
                          settings=GenerationSettings(max_new_tokens=max_new, temperature=0.0))
-        st.write_stream(answer)
+        stream_model_text(answer)
         st.session_state["rag_last"] = answer.to_record()
         show_checks(st.session_state["rag_last"])
         show_sources(st.session_state["rag_last"]["sources"])
     elif last := st.session_state.get("rag_last"):
-        st.markdown(f"**{last['question']}**\n\n{last['answer']}")
+        show_model_text(f"**{last['question']}**\n\n{last['answer']}")
         show_checks(last)
         show_sources(last["sources"])
 except (rag.RagError, ValueError, RuntimeError, OSError) as exc:

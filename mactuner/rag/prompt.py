@@ -30,6 +30,7 @@ import numpy as np
 from mactuner.rag.chunking import split_sentences
 from mactuner.rag.collection import Collection, SearchHit
 from mactuner.rag.embedder import Embedder
+from mactuner.safe_text import safe_markdown
 
 RAG_SYSTEM_PROMPT = (
     "Answer the question in one or two sentences, using only the sources. "
@@ -216,8 +217,10 @@ def support_note(record: dict[str, Any]) -> str | None:
 
 def evidence_note(evidence: dict[str, Any]) -> str:
     """Markdown showing an :meth:`Evidence.to_dict` under an answer that does not repeat its top source."""
-    return (f"**Evidence** from source [{evidence['source']}] {evidence['file']} · {evidence['position']}:\n\n"
-            f"> {evidence['sentence']}\n\nThe answer above does not repeat the top source; this is its "
+    # the sentence and the file name are the documents' own text: shown, never fetched or linked
+    sentence = " ".join(safe_markdown(str(evidence["sentence"])).split())
+    return (f"**Evidence** from source [{evidence['source']}] {safe_markdown(str(evidence['file']))} · "
+            f"{evidence['position']}:\n\n> {sentence}\n\nThe answer above does not repeat the top source; this is its "
             "sentence closest to the question.")
 
 
