@@ -28,6 +28,7 @@ from pages.export_ui import chat_source_ui
 from pages.model_text import show_model_text, stream_model_text
 
 HISTORY = "chat_history"  # this session's copy of the saved conversation of the model choice (turns as in chat_history)
+NOTES = "chat_history_notes"  # what load_history said about a damaged conversation file
 IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight
 STOP_WAIT_S = 30.0  # how long the run after a Stop waits for the stopped answer to be saved
 
@@ -100,7 +101,10 @@ def history_ui(choice: ChatChoice) -> list[dict]:
     """
     if not answers_in_flight().wait(STOP_WAIT_S):
         st.caption(":orange[The answer you stopped is still being saved; it shows at your next click.]")
-    st.session_state[HISTORY] = load_history(choice.key)
+    notes = st.session_state.setdefault(NOTES, [])  # a repaired file is said for the rest of the session
+    st.session_state[HISTORY] = load_history(choice.key, notes=notes)
+    for note in notes:
+        st.warning(note, icon=":material/warning:")
     return st.session_state[HISTORY]
 
 
