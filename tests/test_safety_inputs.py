@@ -60,3 +60,69 @@ def test_chat_page_says_the_history_was_damaged():
     warnings = [w.value for w in at.warning]
     assert any("damaged" in w and ".damaged-" in w for w in warnings), warnings
     assert len(at.chat_message) == 30
+
+
+# --- rows 5, 6: a collection never reaches outside its folder ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tiny_embedder_dir):
+    import torch
+
+    from mactuner.rag import load_embedder
+
+    return load_embedder(str(tiny_embedder_dir), device="cpu", dtype=torch.float32)
+
+
+def new_collection(name, tiny_embedder_dir):
+    from mactuner.rag import Collection, IndexSettings
+
+    return Collection.create(name, IndexSettings(chunk_size=200, chunk_overlap=40, embedding_model=str(tiny_embedder_dir)))
+
+
+def test_remove_never_follows_a_document_id_out_of_the_collection(tmp_path, tiny_embedder, tiny_embedder_dir):
+    from mactuner.rag import Collection, RagError
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    collection = new_collection("c", tiny_embedder_dir)
+    collection.add([("otters.txt", b"Otters hold hands while they sleep.")], tiny_embedder)
+    [doc] = collection.documents()
+    meta = collection.folder / "documents" / doc.id / "document.json"
+    for planted in (str(victim), "../../../../" + str(victim.relative_to(victim.anchor)), "..", ""):
+        data = json.loads(meta.read_text())
+        data["id"] = planted
+        meta.write_text(json.dumps(data))
+        again = Collection.open("c")
+        assert again.documents() == []  # not MacTuner's id: left out…
+        assert again.search("otters", tiny_embedder) == []
+        assert any("document.json" in p and doc.id in p for p in again.problems)  # …and named
+        with pytest.raises(RagError, match="no document"):
+            again.remove("otters.txt")
+        assert (victim / "precious.txt").read_text() == "keep me"
+    # its own id back: removed from its own folder
+    data["id"] = doc.id
+    meta.write_text(json.dumps(data))
+    Collection.open("c").remove("otters.txt")
+    assert not (collection.folder / "documents" / doc.id).exists() and victim.is_dir()
+
+
+def test_indexing_a_folder_skips_links_that_leave_it(tmp_path, tiny_embedder, tiny_embedder_dir):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("The vault code is 4711.")
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "diary.md").write_text("Dear diary, the key is under the mat.")
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "herons.txt").write_text("Herons nest in tall trees.")
+    (docs / "sub" / "same.txt").symlink_to(docs / "herons.txt")  # a link that stays inside: fine
+    (docs / "notes.txt").symlink_to(secret)
+    (docs / "more").symlink_to(tmp_path / "private")
+    collection = new_collection("d", tiny_embedder_dir)
+    report = collection.add([str(docs)], tiny_embedder)
+    skipped = dict(report.skipped)
+    assert "leaves the folder" in skipped["notes.txt"] and "leaves the folder" in skipped["more"]
+    assert sorted(d.original_name for d in report.added) == ["herons.txt", "sub/same.txt"]
+    texts = " ".join(hit.text for hit in collection.search("vault code key", tiny_embedder, top_k=5))
+    assert "4711" not in texts and "diary" not in texts
