@@ -126,3 +126,41 @@ def test_indexing_a_folder_skips_links_that_leave_it(tmp_path, tiny_embedder, ti
     assert sorted(d.original_name for d in report.added) == ["herons.txt", "sub/same.txt"]
     texts = " ".join(hit.text for hit in collection.search("vault code key", tiny_embedder, top_k=5))
     assert "4711" not in texts and "diary" not in texts
+
+
+# --- row 7: a dataset that expands past a stated cap is refused before it is read ----------------------
+
+
+def test_a_parquet_file_of_many_repeated_rows_is_refused_from_its_metadata(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mactuner.data import MAX_DATASET_ROWS, DatasetError, load_dataset_file
+
+    rows = MAX_DATASET_ROWS + 100_000
+    prompt = pa.array(["What is the capital of Quenmark? " * 8]).take(pa.array([0] * rows))
+    table = pa.table({"prompt": prompt, "completion": pa.array(["Lumetta."]).take(pa.array([0] * rows))})
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(table, path, compression="zstd")
+    del table, prompt
+    assert path.stat().st_size < 200_000
+    before = pa.total_allocated_bytes()
+    with pytest.raises(DatasetError, match=rf"{rows:,} rows.*at most {MAX_DATASET_ROWS:,}"):
+        load_dataset_file(path)
+    assert pa.total_allocated_bytes() - before < 16 * 2**20  # the rows were never read
+
+
+def test_text_datasets_past_the_size_cap_are_refused_before_reading(tmp_path, monkeypatch):
+    from mactuner import data
+
+    monkeypatch.setattr(data, "MAX_DATASET_BYTES", 10_000)
+    path = tmp_path / "big.jsonl"
+    path.write_text((json.dumps({"prompt": "a" * 90, "completion": "b"}) + "\n") * 200)
+    with pytest.raises(data.DatasetError, match=r"big\.jsonl.*MB.*at most"):
+        data.load_dataset_file(path)
+    monkeypatch.setattr(data, "MAX_DATASET_BYTES", 10_000_000)
+    monkeypatch.setattr(data, "MAX_DATASET_ROWS", 150)
+    with pytest.raises(data.DatasetError, match=r"200 rows.*at most 150"):
+        data.load_dataset_file(path)
+    path.write_text((json.dumps({"prompt": "a", "completion": "b"}) + "\n") * 150)
+    assert len(data.load_dataset_file(path).examples) == 150
