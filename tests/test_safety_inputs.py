@@ -164,3 +164,40 @@ def test_text_datasets_past_the_size_cap_are_refused_before_reading(tmp_path, mo
         data.load_dataset_file(path)
     path.write_text((json.dumps({"prompt": "a", "completion": "b"}) + "\n") * 150)
     assert len(data.load_dataset_file(path).examples) == 150
+
+
+# --- row 8: a PDF whose pages reuse one big stream is capped, and skipped with a message ---------------
+
+
+def many_pages_one_stream(pages: int, line: bytes = b"(" + b"Quenmark " * 40 + b") Tj T*\n", lines: int = 600) -> bytes:
+    import zlib
+
+    from tests.rag_fixtures import pdf_file
+
+    content = zlib.compress(b"BT /F1 10 Tf 12 TL 72 720 Td\n" + line * lines + b"ET", 9)
+    kids = " ".join(f"{5 + i} 0 R" for i in range(pages))
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode(),
+               b"<< /Length " + str(len(content)).encode() + b" /Filter /FlateDecode >>\nstream\n" + content
+               + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 3 0 R /Resources << /Font << /F1 4 0 R >> >> >>"
+    return pdf_file(objects + [page] * pages)
+
+
+def test_a_pdf_of_pages_reusing_one_stream_is_capped(tiny_embedder, tiny_embedder_dir):
+    from mactuner.rag.extract import MAX_PDF_PAGES, DocumentError, extract_text, pdf_character_cap
+
+    bomb = many_pages_one_stream(200)
+    assert len(bomb) < 60_000
+    assert pdf_character_cap(len(bomb)) == 1_000_000  # 43 MB of text in 200 pages: stopped by page 5
+    with pytest.raises(DocumentError, match=r"bomb\.pdf: refused: its text runs past 1,000,000 characters by page 5 "):
+        extract_text(bomb, "bomb.pdf")
+    pages = many_pages_one_stream(MAX_PDF_PAGES + 1, line=b"(x) Tj\n", lines=1)
+    with pytest.raises(DocumentError, match=rf"pages\.pdf: {MAX_PDF_PAGES + 1:,} pages.*at most {MAX_PDF_PAGES:,}"):
+        extract_text(pages, "pages.pdf")
+    # in a batch it is skipped with that message, and the rest is indexed
+    collection = new_collection("p", tiny_embedder_dir)
+    report = collection.add([("bomb.pdf", bomb), ("ok.pdf", many_pages_one_stream(2, lines=3))], tiny_embedder)
+    assert [d.name for d in report.added] == ["ok.pdf"]
+    assert "characters" in dict(report.skipped)["bomb.pdf"]
