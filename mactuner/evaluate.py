@@ -332,11 +332,12 @@ def compare_runs(run_ids: list[str]) -> list[dict[str, Any]]:
     for run_id in run_ids:
         run = runs.get_run(run_id)
         try:
-            import yaml
+            from mactuner.safe_yaml import load_yaml_file
 
-            config = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")) or {}
+            config = load_yaml_file(run.path / "config.yaml") or {}
         except (OSError, ValueError):
             config = {}
+        config = config if isinstance(config, dict) else {}
         result = load_eval(run.path)
         row: dict[str, Any] = {"run": run.id, "state": run.state, "steps": run.step}
         row.update({name: config.get(name) for name in COMPARED_SETTINGS})

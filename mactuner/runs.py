@@ -58,10 +58,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
 import mactuner
-from mactuner import fileio, fingerprint, locks, paths, run_folder
+from mactuner import fileio, fingerprint, locks, paths, run_folder, safe_yaml
 
 STATES = ("running", "finished", "failed", "cancelled")
 LOG_TAIL_LINES = 20
@@ -449,8 +448,8 @@ def _load_config_dict(path: Path) -> dict[str, Any]:
         cached = _config_cache.get(file)
         if cached and cached[0] == mtime:
             return cached[1]
-        data = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError):
+        data = safe_yaml.load_yaml_file(file)
+    except (OSError, ValueError):
         return {}
     data = data if isinstance(data, dict) else {}
     _config_cache[file] = (mtime, data)

@@ -201,3 +201,60 @@ def test_a_pdf_of_pages_reusing_one_stream_is_capped(tiny_embedder, tiny_embedde
     report = collection.add([("bomb.pdf", bomb), ("ok.pdf", many_pages_one_stream(2, lines=3))], tiny_embedder)
     assert [d.name for d in report.added] == ["ok.pdf"]
     assert "characters" in dict(report.skipped)["bomb.pdf"]
+
+
+# --- row 9 (and 14's config): YAML aliases and Python tags are refused with their line ----------------
+
+LAUGHS = """model: tiny
+dataset: data.jsonl
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+target_modules: [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+@pytest.mark.parametrize("text, line, says", [
+    (LAUGHS, 3, "aliases"),
+    ("model: !!python/object/apply:os.system ['echo owned']\n", 1, "plain values"),
+    ("model: tiny\nlora_rank: [1\n", 3, "not valid YAML"),
+])
+def test_a_config_with_aliases_or_python_tags_is_refused_with_its_line(tmp_path, capsys, text, line, says):
+    from mactuner.cli import main
+    from mactuner.config import TrainConfig
+
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"config\.yaml line {line}: .*{says}"):
+        TrainConfig.load(path)
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"line {line}" in err and "Traceback" not in err and len(err) < 500
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_value_is_named_in_a_bounded_message():
+    from mactuner.config import TrainConfig
+
+    with pytest.raises(ValueError) as caught:
+        TrainConfig.from_dict({"target_modules": [["x" * 1000] * 1000] * 1000})
+    assert "target_modules" in str(caught.value) and len(str(caught.value)) < 400
+    with pytest.raises(ValueError) as caught:
+        TrainConfig.from_dict({"model": "m", "lora_rank": "r" * 100_000})
+    assert "lora_rank" in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_the_runs_list_reads_a_run_config_with_aliases_as_empty():
+    from mactuner import fileio, paths, runs
+
+    path = paths.runs_dir() / "laughs"
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(LAUGHS)
+    fileio.write_json_atomic(path / "status.json", {"state": "finished", "step": 1, "total_steps": 1})
+    [run] = runs.list_runs()
+    assert run.id == "laughs" and run.config == {}
