@@ -20,7 +20,6 @@ settings, final losses and eval results of several runs for the Compare view.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -312,8 +311,8 @@ def save_eval(result: EvalResult, run_dir: str | os.PathLike | None = None) -> P
 def load_eval(run_dir: str | os.PathLike) -> EvalResult | None:
     """The run's saved evaluation, or ``None`` when it has none (or it cannot be read)."""
     try:
-        return EvalResult.from_dict(json.loads((Path(run_dir) / EVAL_FILE).read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
+        return EvalResult.from_dict(fileio.read_regular_json(Path(run_dir) / EVAL_FILE))
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
 
 

@@ -13,9 +13,11 @@ and two writers never trip over each other's temporary file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +33,45 @@ def unique_temp_name(target: str | os.PathLike, prefix: str = ".") -> Path:
     target = Path(target)
     tag = f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
     return target.with_name(f"{prefix}{target.name}.{tag}.tmp")
+
+
+class NotARegularFile(OSError):
+    """A path that is a named pipe, a device or a folder where a file was expected."""
+
+
+def open_regular(path: str | os.PathLike, mode: str = "rb") -> IO[Any]:
+    """Open an existing *regular* file for reading, never blocking.
+
+    A named pipe planted where MacTuner expects one of its files would block a plain
+    ``open`` until someone writes to it (every runs list would hang); a device could be
+    read forever. The file is opened non-blocking and checked with ``fstat`` first.
+
+    Raises:
+        NotARegularFile: ``path`` is not a regular file. FileNotFoundError and other
+        ``OSError``: as ``open``.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file (see :func:`open_regular`), refusing one larger than ``max_bytes``."""
+    with open_regular(path) as handle:
+        data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"larger than {max_bytes:,} bytes", str(path))
+    return data
+
+
+def read_regular_json(path: str | os.PathLike, max_bytes: int = 16 * 2**20) -> Any:
+    """JSON from a regular file of at most ``max_bytes`` (OSError or ValueError otherwise)."""
+    return json.loads(read_regular_bytes(path, max_bytes).decode("utf-8"))
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -141,7 +141,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = fileio.read_regular_json(path, max_bytes=1_000_000)  # never a pipe (it would block), never huge
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -164,7 +164,7 @@ def _as_epoch(value: Any) -> float | None:
 def tail_lines(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64_000) -> str:
     """The last ``lines`` lines of a text file ("" if it does not exist), reading only its end."""
     try:
-        with open(path, "rb") as handle:
+        with fileio.open_regular(path) as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
             handle.seek(max(0, size - max_bytes))
@@ -202,7 +202,7 @@ def read_metrics(run: str | os.PathLike, offset: int = 0, max_bytes: int | None 
     """
     path = run_path(run) / "metrics.jsonl"
     try:
-        with open(path, "rb") as handle:
+        with fileio.open_regular(path) as handle:
             handle.seek(offset)
             data = handle.read(max_bytes if max_bytes else -1)
             if max_bytes and len(data) == max_bytes and b"\n" not in data:
@@ -212,6 +212,8 @@ def read_metrics(run: str | os.PathLike, offset: int = 0, max_bytes: int | None 
                 data += more
     except FileNotFoundError:
         return MetricsChunk([], 0)
+    except OSError:
+        return MetricsChunk([], offset)  # not a regular file (a planted pipe), or unreadable right now
     end = data.rfind(b"\n") + 1
     records = []
     for line in data[:end].splitlines():
@@ -287,7 +289,7 @@ class MetricsTail:
         """Read what was appended since the last call; returns the number of new records."""
         try:
             size = (self.path / "metrics.jsonl").stat().st_size
-        except FileNotFoundError:
+        except OSError:
             size = 0
         if size < self.offset:  # the file was replaced by a shorter one: start over
             self._reset()
@@ -542,7 +544,7 @@ def _judge(path: Path, status: dict[str, Any], launch: dict[str, Any]) -> _Verdi
 
 def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any], _Verdict]:
     status_file = path / "status.json"
-    if not status_file.exists():
+    if not status_file.is_file():  # missing (deleted meanwhile), or a pipe or folder: not a run's status
         raise RunError(f"{path} is not a training run (no status.json).")
     status = _read_json(status_file)
     launch = _read_json(path / "process.json")
@@ -634,6 +636,14 @@ def reconcile_run(run: str | os.PathLike, lock_timeout: float = 2.0) -> RunInfo:
             return _record_verdict(path)
     except locks.LockBusy:
         return _info(path, status, launch, verdict)
+    except OSError as error:
+        # a full disk (or a read-only one) must not hide the run: report the verdict, say why it is not
+        # recorded; the next listing with room records it
+        if not path.is_dir():
+            raise RunError(f"{path} was deleted meanwhile.") from None
+        verdict.message = (f"{verdict.message or ''} MacTuner could not record this in status.json: "
+                           f"{error.strerror or error}.").strip()
+        return _info(path, status, launch, verdict)
 
 
 def list_runs() -> list[RunInfo]:
@@ -643,16 +653,26 @@ def list_runs() -> list[RunInfo]:
 
 def _list_runs(read) -> list[RunInfo]:
     runs = []
-    for path in paths.runs_dir().iterdir():
+    try:
+        entries = list(paths.runs_dir().iterdir())
+    except FileNotFoundError:
+        return []
+    for path in entries:
         # hidden names are folders being deleted; links are not MacTuner's own runs
-        if not path.name.startswith(".") and path.is_dir() and not path.is_symlink() and (path / "status.json").exists():
+        if not path.name.startswith(".") and path.is_dir() and not path.is_symlink() and (path / "status.json").is_file():
             try:
                 runs.append(read(path))
-            except RunError:
-                continue
+            except (RunError, FileNotFoundError):
+                continue  # not a run, or deleted while it was read (another tab, a person)
+
+    def created(run: RunInfo) -> float:
+        try:
+            return (run.path / "config.yaml").stat().st_mtime
+        except OSError:
+            return 0.0
+
     # newest first by creation (config.yaml is written once, at the start), so a resumed run keeps its place
-    runs.sort(key=lambda r: ((r.path / "config.yaml").stat().st_mtime if (r.path / "config.yaml").exists() else 0.0, r.id),
-              reverse=True)
+    runs.sort(key=lambda r: (created(r), r.id), reverse=True)
     return runs
 
 

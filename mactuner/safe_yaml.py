@@ -9,6 +9,7 @@ and refuses files past :data:`MAX_CONFIG_BYTES` before parsing.
 
 from __future__ import annotations
 
+import errno
 import os
 import reprlib
 from pathlib import Path
@@ -80,8 +81,14 @@ def load_yaml(text: str, where: str = "config") -> Any:
 
 def load_yaml_file(path: str | os.PathLike) -> Any:
     """:func:`load_yaml` of a file; a file past :data:`MAX_CONFIG_BYTES` is refused before it is read."""
+    from mactuner.fileio import read_regular_bytes
+
     path = Path(path)
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigFileError(f"{path}: {size:,} bytes; a config holds at most {MAX_CONFIG_BYTES:,}.")
-    return load_yaml(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    try:
+        # a regular file only (a named pipe would block), at most MAX_CONFIG_BYTES
+        data = read_regular_bytes(path, MAX_CONFIG_BYTES)
+    except OSError as error:
+        if error.errno == errno.EFBIG:
+            raise ConfigFileError(f"{path}: a config holds at most {MAX_CONFIG_BYTES:,} bytes.") from None
+        raise
+    return load_yaml(data.decode("utf-8", errors="replace"), str(path))
