@@ -16,9 +16,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -72,6 +74,54 @@ def read_regular_bytes(path: str | os.PathLike, max_bytes: int | None = None) ->
 def read_regular_json(path: str | os.PathLike, max_bytes: int = 16 * 2**20) -> Any:
     """JSON from a regular file of at most ``max_bytes`` (OSError or ValueError otherwise)."""
     return json.loads(read_regular_bytes(path, max_bytes).decode("utf-8"))
+
+
+# what unique_temp_name puts at the end of a name: ".<pid>-<thread id>-<8 hex>.tmp"
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)-\d+-[0-9a-f]{8}\.tmp$")
+STALE_TEMP_GRACE_S = 60.0  # a temporary file younger than this is kept even if its pid is gone (pids are reused)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def sweep_stale_temps(folder: str | os.PathLike, grace_seconds: float = STALE_TEMP_GRACE_S) -> list[Path]:
+    """Remove the temporary files and staging folders that writers which died left in ``folder``.
+
+    Only names :func:`unique_temp_name` makes (hidden, ending in ``.<pid>-<thread>-<hex>.tmp``) are
+    considered, and only when that pid is no longer running and the entry is older than
+    ``grace_seconds``: a live writer's file, and anything the person named, are never touched.
+    Returns what was removed.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < grace_seconds:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue  # gone already, or not ours to remove after all
+        removed.append(entry)
+    return removed
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -313,6 +363,7 @@ def write_output_folder(
         OutputNotOurs: ``path`` holds something MacTuner did not create and ``overwrite`` is False.
     """
     path = prepare_output(path, overwrite)
+    sweep_stale_temps(path.parent)  # what a killed merge or quantize left beside it
     if path.exists() and not path.is_dir():
         path.unlink()  # a file, and overwrite was asked for
 

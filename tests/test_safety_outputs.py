@@ -117,3 +117,78 @@ def test_merge_again_keeps_a_file_the_person_added(varied_model_dir, tiny_adapte
     err = capsys.readouterr().err
     assert "README.md" in err and "--overwrite" in err
     assert (out / "README.md").read_text() == "what I learned"
+
+
+# --- row 12: SIGTERM while the converter writes leaves no temporary file; stale ones are swept ----------------
+
+
+def hidden(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_sigterm_during_export_leaves_no_temporary_file(varied_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from mactuner.export import converter_missing_reason
+    from tests.locations import ROOT
+
+    assert converter_missing_reason() is None
+    out = tmp_path / "exports"
+    out.mkdir()
+    (out / "mine.txt").write_text("the person's file")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MACTUNER_CONVERT_PAUSE_S": "120"}
+    export = subprocess.Popen([sys.executable, "-m", "mactuner", "export", "--merged", str(varied_model_dir),
+                               "--out", str(out / "model.gguf")], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(name.endswith(".tmp") for name in hidden(out)) and time.monotonic() < deadline:
+        assert export.poll() is None, export.communicate()
+        time.sleep(0.2)
+    temp = [out / n for n in hidden(out)]
+    assert temp and all(p.stat().st_size > 0 for p in temp), temp  # the converter is writing
+    converters = psutil.Process(export.pid).children(recursive=True)
+    export.send_signal(signal.SIGTERM)
+    _, err = export.communicate(timeout=60)
+    assert export.returncode == 128 + signal.SIGTERM
+    assert "stopped" in err and "Traceback" not in err
+    assert hidden(out) == [] and sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    assert not [c for c in converters if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_stale_temporary_files_of_dead_processes_are_swept(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead, alive = child.pid, os.getpid()
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    old = time.time() - 3600
+    names = {
+        f".export.gguf.{dead}-1-0123abcd.tmp": True,  # a killed export's file: swept
+        f"{fileio.STAGING_PREFIX}merge.{dead}-1-0123abcd.tmp": True,  # a killed merge's folder: swept
+        f".export.gguf.{alive}-1-0123abcd.tmp": False,  # a live writer's: kept
+        ".notes.tmp": False,  # the person's own hidden file: kept
+        "model.gguf": False,
+    }
+    for name in names:
+        if "staging" in name:
+            (folder / name).mkdir()
+            (folder / name / "model.safetensors").write_bytes(b"\0" * 8)
+        else:
+            (folder / name).write_bytes(b"\0" * 8)
+        os.utime(folder / name, (old, old))
+    fresh = folder / f".export.gguf.{dead}-2-0123abcd.tmp"  # just written: a pid may be reused, so age counts too
+    fresh.write_bytes(b"\0")
+    removed = fileio.sweep_stale_temps(folder)
+    assert sorted(p.name for p in removed) == sorted(n for n, swept in names.items() if swept)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([fresh.name] + [n for n, s in names.items() if not s])
