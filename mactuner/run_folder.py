@@ -4,7 +4,9 @@ A trainer writes ``config.yaml``, ``status.json``, ``checkpoints/`` and ``adapte
 run folder and replaces what is there: a folder of the person's own files given as
 ``--run-dir`` would lose them. So a run folder must be missing, empty, or MacTuner's:
 it carries :data:`RUN_MARKER` (written when MacTuner creates a run) or, for runs written
-before the marker existed, a ``status.json`` that is a run's status.
+before the marker existed, a ``status.json`` that is a run's status. A folder holding only a
+``config.yaml`` that is a MacTuner training config is a run being set up
+(``train RUN/config.yaml --run-dir RUN``): training there rewrites that config, nothing else.
 """
 
 from __future__ import annotations
@@ -52,7 +54,18 @@ def is_run_folder(folder: str | os.PathLike) -> bool:
         return False
     if (folder / RUN_MARKER).is_file() or _has_run_status(folder):
         return True
-    return not any(folder.iterdir())
+    names = [p.name for p in folder.iterdir()]
+    return not names or (names == ["config.yaml"] and _is_train_config(folder / "config.yaml"))
+
+
+def _is_train_config(path: Path) -> bool:
+    from mactuner.config import TrainConfig
+
+    try:
+        TrainConfig.load(path)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
 
 
 def check_run_folder(folder: str | os.PathLike) -> Path:

@@ -70,6 +70,13 @@ def test_a_run_folder_is_recognised_by_its_marker_or_its_status(tmp_path):
     (theirs / "status.json").write_text('{"mood": "fine"}')
     with pytest.raises(NotARunFolder, match="status.json"):
         check_run_folder(theirs)
+    # a new folder holding only the MacTuner config it is trained from: a run being set up
+    setup = tmp_path / "setup"
+    setup.mkdir()
+    (setup / "config.yaml").write_text("model: tiny\ndataset: data.jsonl\n")
+    assert is_run_folder(setup)
+    (setup / "config.yaml").write_text("my: own settings\n")  # not a training config: the person's file
+    assert not is_run_folder(setup)
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotARunFolder, match="not a folder"):
         check_run_folder(tmp_path / "file")
