@@ -47,6 +47,7 @@ import torch
 
 from mactuner.cpu_threads import CpuThreads
 from mactuner.devices import empty_device_cache, get_optimal_dtype, resolve_device
+from mactuner.file_checks import check_adapter_files
 from mactuner.models import DEFAULT_MODEL, LoadedModel, Progress, load_model
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
@@ -142,13 +143,15 @@ def adapter_base_model(adapter: str | os.PathLike) -> str | None:
 
 
 def check_adapter(adapter: str | os.PathLike) -> Path:
-    """The adapter folder as a path, or ``FileNotFoundError`` saying it is not a PEFT adapter."""
+    """The adapter folder as a path; ``FileNotFoundError`` when it is not a PEFT adapter,
+    :class:`mactuner.file_checks.DamagedFile` (a ``ValueError``) when its weights file cannot be read."""
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not an adapter folder (no adapter_config.json). "
             "Pick a finished run's adapter/ folder or one of its checkpoints/step-N folders."
         )
+    check_adapter_files(path)  # a damaged or crafted weights file: a message, not a SafetensorError
     return path
 
 

@@ -246,6 +246,9 @@ def evaluate(
     started = time.perf_counter()
     device = resolve_device(device)
     adapter = Path(adapter).expanduser()
+    from mactuner.file_checks import check_adapter_files
+
+    check_adapter_files(adapter)  # a damaged weights file is said before minutes of work, not after
     examples, dataset_name, rows_source, max_length = evaluation_rows(adapter, dataset)
     examples = examples[:max_rows]
     if not examples:

@@ -258,3 +258,102 @@ def test_the_runs_list_reads_a_run_config_with_aliases_as_empty():
     fileio.write_json_atomic(path / "status.json", {"state": "finished", "step": 1, "total_steps": 1})
     [run] = runs.list_runs()
     assert run.id == "laughs" and run.config == {}
+
+
+# --- row 14: crafted files end in a one-line message, in the CLI and on the pages ----------------------------
+
+
+def crafted_ggufs(folder):
+    import struct
+
+    header = b"GGUF" + struct.pack("<I", 3)
+    files = {
+        "cut.gguf": b"GGUF\x03\x00",  # cut inside the header
+        "counts.gguf": header + struct.pack("<QQ", 2**60, 2**60),  # counts no file could hold
+        "string.gguf": header + struct.pack("<QQ", 0, 1) + struct.pack("<Q", 2**40) + b"ab",  # a 1 TB key
+        "array.gguf": header + struct.pack("<QQ", 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 4, 2**50),
+        "type.gguf": header + struct.pack("<QQ", 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 77),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return [folder / name for name in files]
+
+
+def test_crafted_gguf_headers_are_refused_with_a_message(tmp_path, capsys):
+    from mactuner.cli import main
+    from mactuner.models import ModelSourceError, load_model, model_footprint
+
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    for path in crafted_ggufs(tmp_path):
+        with pytest.raises(ModelSourceError, match=rf"{path.name}.*(damaged|not a complete GGUF)"):
+            model_footprint(str(path))
+        with pytest.raises(ModelSourceError, match="damaged|not a complete GGUF"):
+            load_model(str(path), device="cpu")
+        assert main(["recommend", "--model", str(path), "--dataset", str(dataset), "--device", "cpu"]) in (1, 2)
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and path.name in err and "Traceback" not in err and len(err) < 600
+
+
+def test_crafted_gguf_as_a_chat_model_is_refused_before_llama_cpp(tmp_path):
+    from mactuner.llamacpp_chat import llama_cpp_missing_reason, load_gguf_chat_model
+
+    assert llama_cpp_missing_reason() is None
+    for path in crafted_ggufs(tmp_path):
+        with pytest.raises(ValueError, match="damaged|not a complete GGUF"):
+            load_gguf_chat_model(path)
+
+
+def test_fine_tune_page_says_a_crafted_gguf_is_damaged(tmp_path):
+    from tests.app_pages import open_app_page
+
+    path = crafted_ggufs(tmp_path)[2]
+    at = open_app_page("pages/finetune.py")
+    at.radio(key="finetune_model_kind").set_value("Local folder or .gguf file").run()
+    at.text_input(key="finetune_model_path").input(str(path)).run()
+    assert not at.exception, at.exception
+    assert any(path.name in e.value and "damaged" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def crafted_adapter(tiny_adapter, folder, header: bytes):
+    import shutil
+
+    shutil.copytree(tiny_adapter, folder)
+    (folder / "adapter_model.safetensors").write_bytes(header)
+    return folder
+
+
+@pytest.mark.parametrize("weights", [
+    b"\xff" * 8 + b"{}",  # a header length past the file
+    (30).to_bytes(8, "little") + b'{"w": {"dtype": "F32", "shape"',  # cut inside the header
+    (60).to_bytes(8, "little") + b'{"w":{"dtype":"F32","shape":[1000,1000],"data_offsets":[0,4000000]}}'.ljust(60),
+    b"abc",  # shorter than a header length
+])
+def test_a_crafted_adapter_file_is_refused_with_a_message(varied_model_dir, tiny_adapter, tmp_path, capsys, weights):
+    from mactuner.chat import load_chat_model
+    from mactuner.cli import main
+
+    adapter = crafted_adapter(tiny_adapter, tmp_path / "adapter", weights)
+    dataset = tmp_path / "rows.jsonl"
+    dataset.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors.*damaged"):
+        load_chat_model(str(varied_model_dir), str(adapter), device="cpu")
+    for argv in (["merge", "--adapter", str(adapter), "--model", str(varied_model_dir), "--out", str(tmp_path / "m")],
+                 ["eval", "--adapter", str(adapter), "--model", str(varied_model_dir), "--dataset", str(dataset),
+                  "--device", "cpu", "--no-save"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("error: ") == 1, err
+        assert err.strip().splitlines()[-1].startswith("error: ") and "damaged" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "m").exists()
+
+
+def test_eval_on_a_dataset_with_no_usable_row_says_so(varied_model_dir, tiny_adapter, tmp_path, capsys):
+    from mactuner.cli import main
+
+    dataset = tmp_path / "rows.jsonl"
+    dataset.write_text(json.dumps({"prompt": "only a prompt"}) + "\n")
+    assert main(["eval", "--adapter", str(tiny_adapter), "--model", str(varied_model_dir), "--dataset", str(dataset),
+                 "--device", "cpu", "--no-save"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "rows.jsonl" in err and "Traceback" not in err
