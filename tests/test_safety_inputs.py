@@ -357,3 +357,20 @@ def test_eval_on_a_dataset_with_no_usable_row_says_so(varied_model_dir, tiny_ada
                  "--device", "cpu", "--no-save"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "rows.jsonl" in err and "Traceback" not in err
+
+
+def test_a_large_dataset_is_summarised_from_an_even_sample(tmp_path, monkeypatch, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from mactuner import data
+
+    path = tmp_path / "rows.jsonl"
+    # every third row is long: the sample keeps that mix
+    rows = [{"prompt": f"question {n}", "completion": "word " * (200 if n % 3 == 0 else 2)} for n in range(3000)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(data, "SUMMARY_SAMPLE_ROWS", 300)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    summary = data.summarize_dataset(data.load_dataset_file(path), tokenizer, max_length=64)
+    assert summary.sampled_rows == 300 and len(summary.token_lengths) == 300
+    assert summary.rows == 3000 and summary.total_rows == 3000
+    assert 900 <= summary.truncated_rows <= 1100 and 900 <= summary.rows_longer_than(64) <= 1100
