@@ -179,13 +179,6 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     fsync_dir(path.parent)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_open(path, "wb") as handle:
-        handle.write(data)
-    return Path(path)
-
-
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_open(path, "w") as handle:
@@ -373,3 +366,12 @@ def write_output_folder(
         prepare_output(path, overwrite)
 
     return write_folder_atomically(path, fill, replace=True)
+
+
+def slug(text: str, default: str = "model", max_chars: int = 80) -> str:
+    """``text`` as a file or folder name: runs of characters other than letters, digits, ``._-`` become ``-``.
+
+    The one rule for names MacTuner derives from a label (run ids, export and variant folders);
+    never empty (``default``), never a hidden name or ``..``, at most ``max_chars`` characters.
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:max_chars].strip("-.") or default

@@ -27,7 +27,7 @@ class ConfigFileError(ValueError):
 class _PlainLoader(yaml.SafeLoader):
     """SafeLoader without anchors and aliases (nothing to expand)."""
 
-    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+    def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             mark = event.start_mark
@@ -62,7 +62,7 @@ def load_yaml(text: str, where: str = "config") -> Any:
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigFileError(f"{where}: {len(text):,} characters; a config holds at most {MAX_CONFIG_BYTES:,}.")
     try:
-        return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - _PlainLoader is a SafeLoader
+        return yaml.load(text, Loader=_PlainLoader)
     except ConfigFileError as error:
         raise ConfigFileError(f"{where} {error}") from None
     except yaml.constructor.ConstructorError as error:

@@ -13,7 +13,7 @@ import pytest
 
 
 def saved_conversation(turns: int):
-    from mactuner.chat_history import history_file, history_key, new_turn, save_history
+    from mactuner.chat.history import history_file, history_key, new_turn, save_history
     from mactuner.models import DEFAULT_MODEL
 
     key = history_key(DEFAULT_MODEL)
@@ -31,7 +31,7 @@ def saved_conversation(turns: int):
 
 
 def test_a_damaged_history_is_copied_and_its_readable_turns_recovered():
-    from mactuner.chat_history import history_dir, load_history, new_turn, save_turn
+    from mactuner.chat.history import history_dir, load_history, new_turn, save_turn
 
     key, file, cut = saved_conversation(20)
     notes: list[str] = []
@@ -152,14 +152,15 @@ def test_a_parquet_file_of_many_repeated_rows_is_refused_from_its_metadata(tmp_p
 
 def test_text_datasets_past_the_size_cap_are_refused_before_reading(tmp_path, monkeypatch):
     from mactuner import data
+    from mactuner.data import readers
 
-    monkeypatch.setattr(data, "MAX_DATASET_BYTES", 10_000)
+    monkeypatch.setattr(readers, "MAX_DATASET_BYTES", 10_000)
     path = tmp_path / "big.jsonl"
     path.write_text((json.dumps({"prompt": "a" * 90, "completion": "b"}) + "\n") * 200)
     with pytest.raises(data.DatasetError, match=r"big\.jsonl.*MB.*at most"):
         data.load_dataset_file(path)
-    monkeypatch.setattr(data, "MAX_DATASET_BYTES", 10_000_000)
-    monkeypatch.setattr(data, "MAX_DATASET_ROWS", 150)
+    monkeypatch.setattr(readers, "MAX_DATASET_BYTES", 10_000_000)
+    monkeypatch.setattr(readers, "MAX_DATASET_ROWS", 150)
     with pytest.raises(data.DatasetError, match=r"200 rows.*at most 150"):
         data.load_dataset_file(path)
     path.write_text((json.dumps({"prompt": "a", "completion": "b"}) + "\n") * 150)
@@ -296,7 +297,7 @@ def test_crafted_gguf_headers_are_refused_with_a_message(tmp_path, capsys):
 
 
 def test_crafted_gguf_as_a_chat_model_is_refused_before_llama_cpp(tmp_path):
-    from mactuner.llamacpp_chat import llama_cpp_missing_reason, load_gguf_chat_model
+    from mactuner.chat.llamacpp import llama_cpp_missing_reason, load_gguf_chat_model
 
     assert llama_cpp_missing_reason() is None
     for path in crafted_ggufs(tmp_path):
@@ -368,7 +369,7 @@ def test_a_large_dataset_is_summarised_from_an_even_sample(tmp_path, monkeypatch
     # every third row is long: the sample keeps that mix
     rows = [{"prompt": f"question {n}", "completion": "word " * (200 if n % 3 == 0 else 2)} for n in range(3000)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(data, "SUMMARY_SAMPLE_ROWS", 300)
+    monkeypatch.setattr(data.summary, "SUMMARY_SAMPLE_ROWS", 300)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     summary = data.summarize_dataset(data.load_dataset_file(path), tokenizer, max_length=64)
     assert summary.sampled_rows == 300 and len(summary.token_lengths) == 300

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from mactuner import checkpoints, fileio, paths, run_views, runs
+from mactuner import checkpoints, fileio, paths, runs
+from mactuner.runs import views as run_views
 
 
 def run_folder(run_id: str, state: str = "finished", **status):

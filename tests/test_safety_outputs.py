@@ -112,7 +112,7 @@ def test_an_output_folder_with_a_file_added_is_not_replaced(tmp_path):
     assert (target / "sub" / "tokenizer.json").read_text() == "{}"
 
 
-def test_merge_again_keeps_a_file_the_person_added(varied_model_dir, tiny_adapter, tmp_path, capsys):  # noqa: F811
+def test_merge_again_keeps_a_file_the_person_added(varied_model_dir, tiny_adapter, tmp_path, capsys):
     from mactuner.cli import main
 
     out = tmp_path / "NEW"

@@ -59,7 +59,7 @@ def test_safe_markdown_keeps_the_words_and_the_formatting():
 
 @pytest.mark.browser
 def test_chat_page_shows_a_leaking_answer_without_any_outside_request(mactuner_home):
-    from mactuner.chat_history import history_key, new_turn, save_history
+    from mactuner.chat.history import history_key, new_turn, save_history
     from mactuner.models import DEFAULT_MODEL
     from tests.browser import browser_page, running_app, wait_for_app
 

@@ -9,96 +9,60 @@ under ``st.session_state["device"]``, so two tabs may compute on different devic
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import runpy
 import sys
-import types
+import threading
 from pathlib import Path
 
 import streamlit as st
 import torch
 
 from mactuner.devices import DeviceManager, DeviceUnavailableError, resolve_device
-from mactuner.monitor import MemoryMonitor
+from mactuner.devices.monitor import MemoryMonitor
 from mactuner.settings import load_settings, remember_device
 
 DEVICE_KEY = "device"  # st.session_state key holding the chosen device, e.g. "cpu", "cuda:0"
 MONITOR_INTERVAL = 1.0  # seconds between memory samples; ~0.05 % of one core (bench/monitor_overhead.py)
 
 
-def streamlit_internals() -> dict[str, object | None]:
-    """The two Streamlit internals the frame work-around patches (``None`` where a release removed one).
+APP_SCRIPT = Path(__file__).resolve().parents[1] / "app.py"
+_frame = threading.local()  # each browser session's script runs in a thread of its own
 
-    ``tests/test_streamlit_internals.py`` fails when an upgrade removes either, so the
-    work-around cannot silently stop working.
-    """
+
+@contextlib.contextmanager
+def frame():
+    """``app.py`` runs the chosen page inside this: the page then knows it has the frame (sidebar, device picker)."""
+    _frame.active = True
     try:
-        from streamlit.runtime.pages_manager import PagesManager
-    except ImportError:
-        PagesManager = None
-    try:
-        from streamlit.runtime.scriptrunner import script_runner
-    except ImportError:
-        script_runner = None
-    return {
-        "PagesManager.uses_pages_directory": PagesManager if hasattr(PagesManager, "uses_pages_directory") else None,
-        "script_runner._mpa_v1": script_runner if hasattr(script_runner, "_mpa_v1") else None,
-    }
+        yield
+    finally:
+        _frame.active = False
 
 
 def ensure_frame() -> None:
-    """Make sure this script run goes through ``app.py`` (the frame with the device picker).
+    """Make sure this page runs inside ``app.py``'s frame; pages call it first.
 
-    Streamlit still honours the old ``pages/`` folder convention until
-    ``app.py`` has called ``st.navigation`` once in the process: when the
-    first request of a fresh server opens a page by URL (``/dashboard``),
-    Streamlit runs ``pages/dashboard.py`` alone, without the frame. Here we
-    switch that off and rerun the same page, this time through ``app.py``; the
-    page is found again when its ``url_path`` is its file's name. Pages get
-    this by calling :func:`device_manager`, :func:`memory_monitor` or
-    :func:`selected_device`. Where a Streamlit release no longer has the
-    internal, nothing is patched (the page still works, opened from the frame).
+    Until ``st.navigation`` has been called once in the server process, Streamlit follows the old
+    ``pages/`` folder convention: the first request of a fresh server that opens a page by its URL
+    (``/quantize``) runs ``pages/quantize.py`` alone, without the frame. Then this runs ``app.py``,
+    whose ``st.navigation`` (public API) switches Streamlit to the frame for good and runs the page
+    the URL names inside it, and stops the frameless run.
     """
-    pages_manager = streamlit_internals()["PagesManager.uses_pages_directory"]
-    if pages_manager is not None and pages_manager.uses_pages_directory:
-        pages_manager.uses_pages_directory = False
-        st.rerun()
-
-
-def _always_run_app_script() -> None:
-    # AppTest re-reads the pages/ folder before *every* run, so a rerun as in
-    # ensure_frame() would cost each button click; instead make Streamlit's
-    # pages-folder runner run app.py itself (which then routes with
-    # st.navigation). Idempotent; skipped if Streamlit's internals change.
-    script_runner = streamlit_internals()["script_runner._mpa_v1"]
-    if script_runner is None:
-        logging.getLogger(__name__).warning("Streamlit has no script_runner._mpa_v1: page-URL work-around not installed")
+    if getattr(_frame, "active", False):
         return
-    legacy = script_runner._mpa_v1
-    if getattr(legacy, "runs_app_script", False):
-        return
-
-    def run_app_script(main_script_path: str) -> None:
-        # as Streamlit runs a script: a fresh "__main__" module, not the process's
-        module = types.ModuleType("__main__")
-        module.__file__ = main_script_path
-        exec(compile(Path(main_script_path).read_bytes(), main_script_path, "exec"), module.__dict__)  # noqa: S102
-
-    run_app_script.runs_app_script = True
-    script_runner._mpa_v1 = run_app_script
-
-
-_always_run_app_script()
+    runpy.run_path(str(APP_SCRIPT), run_name="__main__")
+    st.stop()
 
 
 def device_manager() -> DeviceManager:
     """The app-wide :class:`DeviceManager`; detection is logged at start-up, as the original did."""
-    ensure_frame()
     return _device_manager()
 
 
 def memory_monitor() -> MemoryMonitor:
     """The app-wide :class:`MemoryMonitor`, already sampling."""
-    ensure_frame()
     return _memory_monitor()
 
 
@@ -141,7 +105,6 @@ def selected_device() -> torch.device:
     Raises:
         RuntimeError: the device stopped working; pages show the message with ``st.error``.
     """
-    ensure_frame()
     if not st.session_state.get(DEVICE_KEY):
         st.session_state[DEVICE_KEY] = default_device(available_devices())
     return resolve_device(st.session_state[DEVICE_KEY])

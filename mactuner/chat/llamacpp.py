@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mactuner.chat import ChatStats, GenerationSettings, Message, build_messages, generation_threads
+from mactuner.chat.engine import ChatStats, GenerationSettings, Message, build_messages, generation_threads
 
 DEFAULT_CONTEXT = 4096  # tokens; the file's own training context when that is smaller
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from mactuner import export, quantize
+from mactuner import export
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
+from mactuner.quantize import compare as quantize_compare
 
 CHAT_OPEN = "chat_open"  # session key: a model path the Chat page selects on its next run
 ERRORS = (export.ExportError, ModelSourceError, OSError, RuntimeError, ValueError)
@@ -71,12 +72,12 @@ def exported_ui(done: dict) -> None:
             f"llama-cli -m {path.name} -cnv    # llama.cpp; LM Studio: lms import {path.name}", language="bash")
 
 
-def variants_ui(report: quantize.QuantizeReport) -> None:
+def variants_ui(report: quantize_compare.QuantizeReport) -> None:
     """Each variant: its verdict, its own folder, a zip download and Open in Chat."""
-    verdicts = quantize.report_verdicts(report)
-    lo, hi = quantize.VERDICT_THRESHOLDS[0][0], quantize.VERDICT_THRESHOLDS[-1][0]
+    verdicts = quantize_compare.report_verdicts(report)
+    lo, hi = quantize_compare.VERDICT_THRESHOLDS[0][0], quantize_compare.VERDICT_THRESHOLDS[-1][0]
     st.caption(f"Verdicts compare perplexity with **{report.variants[0].name}**: within {(lo - 1) * 100:.0f} % is good, "
-               f"within {(quantize.VERDICT_THRESHOLDS[1][0] - 1) * 100:.0f} % acceptable, "
+               f"within {(quantize_compare.VERDICT_THRESHOLDS[1][0] - 1) * 100:.0f} % acceptable, "
                f"within {(hi - 1) * 100:.0f} % worse (check its answers), beyond that not recommended.")
     rows = [v for v in report.variants if v.error is None and v.path]
     for i, variant in enumerate(rows):
@@ -116,7 +117,7 @@ def chat_source_ui() -> str:
             st.warning("That is not a .gguf file.")
             return ""
         if path.lower().endswith(".gguf"):
-            from mactuner.llamacpp_chat import llama_cpp_missing_reason
+            from mactuner.chat.llamacpp import llama_cpp_missing_reason
 
             if reason := llama_cpp_missing_reason():
                 st.warning(reason)
@@ -124,7 +125,7 @@ def chat_source_ui() -> str:
         return path
     path = sources.get(label, "")
     if path.lower().endswith(".gguf"):
-        from mactuner.llamacpp_chat import llama_cpp_missing_reason
+        from mactuner.chat.llamacpp import llama_cpp_missing_reason
 
         if reason := llama_cpp_missing_reason():
             st.warning(reason)

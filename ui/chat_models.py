@@ -2,7 +2,7 @@
 released when the person switches device. Not a page itself.
 
 Besides base + adapter (the torch engine), a chat "adapter" may be a ``.gguf`` file
-(answered by llama.cpp, :mod:`mactuner.llamacpp_chat`), a merged or quantized variant
+(answered by llama.cpp, :mod:`mactuner.chat.llamacpp`), a merged or quantized variant
 folder, or a full fine-tuning run's model folder (both through ``quantize.load_variant``).
 """
 
@@ -12,8 +12,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from mactuner.chat import load_chat_model, release_model, stream_chat
+from mactuner.adapters import is_adapter
+from mactuner.chat import load_chat_model, stream_chat
 from mactuner.devices import dtype_name, get_optimal_dtype
+from mactuner.models import release_model
 
 MAX_MODELS = 2  # chat and RAG models held at once: base + fine-tuned for compare mode
 
@@ -31,11 +33,11 @@ def model_cache() -> dict:
 def _load(model: str, adapter: str, device, progress):
     path = Path(adapter) if adapter else None
     if path is not None and path.suffix.lower() == ".gguf":
-        from mactuner.llamacpp_chat import load_gguf_chat_model
+        from mactuner.chat.llamacpp import load_gguf_chat_model
 
         progress("loading the GGUF file in llama.cpp…", None)
         return load_gguf_chat_model(path)
-    if path is not None and path.is_dir() and not (path / "adapter_config.json").is_file():
+    if path is not None and path.is_dir() and not is_adapter(path):
         from mactuner.quantize import load_variant
 
         progress(f"loading {path.name}…", None)
@@ -44,7 +46,7 @@ def _load(model: str, adapter: str, device, progress):
 
 
 def _release(loaded) -> None:
-    from mactuner.llamacpp_chat import GGUFModel
+    from mactuner.chat.llamacpp import GGUFModel
 
     if isinstance(loaded, GGUFModel):
         loaded.close()  # llama.cpp frees its model and context at once
@@ -71,7 +73,7 @@ def loaded_model(model: str, adapter: str, device, label: str):
 
 def answer_stream(loaded, messages, settings):
     """A streaming answer from either engine (the same ``text`` / ``stats`` / ``close()`` interface)."""
-    from mactuner.llamacpp_chat import GGUFModel, stream_gguf_chat
+    from mactuner.chat.llamacpp import GGUFModel, stream_gguf_chat
 
     if isinstance(loaded, GGUFModel):
         return stream_gguf_chat(loaded, messages, settings)

@@ -9,7 +9,7 @@ import streamlit as st
 from mactuner import evaluate, runs
 from mactuner.data import DatasetError
 from mactuner.models import ModelSourceError
-from pages.common import selected_device
+from ui.common import selected_device
 
 ERRORS = (ModelSourceError, DatasetError, OSError, RuntimeError, ValueError)
 

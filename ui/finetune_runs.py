@@ -1,15 +1,16 @@
 """UI-only part of the fine-tune page: the runs list and the live view of one run.
 
 Kept apart from ``pages/finetune.py`` (the set-up) so each stays short; all the
-logic is in :mod:`mactuner.runs` and :mod:`mactuner.run_views`. Not a page itself.
+logic is in :mod:`mactuner.runs` and :mod:`mactuner.runs.views`. Not a page itself.
 """
 
 import streamlit as st
 
-from mactuner import run_views, runs
-from mactuner.run_names import run_display_name, set_run_name
-from pages.common import memory_monitor
-from pages.eval_ui import compare_ui, evaluate_ui
+from mactuner import runs
+from mactuner.runs import views as run_views
+from mactuner.runs.names import run_display_name, set_run_name
+from ui.common import memory_monitor
+from ui.eval_ui import compare_ui, evaluate_ui
 
 MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
 LIVE_REFRESH_S = 1.0  # while a run trains
@@ -23,7 +24,7 @@ def chart(title: str, traces: dict[str, tuple[list, list]], key: str, x_title: s
 
 def charts_ui(tail: runs.MetricsTail) -> None:
     """Loss and validation loss, learning rate, gradient norm, tokens/s and memory of one run."""
-    series = lambda name, kind="train": tail.series(name, kind, max_points=MAX_POINTS)  # noqa: E731
+    series = lambda name, kind="train": tail.series(name, kind, max_points=MAX_POINTS)
     chart("Loss", {"train": series("loss"), "validation": series("val_loss", "eval")}, "finetune_chart_loss")
     left, right = st.columns(2)
     with left:

