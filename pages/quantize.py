@@ -73,7 +73,7 @@ text = text_ui()
 if run_col.button("Quantize and compare", key="quant_run", type="primary"):
     bar = st.progress(0.0, text="Starting…")
     try:
-        report = quantize.compare_variants(
+        report = quantize_compare.compare_variants(
             model if model != DEFAULT_MODEL or not adapter else None, methods, adapter=adapter or None,
             device=device, text=text, progress=lambda message, f: bar.progress(min(f or 0.0, 1.0), text=message),
         )
