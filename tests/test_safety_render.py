@@ -57,6 +57,16 @@ def test_safe_markdown_keeps_the_words_and_the_formatting():
     assert safe_markdown("") == ""
 
 
+def test_rag_source_titles_and_evidence_show_document_text_safely():
+    from mactuner import rag
+
+    hit = {"file": "![x](https://outside.example/f.png).md", "position": "line 1, chunk 0", "score": 0.5}
+    evidence = {"source": 1, "file": hit["file"], "position": "line 1, chunk 0", "score": 0.5, "sentence": LEAK}
+    for markdown in (rag.source_title(1, hit), rag.evidence_note(evidence)):
+        html = render(markdown)
+        assert "<img" not in html and "<a " not in html, html
+
+
 @pytest.mark.browser
 def test_chat_page_shows_a_leaking_answer_without_any_outside_request(mactuner_home):
     from mactuner.chat.history import history_key, new_turn, save_history

@@ -226,7 +226,8 @@ def evidence_note(evidence: dict[str, Any]) -> str:
 
 def source_title(number: int, hit: dict[str, Any]) -> str:
     """A source's heading: ``[1] handbook.md · line 12, chunk 0 · score 0.734`` (``hit`` a :meth:`SearchHit.to_dict`)."""
-    return f"[{number}] {hit['file']} · {hit['position']} · score {hit['score']:.3f}"
+    # an expander's label is Markdown: the file name (the documents' own) is shown, never fetched or linked
+    return f"[{number}] {safe_markdown(str(hit['file']))} · {hit['position']} · score {hit['score']:.3f}"
 
 
 def ask(collection: Collection, question: str, embedder: Embedder, loaded, *, top_k: int = 4,
