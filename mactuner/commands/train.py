@@ -126,7 +126,14 @@ def run(args: argparse.Namespace) -> int:
     from mactuner.train import Trainer, TrainingError
 
     if args.run_dir:
+        from mactuner.run_folder import NotARunFolder, check_run_folder
+
         run_dir = Path(args.run_dir)
+        try:
+            check_run_folder(run_dir)
+        except NotARunFolder as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     elif args.resume:
         print("error: --resume needs --run-dir", file=sys.stderr)
         return 2
