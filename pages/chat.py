@@ -23,15 +23,18 @@ from mactuner.chat.history import (
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.runs.views import list_adapters
+from mactuner.safe_text import safe_markdown
 from ui.chat_choice import recent_ui, restore_ui, restored_note
 from ui.chat_compare import compare_answers
 from ui.chat_models import answer_stream, loaded_model, release_on_device_switch
 from ui.common import device_or_stop, ensure_frame
 from ui.export_ui import chat_source_ui
+from ui.model_text import show_model_text, stream_model_text
 
 ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 HISTORY = "chat_history"  # this session's copy of the saved conversation of the model choice (turns as in chat_history)
+NOTES = "chat_history_notes"  # what load_history said about a damaged conversation file
 IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight
 CONVERSATION_PX = 520  # the conversation's box: the page around it stays about one window high
 STOP_WAIT_S = 30.0  # how long the run after a Stop waits for the stopped answer to be saved
@@ -90,7 +93,7 @@ def show_history(history: list[dict], names: list[str]) -> None:
     for message in history:
         with st.chat_message(message["role"]):
             if message["role"] == "user":
-                st.markdown(message["content"])
+                show_model_text(message["content"])
                 continue
             for column, who in zip(side_columns(names), names):
                 with column:
@@ -99,7 +102,7 @@ def show_history(history: list[dict], names: list[str]) -> None:
                     if who not in message["answers"]:
                         st.caption("No answer: stopped before this side's turn.")
                         continue
-                    st.markdown(message["answers"][who])
+                    show_model_text(message["answers"][who])
                     answer_footer(message["stats"].get(who, {}))
 
 
@@ -110,7 +113,10 @@ def history_ui(choice: ChatChoice) -> list[dict]:
     """
     if not answers_in_flight().wait(STOP_WAIT_S):
         st.caption(":orange[The answer you stopped is still being saved; it shows at your next click.]")
-    st.session_state[HISTORY] = load_history(choice.key)
+    notes = st.session_state.setdefault(NOTES, [])  # a repaired file is said for the rest of the session
+    st.session_state[HISTORY] = load_history(choice.key, notes=notes)
+    for note in notes:
+        st.warning(note, icon=":material/warning:")
     return st.session_state[HISTORY]
 
 
@@ -121,7 +127,7 @@ def answer_one(turn: ChatTurn, history: list[dict], choice: ChatChoice, device, 
     try:
         loaded = loaded_model(choice.model, choice.adapter_of(who), device, who)
         stream = answer_stream(loaded, turn.conversation(history, who), settings)
-        st.write_stream(stream)
+        stream_model_text(stream)
     except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory
         st.error(str(exc))
         st.stop()
@@ -136,19 +142,19 @@ def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, sett
     button in ``stop`` (an ``st.empty`` above the conversation); each side's answer is saved as soon as it
     ends, and the question however the run ends.
 
-    Stop (or any click) interrupts this run at its next Streamlit call (``st.write_stream``'s next
-    piece) with Streamlit's stop or rerun exception: the side's ``finally`` records its answer so far
+    Stop (or any click) interrupts this run at its next Streamlit call (each piece the
+    answer draws) with Streamlit's stop or rerun exception: the side's ``finally`` records its answer so far
     as stopped and merges it into the file, while :func:`answers_in_flight` holds the next run.
     """
     with answers_in_flight().writing(), ChatTurn(choice, prompt) as turn:
         with st.chat_message("user"):
-            st.markdown(prompt)
+            show_model_text(prompt)
         with st.chat_message("assistant"):
             stop.button("Stop", key="chat_stop_answer", icon=":material/stop_circle:",
                         help="End the answer being written.")
             if choice.compare:
                 compare_answers(turn, history, choice, device, settings, answer_footer,
-                                lambda slot, text: slot.markdown(text))
+                                lambda slot, text: slot.markdown(safe_markdown(text)))
             else:
                 answer_one(turn, history, choice, device, settings)
             stop.empty()

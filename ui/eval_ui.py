@@ -7,11 +7,12 @@ import pandas as pd
 import streamlit as st
 
 from mactuner import evaluate, paths, runs
+from mactuner.data import DatasetError
 from mactuner.display import table_for_people
 from mactuner.models import ModelSourceError
 from ui.common import selected_device
 
-ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
+ERRORS = (ModelSourceError, DatasetError, OSError, RuntimeError, ValueError)
 
 
 def show_eval(result: evaluate.EvalResult) -> None:
