@@ -7,7 +7,7 @@ from ui.common import device_picker, frame
 
 quiet_third_party_loggers()
 
-st.set_page_config(page_title="MacTuner", page_icon=":material/tune:", layout="wide")
+st.set_page_config(page_title="MacTuner", page_icon="🛠️", layout="wide")
 
 DASHBOARD = "pages/dashboard.py"
 

@@ -66,9 +66,11 @@ def test_a_finished_run_links_to_chat(varied_model_dir, tiny_adapter, mactuner_h
         wait_for_app(page)
         page.get_by_role("button", name="Open in Chat").click()
         page.get_by_role("heading", name="Chat").wait_for(timeout=120_000)  # the first visit imports the chat engine
+        picker = page.get_by_role("combobox", name="Fine-tuned adapter")
+        picker.wait_for(timeout=120_000)
         wait_for_app(page)
         assert page.url.rstrip("/").endswith("/chat")
-        assert page.get_by_role("combobox", name="Fine-tuned adapter").input_value() == "demo-run · final"
+        assert picker.input_value() == "demo-run · final"
 
 
 def evaluated_run(home, model_dir, adapter):
