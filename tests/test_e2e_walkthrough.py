@@ -141,9 +141,15 @@ def test_a_reload_lands_on_the_running_run(varied_model_dir, tiny_adapter, mactu
             for visit in ("open", "reload"):
                 if visit == "reload":
                     page.reload()
-                page.get_by_role("combobox", name="Runs").wait_for(timeout=120_000)
+                picker = page.get_by_role("combobox", name="Runs")
+                picker.wait_for(timeout=120_000)
+                wait_for_app(page, timeout_ms=120_000)
                 assert page.get_by_role("tab", name="Runs").get_attribute("aria-selected") == "true", visit
-                assert page.get_by_role("combobox", name="Runs").input_value().startswith("a-running · running"), visit
+                # (the runs view redraws every second: read the picker once the page has settled)
+                deadline = time.monotonic() + 15
+                while not picker.input_value().startswith("a-running") and time.monotonic() < deadline:
+                    page.wait_for_timeout(500)
+                assert picker.input_value().startswith("a-running · running"), visit
     finally:
         sleeper.kill()
         sleeper.wait()
