@@ -58,6 +58,7 @@ class PairUnit:
 
     chosen: Unit
     rejected: Unit
+    prompt_length: int = 0
     position_ids: None = None  # never packed
 
     @property
@@ -102,7 +103,7 @@ def pair_units(rows) -> list[PairUnit | AnswerUnit]:
     for r in rows:
         if r.chosen_ids is not None:
             units.append(PairUnit(Unit(*sequence(r.prompt_ids, r.chosen_ids), None),
-                                  Unit(*sequence(r.prompt_ids, r.rejected_ids), None)))
+                                  Unit(*sequence(r.prompt_ids, r.rejected_ids), None), len(r.prompt_ids)))
         else:
             units.append(AnswerUnit(list(r.prompt_ids), list(r.completion_ids), bool(r.label)))
     return units
@@ -147,6 +148,8 @@ class SequenceLogps:
 
     logps: torch.Tensor  # [rows] float32
     tokens: torch.Tensor  # [rows] float32
+    # with answer_from: the same over every trained token (prompt included), for ORPO's NLL
+    all_logps: torch.Tensor | None = None
 
 
 class PreferenceObjective:
@@ -170,6 +173,8 @@ class PreferenceObjective:
             self.reference = reference
         self._stats: dict[str, torch.Tensor] = {}
         self._step_answer_tokens = 1.0
+        # ORPO's NLL on the prompt's tokens too (TRL's ORPOTrainer does) when assistant_only_loss is off
+        self.nll_on_prompt = self.kind == "orpo" and not config.assistant_only_loss
 
     # -- data
 
@@ -198,8 +203,11 @@ class PreferenceObjective:
         and counts what the ORPO NLL is normalised by (the global batch's chosen tokens)."""
         self._pending = {}
         if self.kind == "orpo":
-            self._step_answer_tokens = float(max(1, sum(u.chosen.trained_tokens for u in global_batch)))
+            self._step_answer_tokens = float(max(1, sum(self._nll_tokens(u) for u in global_batch)))
             self._step_rows = float(len(global_batch))
+
+    def _nll_tokens(self, unit: PairUnit) -> int:
+        return len(unit.chosen.input_ids) - 1 if self.nll_on_prompt else unit.chosen.trained_tokens
 
     def end_step(self) -> None:
         """The step was applied: its statistics join those of the report."""
@@ -225,7 +233,7 @@ class PreferenceObjective:
         total: dict[str, torch.Tensor] = {}
         saved = self._step_answer_tokens, getattr(self, "_step_rows", 1.0)
         if self.kind == "orpo":
-            self._step_answer_tokens = float(max(1, sum(u.chosen.trained_tokens for u in units)))
+            self._step_answer_tokens = float(max(1, sum(self._nll_tokens(u) for u in units)))
             self._step_rows = float(len(units))
         loss = torch.zeros((), dtype=torch.float32, device=self.trainer.device)
         for start in range(0, len(units), micro_batch):
@@ -244,10 +252,14 @@ class PreferenceObjective:
             return self._kto(units)
         sequences = [u.chosen for u in units] + [u.rejected for u in units]
         n = len(units)
+        if self.kind == "orpo":
+            if not self.nll_on_prompt:
+                return self._orpo(self.sequence_logps(sequences), n)
+            whole = [Unit(u.chosen.input_ids, list(u.chosen.input_ids), None) for u in units]
+            starts = [u.prompt_length for u in units] * 2
+            return self._orpo(self.sequence_logps(whole + sequences[n:], answer_from=starts), n)
         policy = self.sequence_logps(sequences)
         chosen, rejected = policy.logps[:n], policy.logps[n:]
-        if self.kind == "orpo":
-            return self._orpo(policy, n)
         with torch.no_grad(), self.reference_model() as model:
             ref = self.sequence_logps(sequences, model)
         chosen_ratio = chosen - ref.logps[:n]
@@ -265,7 +277,8 @@ class PreferenceObjective:
         log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
         ratio = F.logsigmoid(log_odds)
         # the chosen answers' NLL per token of the whole global batch, as a per-row share
-        nll = -policy.logps[:n].sum() * (self._step_rows / self._step_answer_tokens)
+        nll_logps = policy.logps if policy.all_logps is None else policy.all_logps
+        nll = -nll_logps[:n].sum() * (self._step_rows / self._step_answer_tokens)
         loss = nll - self.beta * ratio.sum()
         stats = _pair_stats(self.beta * chosen.detach(), self.beta * rejected.detach())
         stats["log_odds_ratio"] = torch.stack([ratio.detach().sum(), torch.tensor(float(n), device=ratio.device)])
@@ -313,8 +326,12 @@ class PreferenceObjective:
             model = stack.enter_context(_DisabledAdapter(self.trainer.model, self.trainer.causal_lm))
         return _Entered(stack, model)
 
-    def sequence_logps(self, sequences: list[Unit], model=None) -> SequenceLogps:
-        """Summed log-probabilities of each sequence's trained (answer) tokens, in one forward pass."""
+    def sequence_logps(self, sequences: list[Unit], model=None, answer_from: list[int] | None = None) -> SequenceLogps:
+        """Summed log-probabilities of each sequence's trained (answer) tokens, in one forward pass.
+
+        With ``answer_from`` (each sequence's first answer token), ``logps`` and ``tokens`` count the
+        answer's tokens only and ``all_logps`` every trained token.
+        """
         trainer = self.trainer
         model = trainer.causal_lm if model is None else model
         batch = collate(sequences, trainer.pad_id, trainer.device)
@@ -338,11 +355,17 @@ class PreferenceObjective:
                 trained = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.positions)
                 token_nll = F.cross_entropy(trained.float(), batch.targets, reduction="none")
         count = len(sequences)
-        logps = torch.zeros(count, dtype=torch.float32, device=token_nll.device).index_add(0, rows, -token_nll)
-        tokens = torch.zeros(count, dtype=torch.float32, device=token_nll.device).index_add(
-            0, rows, torch.ones_like(token_nll)
-        )
-        return SequenceLogps(logps, tokens)
+        weights = torch.ones_like(token_nll)
+        all_logps = None
+        if answer_from is not None:
+            all_logps = torch.zeros(count, dtype=torch.float32, device=token_nll.device).index_add(0, rows, -token_nll)
+            # position c predicts token c + 1: an answer token from the sequence's first one on
+            columns = batch.positions % batch.input_ids.shape[1]
+            starts = torch.tensor(answer_from, device=token_nll.device)
+            weights = ((columns + 1) >= starts[rows]).float()
+        logps = torch.zeros(count, dtype=torch.float32, device=token_nll.device).index_add(0, rows, -token_nll * weights)
+        tokens = torch.zeros(count, dtype=torch.float32, device=token_nll.device).index_add(0, rows, weights)
+        return SequenceLogps(logps, tokens, all_logps)
 
 
 class _Entered:
