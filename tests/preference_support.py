@@ -1,8 +1,8 @@
 """Synthetic preference data for the DPO / ORPO / KTO tests: the chosen answer follows a rule a fresh model does not.
 
-The rule: the answer names a fruit, not a tool. Each pair draws a fruit and a tool at random, so a model
-that has not learned the rule prefers one or the other by chance (about half the pairs), and held-out
-pairs combine the words in pairings never trained on.
+The rule: the chosen answer is the rejected one made polite (" Thank you!" after it, or "Sure! " before
+it); the word answered is drawn at random for each pair. A fresh model gives a longer answer a lower
+log-probability, so it ranks (almost) no pair right; held-out pairs use prompts and words never trained on.
 """
 
 from __future__ import annotations
@@ -14,17 +14,21 @@ from pathlib import Path
 FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "melon"]
 TOOLS = ["hammer", "wrench", "saw", "drill", "chisel", "pliers", "shovel", "rake", "axe", "spanner"]
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white"]
-ANIMALS = ["dog", "cat", "horse", "mouse", "sheep", "goat", "tiger", "lion", "bear", "wolf"]
 FILLERS = ["please", "now", "quickly", "today", "again", "for me", "once more", "if you can"]
 
 
-def preference_pairs(count: int, seed: int, good=FRUITS, bad=TOOLS) -> list[dict]:
-    """TRL-style rows {prompt, chosen, rejected} (plain strings)."""
+def preference_pairs(count: int, seed: int, words=FRUITS + TOOLS, polite: str = "suffix") -> list[dict]:
+    """TRL-style rows {prompt, chosen, rejected} (plain strings).
+
+    ``polite``: ``suffix`` (chosen = answer + " Thank you!") or ``prefix`` (chosen = "Sure! " + answer).
+    """
     rng = random.Random(seed)
     rows = []
-    for i in range(count):
+    for _ in range(count):
         prompt = f"Item {rng.randint(1, 999)}: name one thing {rng.choice(FILLERS)}."
-        rows.append({"prompt": prompt, "chosen": f"{rng.choice(good).capitalize()}.", "rejected": f"{rng.choice(bad).capitalize()}."})
+        answer = f"{rng.choice(words).capitalize()}."
+        chosen = f"{answer} Thank you!" if polite == "suffix" else f"Sure! {answer}"
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": answer})
     return rows
 
 
