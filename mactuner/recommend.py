@@ -22,7 +22,6 @@ memory, each with a one-line reason.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import os
 from dataclasses import asdict, dataclass, field

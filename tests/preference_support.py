@@ -35,3 +35,16 @@ def preference_pairs(count: int, seed: int, words=FRUITS + TOOLS, polite: str = 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def require(module: str):
+    """Import an optional test dependency (trl, tensorboard, mlflow): skipped where it is not installed,
+    except under CI=true, where its absence fails the test."""
+    import importlib
+    import os
+
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is a test extra: pip install -e '.[test,trackers]'")

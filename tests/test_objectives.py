@@ -3,20 +3,17 @@ model and the same batch, and learning a preference the base model does not have
 
 from __future__ import annotations
 
-import json
-import math
-
 import pytest
 import torch
 
 from mactuner.preference_data import PreferenceRow
 from mactuner.train import Trainer
 from mactuner.training.objectives import pair_units
-from tests.preference_support import preference_pairs, write_jsonl
-from tests.train_support import read_metrics, tiny_config
+from tests.preference_support import preference_pairs, require, write_jsonl
+from tests.train_support import tiny_config
 
-trl = pytest.importorskip("trl", reason="the reference implementation: pip install -e .[test]")
-datasets = pytest.importorskip("datasets")
+trl = require("trl")  # the reference implementation, a test extra
+datasets = require("datasets")
 
 TOLERANCE = 1e-4
 

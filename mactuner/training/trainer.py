@@ -224,6 +224,14 @@ class Trainer:
                 fingerprint.record(self.run_dir, config)
             self._writer = RunFolderWriter(self.run_dir)
             self.callbacks.insert(0, self._writer)
+            if config.trackers:
+                # TensorBoard / MLflow (training.trackers): a missing package stops the run here, with the fix
+                from mactuner.training.trackers import TrackerMissing, tracker_callbacks
+
+                try:
+                    self.callbacks += tracker_callbacks(config, self.run_dir, self.resume)
+                except TrackerMissing as error:
+                    raise TrainingError(str(error)) from error
         if self.verbose and self.dist.is_main:
             self.callbacks.append(PrintProgress())
 
