@@ -10,6 +10,7 @@ from mactuner import run_views, runs
 from mactuner.run_names import run_display_name, set_run_name
 from pages.common import memory_monitor
 from pages.eval_ui import compare_ui, evaluate_ui
+from pages.finetune_preference import reward_charts_ui
 
 MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
 LIVE_REFRESH_S = 1.0  # while a run trains
@@ -32,6 +33,7 @@ def charts_ui(tail: runs.MetricsTail) -> None:
     with right:
         chart("Gradient norm", {"grad norm": series("grad_norm")}, "finetune_chart_grad")
         chart("Memory (MiB)", {"memory": tail.memory_series(MAX_POINTS)}, "finetune_chart_mem", "seconds")
+    reward_charts_ui(tail, chart, MAX_POINTS)  # DPO / ORPO / KTO runs
 
 
 def actions_ui(run: runs.RunInfo) -> None:
