@@ -650,7 +650,9 @@ class Trainer:
 
     def _plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
-            grouped = not self.config.packing or self.objective is not None
+            # KTO's batches must mix its labels (its KL estimate pairs answers of a micro-batch), and
+            # length grouping would sort the (often longer) good answers away from the bad ones
+            grouped = (not self.config.packing or self.objective is not None) and self.config.objective != "kto"
             self._plans = {epoch: plan_epoch(self.train_units, self.global_batch, self.config.seed, epoch, grouped)}
         return self._plans[epoch]
 
