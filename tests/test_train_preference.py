@@ -67,7 +67,7 @@ def test_orpo_and_kto_learn_a_rule_the_base_model_does_not_follow(tiny_model_dir
     before = preference_accuracy(tiny_model_dir, None, held_out, relative)
     assert before < 0.6, before
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(96, seed=0))
-    config = tiny_config(tiny_model_dir, data, objective=objective, max_steps=24, batch_size=8, learning_rate=1e-2,
+    config = tiny_config(tiny_model_dir, data, objective=objective, max_steps=24, batch_size=8, learning_rate=1e-2 if objective == "orpo" else 3e-3,
                          val_fraction=0.1, eval_every=12, beta=0.5)
     run = tmp_path / "run"
     result = train(config, run)
