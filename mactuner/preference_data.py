@@ -428,3 +428,25 @@ def preference_length_figure(summary: PreferenceSummary):
         xaxis_title="answer tokens", yaxis_title="rows", legend=dict(orientation="h", y=1.1),
     )
     return figure
+
+
+def as_dataset_summary(summary: PreferenceSummary):
+    """The preference summary as a :class:`mactuner.data.DatasetSummary` whose rows are pairs of both
+    sequences (their lengths added), for the recommender: its batch and memory reasoning then counts
+    both sequences of a pair."""
+    from mactuner.data import DatasetSummary, percentile
+
+    if summary.pairs:
+        answers = [c + r for c, r in zip(summary.chosen_lengths, summary.rejected_lengths)]
+        lengths = [2 * p + a for p, a in zip(summary.prompt_lengths, answers)]
+    else:
+        answers = summary.chosen_lengths + summary.rejected_lengths
+        lengths = [p + a for p, a in zip(summary.prompt_lengths, answers)]
+    return DatasetSummary(
+        path=summary.path, format=summary.format, rows=len(lengths), total_rows=summary.total_rows,
+        problems=summary.problems, max_length=summary.max_length, token_lengths=lengths,
+        min_tokens=min(lengths, default=0), mean_tokens=round(statistics.fmean(lengths), 1) if lengths else 0.0,
+        median_tokens=float(statistics.median(lengths)) if lengths else 0.0, p95_tokens=percentile(lengths, 95),
+        max_tokens=max(lengths, default=0), truncated_rows=summary.truncated_rows, trained_lengths=answers,
+        trained_tokens=sum(answers), rows_without_trained_tokens=0,
+    )

@@ -80,7 +80,7 @@ def setup_ui() -> None:
             recommended = recommend(model, str(dataset), device, mtime)
             summary = summarize(str(dataset), model, mtime)
         else:
-            recommended = preference.recommend(model, device, footprint_for(model))
+            recommended = preference.recommend(model, str(dataset), device, mtime, footprint_for(model))
             summary = preference.summarize(str(dataset), model, objective, mtime, tokenizer_for(model))
     except (ModelSourceError, data.DatasetError, OSError, ValueError) as exc:
         st.error(str(exc))

@@ -41,9 +41,9 @@ def summarize(path: str, model: str, objective: str, mtime: float, _tokenizer) -
 
 
 @st.cache_data(show_spinner="Recommending settings…", ttl=600)
-def recommend(model: str, device: str, _footprint):
-    """Recommended settings for the model and device (the preference file's rows are not SFT rows)."""
-    return recommend_hyperparameters(model, device=device, footprint=_footprint)
+def recommend(model: str, dataset: str, device: str, mtime: float, _footprint):
+    """Recommended settings for the model, the preference file (a pair's two sequences as one row) and device."""
+    return recommend_hyperparameters(model, dataset, device=device, footprint=_footprint)
 
 
 def summary_ui(summary: preference_data.PreferenceSummary, max_length: int) -> None:

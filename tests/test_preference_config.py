@@ -61,3 +61,13 @@ def test_memory_estimate_counts_two_sequences_per_pair_and_the_reference(tiny_mo
     from mactuner.models import model_footprint
 
     assert full_dpo.weights - full_orpo.weights == model_footprint(str(tiny_model_dir)).num_parameters * 4
+
+
+def test_recommended_settings_read_a_preference_file(tiny_model_dir):
+    from mactuner.recommend import recommend_hyperparameters
+    from tests.locations import DPO_DEMO, KTO_DEMO
+
+    pairs = recommend_hyperparameters(str(tiny_model_dir), DPO_DEMO, "cpu", free_memory=8 * 2**30)
+    single = recommend_hyperparameters(str(tiny_model_dir), KTO_DEMO, "cpu", free_memory=8 * 2**30)
+    assert pairs.max_length >= 64 and single.max_length >= 64
+    assert not pairs.warnings or all("row" not in w or "unusable" not in w for w in pairs.warnings)
