@@ -163,3 +163,17 @@ def test_full_fine_tuning_dpo_starts_at_the_reference(tiny_model_dir, tmp_path):
     result = train(config)
     assert result.losses[0] == pytest.approx(math.log(2), abs=1e-5)
     assert result.losses[-1] < result.losses[0] - 0.01, result.losses
+
+
+def test_qlora_dpo_on_a_cpu_disables_the_adapter_over_the_int8_base(tiny_model_dir, tmp_path):
+    from mactuner.training.int8_base import int8_matmul_available
+
+    if not int8_matmul_available("cpu"):
+        pytest.skip("QLoRA on a CPU needs an exact int8 matmul (VNNI or AMX); this CPU has none")
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(32, seed=0))
+    config = tiny_config(tiny_model_dir, data, objective="dpo", method="qlora", batch_size=8, max_steps=4,
+                         val_fraction=0.0, learning_rate=5e-3)
+    result = train(config)
+    # the reference is the int8 base itself: the fresh adapter (B = 0) starts exactly there
+    assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.losses[-1] < result.losses[0] - 0.01, result.losses

@@ -171,8 +171,10 @@ class PreferenceObjective:
             reference.requires_grad_(False)
             reference.eval()
             self.reference = reference
-        self._stats: dict[str, torch.Tensor] = {}
+        self._stats: dict[str, torch.Tensor] = {}  # summed statistics of the applied steps since the last report
+        self._pending: dict[str, torch.Tensor] = {}  # those of the step being tried
         self._step_answer_tokens = 1.0
+        self._step_rows = 1.0
         # ORPO's NLL on the prompt's tokens too (TRL's ORPOTrainer does) when assistant_only_loss is off
         self.nll_on_prompt = self.kind == "orpo" and not config.assistant_only_loss
 
@@ -211,7 +213,7 @@ class PreferenceObjective:
 
     def end_step(self) -> None:
         """The step was applied: its statistics join those of the report."""
-        for key, value in getattr(self, "_pending", {}).items():
+        for key, value in self._pending.items():
             self._stats[key] = self._stats[key] + value if key in self._stats else value
         self._pending = {}
 
@@ -231,7 +233,7 @@ class PreferenceObjective:
     def evaluate(self, units: list, micro_batch: int) -> dict[str, float]:
         """Validation: mean loss per row and the reward statistics over ``units`` (this process's)."""
         total: dict[str, torch.Tensor] = {}
-        saved = self._step_answer_tokens, getattr(self, "_step_rows", 1.0)
+        saved = self._step_answer_tokens, self._step_rows
         if self.kind == "orpo":
             self._step_answer_tokens = float(max(1, sum(self._nll_tokens(u) for u in units)))
             self._step_rows = float(len(units))
