@@ -68,9 +68,9 @@ def worker_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    from mactuner.data.preference import load_preference_file
     from mactuner.devices import get_optimal_dtype
     from mactuner.models import model_path
-    from mactuner.preference_data import load_preference_file
 
     path = model_path(args.model)[1]
     dtype = get_optimal_dtype(torch.device(args.device))

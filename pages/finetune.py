@@ -2,7 +2,7 @@
 
 Two tabs, "New run" and "Runs"; only the open one runs. Start switches to "Runs" with the new run
 selected, so its live view is what the person sees next. The set-up widgets live in
-``pages/finetune_setup.py`` and the runs view in ``pages/finetune_runs.py``; the work is done by
+``ui/finetune_setup.py`` and the runs view in ``ui/finetune_runs.py``; the work is done by
 :mod:`mactuner.runs` and the trainer process it starts.
 """
 
@@ -14,10 +14,10 @@ from mactuner import data, runs
 from mactuner.config import TrainConfig
 from mactuner.models import ModelSourceError
 from mactuner.training.qlora import qlora_problem
-from pages import finetune_preference as preference
-from pages.common import device_or_stop
-from pages.finetune_runs import runs_ui
-from pages.finetune_setup import (
+from ui import finetune_preference as preference
+from ui.common import device_or_stop, ensure_frame
+from ui.finetune_runs import runs_ui
+from ui.finetune_setup import (
     dataset_ui,
     footprint_for,
     memory_ui,
@@ -28,6 +28,8 @@ from pages.finetune_setup import (
     summary_ui,
     tokenizer_for,
 )
+
+ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA, int8 on CPU)", "full": "Full fine-tuning"}
 TABS = ("New run", "Runs")

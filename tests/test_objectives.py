@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mactuner.preference_data import PreferenceRow
+from mactuner.data.preference import PreferenceRow
 from mactuner.train import Trainer
 from mactuner.training.objectives import pair_units
 from tests.preference_support import preference_pairs, require, write_jsonl
@@ -79,7 +79,7 @@ def test_dpo_matches_trl(lora_trainer, tmp_path, loss_type):
     _randomize_adapter(trainer.model)
     rows = [reference.train_dataset[i] for i in range(4)]
     # the same token ids as TRL's own tokenization of the same conversations
-    from mactuner.preference_data import PreferenceExample, tokenize_preferences
+    from mactuner.data.preference import PreferenceExample, tokenize_preferences
 
     mine = tokenize_preferences(
         [PreferenceExample(r["prompt"], r["chosen"], r["rejected"]) for r in rows], trainer.tokenizer, 96

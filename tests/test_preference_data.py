@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mactuner.data import DatasetError
-from mactuner.preference_data import (
+from mactuner.data.preference import (
     is_preference_file,
     load_preference_file,
     preference_length_figure,

@@ -96,8 +96,8 @@ class AnswerUnit:
 
 
 def pair_units(rows) -> list[PairUnit | AnswerUnit]:
-    """:class:`mactuner.preference_data.PreferenceRow` objects as trainer units."""
-    from mactuner.preference_data import sequence
+    """:class:`mactuner.data.preference.PreferenceRow` objects as trainer units."""
+    from mactuner.data.preference import sequence
 
     units: list[PairUnit | AnswerUnit] = []
     for r in rows:
@@ -181,8 +181,8 @@ class PreferenceObjective:
     # -- data
 
     def prepare(self, load, train_examples, val_examples):
-        """Tokenized train and validation units of a :class:`~mactuner.preference_data.PreferenceLoad`."""
-        from mactuner.preference_data import tokenize_preferences
+        """Tokenized train and validation units of a :class:`~mactuner.data.preference.PreferenceLoad`."""
+        from mactuner.data.preference import tokenize_preferences
 
         problems: list = []
         tokenizer, max_length = self.trainer.tokenizer, self.config.max_length
