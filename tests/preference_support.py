@@ -1,7 +1,7 @@
 """Synthetic preference data for the DPO / ORPO / KTO tests: the chosen answer follows a rule a fresh model does not.
 
-The rule: the chosen answer is the rejected one made polite (" Thank you!" after it, or "Sure! " before
-it); the word answered is drawn at random for each pair. A fresh model gives a longer answer a lower
+The rule: the chosen answer is the rejected one made polite (" Thank you!" or another courtesy after it,
+or "Sure! " before it); the word answered is drawn at random for each pair. A fresh model gives a longer answer a lower
 log-probability, so it ranks (almost) no pair right; held-out pairs use prompts and words never trained on.
 """
 
@@ -17,17 +17,18 @@ COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown"
 FILLERS = ["please", "now", "quickly", "today", "again", "for me", "once more", "if you can"]
 
 
-def preference_pairs(count: int, seed: int, words=FRUITS + TOOLS, polite: str = "suffix") -> list[dict]:
+def preference_pairs(count: int, seed: int, words=FRUITS + TOOLS, polite: str = "suffix",
+                     suffix: str = " Thank you!") -> list[dict]:
     """TRL-style rows {prompt, chosen, rejected} (plain strings).
 
-    ``polite``: ``suffix`` (chosen = answer + " Thank you!") or ``prefix`` (chosen = "Sure! " + answer).
+    ``polite``: ``suffix`` (chosen = answer + ``suffix``) or ``prefix`` (chosen = "Sure! " + answer).
     """
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
         prompt = f"Item {rng.randint(1, 999)}: name one thing {rng.choice(FILLERS)}."
         answer = f"{rng.choice(words).capitalize()}."
-        chosen = f"{answer} Thank you!" if polite == "suffix" else f"Sure! {answer}"
+        chosen = f"{answer}{suffix}" if polite == "suffix" else f"Sure! {answer}"
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": answer})
     return rows
 

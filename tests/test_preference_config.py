@@ -71,3 +71,13 @@ def test_recommended_settings_read_a_preference_file(tiny_model_dir):
     single = recommend_hyperparameters(str(tiny_model_dir), KTO_DEMO, "cpu", free_memory=8 * 2**30)
     assert pairs.max_length >= 64 and single.max_length >= 64
     assert not pairs.warnings or all("row" not in w or "unusable" not in w for w in pairs.warnings)
+
+
+def test_evaluating_a_preference_run_says_where_its_scores_are(tmp_path):
+    from mactuner.evaluate import evaluate
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    TrainConfig(dataset=str(tmp_path / "pairs.jsonl"), objective="dpo").save(run / "config.yaml")
+    with pytest.raises(ValueError, match="objective dpo.*preference accuracy.*--dataset FILE"):
+        evaluate(run / "adapter", device="cpu")

@@ -83,22 +83,22 @@ def test_orpo_and_kto_learn_a_rule_the_base_model_does_not_follow(tiny_model_dir
 
 
 def test_cli_dpo_on_an_unseen_preference_file(tiny_model_dir, tmp_path):
-    """The issue's check: a preference file in LLaMA-Factory's format, a rule ("Sure! " first, colours) never used
+    """The issue's check: a preference file in LLaMA-Factory's format, a rule (colours, " Cheers!" after them) never used
     elsewhere; exit 0, a rising preference accuracy, and the adapter ranks chosen first on held-out pairs."""
-    rows = preference_pairs(120, seed=5, words=COLOURS, polite="prefix")
+    rows = preference_pairs(120, seed=5, words=COLOURS, suffix=" Cheers!")
     data = tmp_path / "unseen.json"
     data.write_text(json.dumps([
         {"conversations": [{"from": "human", "value": r["prompt"]}], "chosen": {"from": "gpt", "value": r["chosen"]},
          "rejected": {"from": "gpt", "value": r["rejected"]}} for r in rows
     ]))
-    held_out = preference_pairs(40, seed=77, words=COLOURS, polite="prefix")
+    held_out = preference_pairs(40, seed=77, words=COLOURS, suffix=" Cheers!")
     run = tmp_path / "run"
     command = [
         sys.executable, "-m", "mactuner", "train", "--dataset", str(data), "--model", str(tiny_model_dir),
         "--objective", "dpo", "--beta", "0.1", "--device", "cpu", "--max-steps", "24", "--batch-size", "8",
         "--learning-rate", "5e-3", "--warmup-steps", "0", "--lr-scheduler", "constant", "--eval-every", "8",
         "--save-every", "0", "--val-fraction", "0.1", "--max-length", "96", "--compile", "off",
-        "--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--run-dir", str(run), "--quiet",
+        "--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head", "--run-dir", str(run), "--quiet",
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
