@@ -13,6 +13,7 @@ from mactuner.runs.names import run_display_name, set_run_name
 from ui.common import memory_monitor
 from ui.eval_ui import compare_ui, evaluate_ui
 from ui.export_ui import CHAT_OPEN_ADAPTER
+from ui.finetune_preference import reward_charts_ui
 
 MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
 LIVE_REFRESH_S = 1.0  # while a run trains
@@ -39,6 +40,7 @@ def charts_ui(tail: runs.MetricsTail) -> None:
     with right:
         chart("Gradient norm", {"grad norm": series("grad_norm")}, "finetune_chart_grad")
         chart("Memory (MiB)", {"memory": tail.memory_series(MAX_POINTS)}, "finetune_chart_mem", "seconds")
+    reward_charts_ui(tail, chart, MAX_POINTS)  # DPO / ORPO / KTO runs
 
 
 def actions_ui(run: runs.RunInfo) -> None:
