@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sub.add_parser(name, add_help=False, help=COMMANDS[name])
     args = parser.parse_args(argv)
+    args._argv = argv  # a command that starts itself again (train --gpus N under torchrun) passes them on
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if not argv else 2

@@ -113,6 +113,13 @@ class TrainConfig:
 
     # where and how precisely
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:N or mps; None picks the best one."})
+    gpus: int = field(
+        default=1,
+        metadata={
+            "help": "GPUs to train on together (data parallel, one process each under torchrun --standalone): "
+            "effective batch = batch_size x grad_accum x gpus. 1 trains in one process."
+        },
+    )
     dtype: str = field(
         default="auto",
         metadata={"help": "Compute precision: auto (the device's best), float32, bfloat16 or float16."},
@@ -137,7 +144,7 @@ class TrainConfig:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("lora_rank", "max_length", "batch_size", "grad_accum", "log_every"):
+        for name in ("lora_rank", "max_length", "batch_size", "grad_accum", "log_every", "gpus"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {value!r}")
@@ -174,14 +181,21 @@ class TrainConfig:
             raise ValueError(f"target_modules must be a list of module names or 'all-linear', got {self.target_modules!r}")
         if self.device is not None and not (isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps")):
             raise ValueError(f"device must be None, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.gpus > 1 and isinstance(self.device, str) and self.device.startswith("mps"):
+            raise ValueError(f"gpus must be 1 on mps (a Mac has one GPU), got {self.gpus}")
+        if self.gpus > 1 and isinstance(self.device, str) and self.device.startswith("cuda:") and self.device != "cuda:0":
+            raise ValueError(
+                f"gpus={self.gpus} trains on cuda:0 to cuda:{self.gpus - 1}; set device to cuda, not {self.device} "
+                "(pick other cards with CUDA_VISIBLE_DEVICES)"
+            )
         for name in ("assistant_only_loss", "packing", "gradient_checkpointing", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def effective_batch_size(self) -> int:
-        """Rows per optimizer step in one process (multiply by the number of DDP processes)."""
-        return self.batch_size * self.grad_accum
+        """Rows per optimizer step: micro-batch x accumulation x GPUs (processes)."""
+        return self.batch_size * self.grad_accum * self.gpus
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (lists copied), ready for YAML or JSON."""

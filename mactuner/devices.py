@@ -421,17 +421,28 @@ def _detect_cuda() -> list[DeviceInfo]:
                 DeviceInfo("cuda", index, f"CUDA GPU (ID: {index})", is_available=False, reason=f"could not query: {exc}")
             )
             continue
+        # a GPU this torch build has no kernels for is listed by torch but fails at its first operation
+        problem = _cuda_kernel_problem(props)
         found.append(
             DeviceInfo(
                 type="cuda",
                 index=index,
                 name=f"{props.name} (ID: {index})",
+                is_available=problem is None,
                 memory_total=int(props.total_memory),
                 compute_capability=f"{props.major}.{props.minor}",
+                reason=problem,
                 details={"multiprocessors": getattr(props, "multi_processor_count", None)},
             )
         )
     return found
+
+
+def _cuda_kernel_problem(props: Any) -> str | None:
+    """Why torch cannot compute on the GPU with these properties (no kernels for its capability); None if it can."""
+    from mactuner.cuda_support import kernel_problem
+
+    return _safe(kernel_problem, props.major, props.minor, props.name)
 
 
 def _detect_mps() -> DeviceInfo | None:
@@ -543,6 +554,11 @@ def check_device(device: str | torch.device) -> torch.device:
                 f"{parsed} is not available on this machine: it has {count} CUDA GPU"
                 f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1}). Available: {_existing()}."
             )
+        # the wheel's kernel list (read without a context): a GPU it was not built for fails at its first op
+        props = _safe(torch.cuda.get_device_properties, parsed.index)
+        problem = _cuda_kernel_problem(props) if props is not None else None
+        if problem:
+            raise DeviceUnavailableError(f"{parsed} is not available on this machine: {problem} Available: {_existing()}.")
     elif parsed.type == "mps" and not _safe(torch.backends.mps.is_available):
         why = (
             "this torch build has no MPS support (MPS exists only on macOS)"
@@ -598,8 +614,9 @@ def get_optimal_dtype(device: str | torch.device) -> torch.dtype:
     """Best compute dtype for ``device``.
 
     - CUDA: bfloat16 from compute capability 8.0 (Ampere) on, where it is native
-      and keeps float32's range; float16 on older GPUs (Volta/Turing have fast
-      float16 tensor cores but no bfloat16).
+      and keeps float32's range; float16 on 7.x (Volta/Turing have fast
+      float16 tensor cores but no bfloat16); float32 below 7.0 (Pascal consumer
+      cards run float16 at a small fraction of their float32 rate).
     - MPS: bfloat16 on macOS 14 and later (Metal gained it there), float16
       before. bfloat16 keeps float32's range, so models trained in bfloat16
       (Qwen, Llama 3 and most recent ones) do not overflow as they can in
@@ -611,6 +628,9 @@ def get_optimal_dtype(device: str | torch.device) -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
+        if major < 7:
+            # Pascal and older: float16 without tensor cores runs at a fraction of float32 on consumer cards
+            return torch.float32
         return torch.bfloat16 if major >= 8 else torch.float16
     if device.type == "mps":
         return torch.bfloat16 if mps_supports_bfloat16() else torch.float16
@@ -633,7 +653,9 @@ def optimal_dtype_reason(device: str | torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return (f"{chosen}: compute capability {major}.{minor} "
-                + ("computes bfloat16 natively (8.0 and later)" if chosen == "bfloat16" else "has no bfloat16; float16 is its fast type"))
+                + ("computes bfloat16 natively (8.0 and later)" if chosen == "bfloat16"
+                   else "has no bfloat16; float16 is its fast type" if chosen == "float16"
+                   else "has no tensor cores (below 7.0): float16 runs at a fraction of float32's speed there"))
     if device.type == "mps":
         return (f"{chosen}: " + ("macOS 14 or later computes bfloat16 on the GPU, with float32's range"
                                  if chosen == "bfloat16" else "bfloat16 needs macOS 14; float16 is Metal's fast type before it"))

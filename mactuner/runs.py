@@ -62,6 +62,8 @@ import yaml
 
 import mactuner
 from mactuner import fileio, fingerprint, locks, paths
+from mactuner.cuda_support import trainer_environment
+from mactuner.multi_gpu import gpus_problem, torchrun_command
 
 STATES = ("running", "finished", "failed", "cancelled")
 LOG_TAIL_LINES = 20
@@ -699,10 +701,12 @@ def package_root() -> Path:
 
 def _spawn(path: Path, resume: bool, device: str | None, launch_id: str) -> int:
     """Start the trainer for ``path`` in the background and record its pid and create time."""
-    command = [sys.executable, "-m", "mactuner", "train", str(path / "config.yaml"), "--run-dir", str(path)]
-    if resume:
-        command.append("--resume")
-    env = dict(os.environ)
+    arguments = ["train", str(path / "config.yaml"), "--run-dir", str(path)] + (["--resume"] if resume else [])
+    gpus = int(_load_config_dict(path).get("gpus") or 1)
+    # several GPUs: torchrun starts one trainer per GPU (rank 0 writes the folder); SIGTERM reaches them all
+    command = torchrun_command(gpus, arguments) if gpus > 1 else [sys.executable, "-m", "mactuner", *arguments]
+    # the CUDA allocator's expandable segments, unless the person configured it
+    env = trainer_environment()
     env["PYTHONUNBUFFERED"] = "1"  # the log is read live
     with open(path / "log.txt", "ab") as log:
         log.write(f"\n$ {' '.join(command)}\n".encode())
@@ -794,6 +798,9 @@ def start_run(config: Any, *, name: str | None = None, force: bool = False) -> R
     """
     config = _absolute_paths(config)
     device = _normal_device(getattr(config, "device", None))
+    problem = gpus_problem(int(getattr(config, "gpus", 1) or 1), device)
+    if problem:
+        raise RunError(problem)
     prints = fingerprint.compute(config)  # hashing the dataset is done before taking the lock
     with _launching():
         _check_device_free(device, force)
