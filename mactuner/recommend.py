@@ -567,6 +567,7 @@ def recommend_hyperparameters(
         + (f" ({batch} x {grad_accum} x {gpus} GPUs)" if gpus > 1 else "")
         + (" keeps the gradient steady while the micro-batch fits memory" if grad_accum > 1 else "")
     )
+    reasons["gpus"] = "1: one training process on one device"
     if gpus > 1:
         reasons["gpus"] = (
             f"{gpus}: one process per GPU (torchrun), each with the whole model and its own micro-batch; "

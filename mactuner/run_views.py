@@ -100,3 +100,23 @@ def metric_figure(title: str, traces: dict[str, tuple[Sequence[float], Sequence[
     layout = {"title": {"text": title}, "height": 260, "margin": {"t": 40, "b": 30},
               "xaxis": {"title": {"text": x_title}}, "showlegend": len(traces) > 1, "uirevision": revision}
     return go.Figure(data=data, layout=layout)
+
+
+def effective_batch_text(batch_size: int, grad_accum: int, gpus: int = 1) -> str:
+    """``"Effective batch: 4 x 2 x 2 GPUs = 16 rows per step"`` (rows per optimizer step)."""
+    from mactuner.multi_gpu import effective_batch
+
+    gpus_part = f" x {gpus} GPUs" if gpus > 1 else ""
+    return (f"Effective batch: {batch_size} x {grad_accum}{gpus_part} = "
+            f"{effective_batch(batch_size, grad_accum, gpus)} rows per step")
+
+
+def rank_memory_note(tail: MetricsTail) -> str | None:
+    """Each GPU's peak memory as the last report of a several-GPU run gives it; None for one process."""
+    from mactuner.multi_gpu import rank_memory_text
+
+    last = tail.train[-1] if tail.train else {}
+    per_rank = last.get("memory_bytes_per_rank")
+    if not per_rank or len(per_rank) < 2:
+        return None
+    return "Peak memory per GPU: " + rank_memory_text(per_rank)

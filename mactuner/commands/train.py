@@ -71,13 +71,13 @@ def _convert(name: str, type_name: str, text: str):
     return text
 
 
-def recommended_values(model: str | None, dataset: str, device: str | None) -> dict:
-    """TrainConfig values: the defaults, then the recommended settings for this model, dataset and device."""
+def recommended_values(model: str | None, dataset: str, device: str | None, gpus: int = 1) -> dict:
+    """TrainConfig values: the defaults, then the recommended settings for this model, dataset, device and GPUs."""
     from mactuner.config import TrainConfig
     from mactuner.models import DEFAULT_MODEL
     from mactuner.recommend import recommend_hyperparameters
 
-    recommendation = recommend_hyperparameters(model, dataset, device)
+    recommendation = recommend_hyperparameters(model, dataset, device, gpus=gpus)
     for warning in recommendation.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {**TrainConfig().to_dict(), **recommendation.train_config_values(),
@@ -98,7 +98,8 @@ def build_config(args: argparse.Namespace):
     if source is not None:
         values = TrainConfig.load(source).to_dict()
     elif args.dataset:
-        values = recommended_values(args.model, args.dataset, args.device) if recommended else TrainConfig().to_dict()
+        gpus = int(args.gpus) if getattr(args, "gpus", None) else 1
+        values = recommended_values(args.model, args.dataset, args.device, gpus) if recommended else TrainConfig().to_dict()
     else:
         raise ValueError(
             "give a config file, or --dataset FILE (with --recommended for the recommended settings), "

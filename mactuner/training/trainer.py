@@ -231,10 +231,11 @@ class Trainer:
             self.callbacks.insert(0, self._writer)
         if self.verbose and self.dist.is_main:
             self.callbacks.append(PrintProgress())
-        if config.gpus != self.dist.world_size:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        if config.gpus != local:
             self._info(
-                f"The config asks for {config.gpus} GPU process{'es' if config.gpus > 1 else ''} and {self.dist.world_size} "
-                f"{'are' if self.dist.world_size > 1 else 'is'} running: the effective batch is "
+                f"The config asks for {config.gpus} GPU process{'es' if config.gpus > 1 else ''} on this machine and "
+                f"{local} {'are' if local > 1 else 'is'} running: the effective batch is "
                 f"{config.batch_size * config.grad_accum * self.dist.world_size} rows per step. "
                 "(python -m mactuner train starts torchrun itself when gpus > 1.)"
             )
@@ -455,6 +456,10 @@ class Trainer:
             saved = tensors.get("master") or [p.detach().float() for p in self.trainable]
             self.master_weights.load(saved)
         self.optimizer.load_state_dict(tensors["optimizer"])
+        # the saved groups carry the saving device's implementation (fused on CUDA): use this device's
+        for group in self.optimizer.param_groups:
+            for key in ("fused", "foreach"):
+                group[key] = self.optimizer.defaults.get(key)
         self.scheduler.load_state_dict(tensors["scheduler"])
         torch.set_rng_state(tensors["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in tensors["rng"]:
@@ -690,7 +695,10 @@ class Trainer:
         # a float16 scaler skips steps with infinite gradients itself (and lowers its scale)
         skipped = not math.isfinite(loss) or (self._scaler is None and not math.isfinite(norm_value))
         if skipped:
-            pass  # no update from a non-finite loss; the gradients are dropped below
+            # no update from a non-finite loss; the gradients are dropped below. The scaler has
+            # unscaled this step: it must close it (and lower its scale), or the next step's unscale fails
+            if self._scaler is not None:
+                self._scaler.update()
         elif self._scaler is not None:
             self._scaler.step(self.optimizer)
             self._scaler.update()
