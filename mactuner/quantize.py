@@ -238,6 +238,9 @@ def quantize(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         model = _dynamic_int8(model)
     else:
+        if device.type == "cuda":
+            # bitsandbytes and torchao quantize on the current device: make it the chosen GPU
+            torch.cuda.set_device(device)
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=_transformers_quant_config(method, device), **_load_kwargs(method, device)
         )
@@ -336,8 +339,10 @@ def load_variant(folder: str | os.PathLike, *, device: str | torch.device | None
         reason = unsupported_reason(method, device)
         if reason:
             raise ValueError(reason)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # bitsandbytes layers run on the current device
         model = AutoModelForCausalLM.from_pretrained(folder, **_load_kwargs(method, device))
-        dtype = _load_kwargs(method, device).get("dtype", torch.bfloat16)
+        dtype = _load_kwargs(method, device).get("dtype", get_optimal_dtype(device))
     else:
         dtype = get_optimal_dtype(device)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)

@@ -131,3 +131,24 @@ def test_a_checkpoint_from_a_gpu_run_resumes_on_the_cpu(tiny_model_dir, facts_fi
     assert result.state == "finished" and cpu.step == 4
     assert all(not group.get("fused") for group in cpu.optimizer.param_groups)  # this device's AdamW
     assert cpu.losses == pytest.approx(whole.losses[2:], abs=1e-4)
+
+
+def test_the_runs_view_says_the_effective_batch_and_each_gpus_memory(tmp_path):
+    from mactuner.run_views import effective_batch_text, rank_memory_note
+    from mactuner.runs import MetricsTail
+
+    assert effective_batch_text(4, 2, 2) == "Effective batch: 4 x 2 x 2 GPUs = 16 rows per step"
+    assert effective_batch_text(4, 2) == "Effective batch: 4 x 2 = 8 rows per step"
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"type": "train", "step": 1, "time": 1.0, "memory_bytes": 5 * 2**30, "memory_bytes_per_rank": None},
+               {"type": "train", "step": 2, "time": 2.0, "memory_bytes": 5 * 2**30,
+                "memory_bytes_per_rank": [5 * 2**30, int(5.5 * 2**30)]}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tail = MetricsTail(run)
+    tail.update()
+    assert rank_memory_note(tail) == "Peak memory per GPU: GPU 0: 5.00 GB · GPU 1: 5.50 GB"
+    (run / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+    alone = MetricsTail(run)
+    alone.update()
+    assert rank_memory_note(alone) is None
