@@ -3,7 +3,7 @@
 import streamlit as st
 
 from mactuner import quiet_third_party_loggers
-from pages.common import device_picker
+from ui.common import device_picker
 
 quiet_third_party_loggers()
 

@@ -49,7 +49,7 @@ def _records(run_dir: Path) -> list[dict]:
 def check_torchrun(args) -> tuple[bool, str, dict]:
     """torchrun with eval and checkpoints, then a resume; judged from the run folder."""
     from mactuner.checkpoints import list_checkpoints
-    from mactuner.multi_gpu import torchrun_command
+    from mactuner.training.multi_gpu import torchrun_command
 
     run_dir = Path(args.out) / "torchrun-run"
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -86,13 +87,6 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_open(path, "wb") as handle:
-        handle.write(data)
-    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -227,3 +221,12 @@ def write_output_folder(
         prepare_output(path, overwrite)
 
     return write_folder_atomically(path, fill, replace=True)
+
+
+def slug(text: str, default: str = "model", max_chars: int = 80) -> str:
+    """``text`` as a file or folder name: runs of characters other than letters, digits, ``._-`` become ``-``.
+
+    The one rule for names MacTuner derives from a label (run ids, export and variant folders);
+    never empty (``default``), never a hidden name or ``..``, at most ``max_chars`` characters.
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:max_chars].strip("-.") or default

@@ -2,7 +2,7 @@
 
 Two tabs, "New run" and "Runs"; only the open one runs. Start switches to "Runs" with the new run
 selected, so its live view is what the person sees next. The set-up widgets live in
-``pages/finetune_setup.py`` and the runs view in ``pages/finetune_runs.py``; the work is done by
+``ui/finetune_setup.py`` and the runs view in ``ui/finetune_runs.py``; the work is done by
 :mod:`mactuner.runs` and the trainer process it starts.
 """
 
@@ -13,11 +13,11 @@ import streamlit as st
 from mactuner import data, runs
 from mactuner.config import TrainConfig
 from mactuner.models import ModelSourceError
-from mactuner.multi_gpu import cuda_count, gpus_problem
+from mactuner.training.multi_gpu import cuda_count, gpus_problem
 from mactuner.training.qlora import qlora_problem
-from pages.common import device_or_stop
-from pages.finetune_runs import runs_ui
-from pages.finetune_setup import dataset_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
+from ui.common import device_or_stop
+from ui.finetune_runs import runs_ui
+from ui.finetune_setup import dataset_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
 
 METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA, int8 on CPU)", "full": "Full fine-tuning"}
 TABS = ("New run", "Runs")

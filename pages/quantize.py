@@ -4,10 +4,12 @@ import pandas as pd
 import streamlit as st
 
 from mactuner import paths, quantize
-from mactuner.chat import list_adapters
+from mactuner.export import merge_adapter
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
-from pages.common import device_or_stop
-from pages.export_ui import export_section, variants_ui
+from mactuner.quantize import compare as quantize_compare
+from mactuner.runs.views import list_adapters
+from ui.common import device_or_stop
+from ui.export_ui import export_section, variants_ui
 
 ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
 
@@ -39,13 +41,13 @@ def text_ui() -> str | None:
     return own if own.strip() else None
 
 
-def show_report(report: quantize.QuantizeReport) -> None:
+def show_report(report: quantize_compare.QuantizeReport) -> None:
     st.caption(f"Measured on {report.device}; perplexity over {report.text_tokens} tokens of {report.text_source}.")
     st.dataframe(pd.DataFrame(report.table()), hide_index=True, width="stretch")
     for variant in report.variants:
         if variant.error:
             st.warning(f"{variant.name}: {variant.error}")
-    st.plotly_chart(quantize.report_figure(report), key="quant_chart")
+    st.plotly_chart(quantize_compare.report_figure(report), key="quant_chart")
     variants_ui(report)
 
 
@@ -58,7 +60,7 @@ merge_col, run_col = st.columns(2)
 if merge_col.button("Merge adapter only", key="quant_merge", disabled=not adapter):
     try:
         with st.spinner("Merging…"):
-            folder = quantize.merge_adapter(adapter, base=model if model != DEFAULT_MODEL else None)
+            folder = merge_adapter(adapter, base=model if model != DEFAULT_MODEL else None)
     except ERRORS as exc:
         st.error(str(exc))
         st.stop()
@@ -81,8 +83,8 @@ if run_col.button("Quantize and compare", key="quant_run", type="primary"):
     st.session_state["quant_report"] = report
 
 report = st.session_state.get("quant_report")
-if report is None and (saved := quantize.saved_reports()):
-    report = quantize.load_report(saved[0])
+if report is None and (saved := quantize_compare.saved_reports()):
+    report = quantize_compare.load_report(saved[0])
 if report is not None:
     st.subheader("Variants")
     show_report(report)

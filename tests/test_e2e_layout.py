@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.browser import browser_page, running_app, wait_for_app
 
@@ -48,7 +49,7 @@ def test_pages_fit_an_800px_window(tmp_path):
             wait_for_app(page)
             try:
                 page.locator("h1").first.wait_for(state="attached")
-            except Exception:
+            except PlaywrightTimeout:
                 page.screenshot(path=f"/tmp/ux/fail-{name}.png")
                 raise AssertionError(f"{name}: no title") from None
             if name == "finetune":  # the settings appear once the dataset is read and the settings recommended

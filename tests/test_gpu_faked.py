@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mactuner import devices
-from mactuner.cuda_support import code_runs_on, kernel_problem, trainer_environment
+from mactuner.devices.cuda_support import code_runs_on, kernel_problem, trainer_environment
 from tests.fake_hardware import FakeNVML, GiB
 from tests.train_support import tiny_config
 
@@ -203,14 +203,14 @@ def test_one_all_reduce_per_step_under_torchrun(tiny_model_dir, facts_file, monk
 def test_the_cuda_peak_reports_reserved_and_the_process_use(two_cuda_gpus, monkeypatch):
     from mactuner.training.memory import PeakMemory
 
-    monkeypatch.setattr(devices, "nvml", lambda: FakeNVML({os.getpid(): 7 * GiB, 4242: 9 * GiB}))
+    monkeypatch.setattr(devices.memory, "nvml", lambda: FakeNVML({os.getpid(): 7 * GiB, 4242: 9 * GiB}))
     peak = PeakMemory("cuda:0")
     peak.start()
     two_cuda_gpus["peak"].update(allocated=5 * GiB, reserved=6 * GiB)
     assert peak.read() == 5 * GiB
     assert peak.reserved == 6 * GiB and peak.process == 7 * GiB  # the context: 1 GiB above the reservation
     assert two_cuda_gpus["reset_peak_memory_stats"] == [0]
-    monkeypatch.setattr(devices, "nvml", lambda: None)
+    monkeypatch.setattr(devices.memory, "nvml", lambda: None)
     peak.start()
     peak.read()
     assert peak.process is None  # unknown without NVML, not a guess
@@ -250,7 +250,7 @@ def test_a_7b_model_on_a_24_gb_gpu_gets_bf16_lora_with_checkpointing_not_qlora(t
     from mactuner.recommend import recommend_hyperparameters
     from tests.test_recommend import big_footprint
 
-    monkeypatch.setattr("mactuner.recommend.method_available", lambda method, device_type="cuda": True)
+    monkeypatch.setattr("mactuner.recommend.rules.method_available", lambda method, device_type="cuda": True)
     rec = recommend_hyperparameters(footprint=big_footprint(), device="cuda:0", free_memory=22 * GB)
     assert rec.dtype == "bfloat16" and rec.method == "lora" and rec.gradient_checkpointing
     assert "faster than QLoRA" in rec.reasons["method"] and rec.memory.total <= 0.8 * 22 * GB
@@ -273,7 +273,7 @@ def test_two_gpus_keep_the_effective_batch_by_accumulating_less(two_cuda_gpus, t
 
 def test_quantizing_on_a_gpu_computes_in_its_precision_with_the_real_int4_kernel(two_cuda_gpus):
     pytest.importorskip("torchao")
-    from mactuner.quantize import _transformers_quant_config
+    from mactuner.quantize.methods import _transformers_quant_config
 
     # a T4 has no bfloat16: bitsandbytes' 4-bit layers compute in float16 there, bfloat16 on a 3090
     assert _transformers_quant_config("bnb-4bit", torch.device("cuda", 1)).bnb_4bit_compute_dtype == torch.float16

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mactuner.multi_gpu import gpus_problem
+from mactuner.training.multi_gpu import gpus_problem
 from tests.fake_hardware import GPUS, fake_two_cuda_gpus
 from tests.test_train_safety import float16_overflow_model  # noqa: F401 - the fixture
 from tests.train_support import read_metrics, tiny_config, train_losses

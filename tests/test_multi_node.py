@@ -59,7 +59,7 @@ def test_two_nodes_on_loopback_train_as_one_process_and_resume_mid_way(tiny_mode
     assert sorted(two) == [1, 2, 3, 4]
     for step, loss in enumerate(one.losses, start=1):
         assert two[step] == pytest.approx(loss, abs=1e-5), (step, two[step], loss)
-    evals = lambda folder: {r["step"]: r["val_loss"] for r in read_metrics(folder) if r["type"] == "eval"}  # noqa: E731
+    evals = lambda folder: {r["step"]: r["val_loss"] for r in read_metrics(folder) if r["type"] == "eval"}
     assert evals(run) == pytest.approx(evals(tmp_path / "one"), abs=1e-5) and sorted(evals(run)) == [2, 4]
     assert any(r["message"] == "Resumed from step-00000002 (step 2)." for r in read_metrics(run) if r["type"] == "info")
     status = json.loads((run / "status.json").read_text())
@@ -70,9 +70,9 @@ def test_two_nodes_on_loopback_train_as_one_process_and_resume_mid_way(tiny_mode
 
 def test_a_bundle_trains_elsewhere_and_comes_back_to_chat(tiny_model_dir, facts_file, tmp_path):
     from mactuner import runs
-    from mactuner.bundle import BUNDLE_FILE, import_bundle, sha256_file
     from mactuner.chat import GenerationSettings, load_chat_model, stream_chat
     from mactuner.cli import main
+    from mactuner.runs.bundle import BUNDLE_FILE, import_bundle, sha256_file
 
     # a run that stopped at a checkpoint (step 2 of 4) on this machine
     config = tiny_config(tiny_model_dir, facts_file, dtype="float32", max_steps=2, save_every=2, val_fraction=0.0,

@@ -5,7 +5,7 @@ the dataset (copied, with its SHA-256), the base model's reference (its files wi
 ``--with-model``), the latest checkpoint if the run has one, this MacTuner's code, a
 ``launch.sh`` that runs ``torchrun --nnodes N --nproc-per-node G --rdzv-backend c10d
 --rdzv-endpoint HOST:PORT -m mactuner train …`` on each machine, and a SkyPilot task
-(see :mod:`mactuner.bundle`). ``python -m mactuner import DIR`` brings the trained run back.
+(see :mod:`mactuner.runs.bundle`). ``python -m mactuner import DIR`` brings the trained run back.
 Exit codes: 0 written, 1 failed (the message says why).
 """
 
@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the bundle and say how to launch it."""
-    from mactuner.bundle import BundleError, describe, write_bundle
     from mactuner.fileio import OutputNotOurs
+    from mactuner.runs.bundle import BundleError, describe, write_bundle
 
     try:
         info = write_bundle(args.source, args.out, with_model=args.with_model, nnodes=args.nnodes, gpus=args.gpus,

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Import and print the run folder."""
-    from mactuner.bundle import BundleError, import_bundle
+    from mactuner.runs.bundle import BundleError, import_bundle
 
     try:
         folder = import_bundle(args.bundle, name=args.name)

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 HELP = "fine-tune a model from a YAML config, or from --dataset with --recommended settings (LoRA, QLoRA or full)"
@@ -116,18 +115,6 @@ def build_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
-def _new_run_dir(config) -> Path:
-    from mactuner import paths
-
-    name = Path(config.model.rstrip("/")).name.replace(".gguf", "")
-    base = paths.runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{config.method}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     """Train; the exit code says how it ended."""
     from mactuner.data import DatasetError
@@ -146,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
         print("error: --resume needs --run-dir", file=sys.stderr)
         return 2
     else:
-        run_dir = _new_run_dir(config)
+        from mactuner.runs import new_run_folder
+
+        run_dir = new_run_folder(f"{Path(config.model.rstrip('/')).name.removesuffix('.gguf')}-{config.method}")
         # every torchrun process must agree on the folder: only a single process invents one
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print("error: under torchrun give --run-dir so all processes share one folder", file=sys.stderr)
@@ -156,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if config.gpus > 1 and not launched_by_torchrun():
         return _launch_processes(config, args, run_dir)
     # against fragmentation by batches of varying length (unless the person configured the allocator)
-    from mactuner.cuda_support import ALLOC_CONF, ALLOC_CONF_ENV
+    from mactuner.devices.cuda_support import ALLOC_CONF, ALLOC_CONF_ENV
 
     os.environ.setdefault(ALLOC_CONF_ENV, ALLOC_CONF)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -181,9 +170,9 @@ def _launch_processes(config, args: argparse.Namespace, run_dir: Path) -> int:
     """``gpus: N``: run this same command under ``torchrun --standalone --nproc-per-node N``."""
     import subprocess
 
-    from mactuner.cuda_support import trainer_environment
     from mactuner.devices import resolve_device
-    from mactuner.multi_gpu import gpus_problem, package_root, torchrun_command
+    from mactuner.devices.cuda_support import trainer_environment
+    from mactuner.training.multi_gpu import gpus_problem, package_root, torchrun_command
 
     try:
         device = config.device or resolve_device(None).type

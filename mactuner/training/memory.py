@@ -128,12 +128,12 @@ class PeakMemory:
 def process_device_memory(device: torch.device | str, pid: int | None = None) -> int | None:
     """What process ``pid`` (this one by default) holds on a CUDA device, context included, as the
     driver counts it (NVML, nvidia-smi's figure); None without NVML or where the driver will not say."""
-    from mactuner.devices import nvml, nvml_handle
+    from mactuner.devices import memory as device_memory
 
-    lib = nvml()
+    lib = device_memory.nvml()
     if lib is None:
         return None
-    handle = nvml_handle(torch.device(device).index or 0)
+    handle = device_memory.nvml_handle(torch.device(device).index or 0)
     if handle is None:
         return None
     try:
