@@ -226,6 +226,7 @@ def test_a_background_run_starts_with_expandable_segments(tiny_model_dir, facts_
     import subprocess
 
     from mactuner import runs
+    from mactuner.runs import launch
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     started = []
@@ -235,7 +236,7 @@ def test_a_background_run_starts_with_expandable_segments(tiny_model_dir, facts_
         started.append((command, kwargs["env"]))
         return real(command, **kwargs)
 
-    monkeypatch.setattr(runs.subprocess, "Popen", popen)
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
     run = runs.start_run(tiny_config(tiny_model_dir, facts_file, max_steps=1))
     assert runs.wait_for_exit(run.pid, 120)
     [(command, env)] = started
