@@ -134,8 +134,8 @@ def test_a_checkpoint_from_a_gpu_run_resumes_on_the_cpu(tiny_model_dir, facts_fi
 
 
 def test_the_runs_view_says_the_effective_batch_and_each_gpus_memory(tmp_path):
-    from mactuner.runs.views import effective_batch_text, rank_memory_note
     from mactuner.runs import MetricsTail
+    from mactuner.runs.views import effective_batch_text, rank_memory_note
 
     assert effective_batch_text(4, 2, 2) == "Effective batch: 4 x 2 x 2 GPUs = 16 rows per step"
     assert effective_batch_text(4, 2) == "Effective batch: 4 x 2 = 8 rows per step"
