@@ -46,8 +46,19 @@ for name in ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
         shutil.copy(src / name, dst / name)
 alpaca = Path("tests") / "data" / "third_party" / "llama-factory" / "alpaca_en_demo.json"
 Path(".cache/gpu-check/alpaca_en_demo.json").write_text(json.dumps(json.loads(alpaca.read_text())[:400]))
-# a real .gguf under a name of its own: the GPU machine converts it from GGUF (no built-in mapping)
-shutil.copy(_smollm2_gguf(), Path(".cache/gpu-check/copied-smollm2.Q4_1.gguf"))
+# a real .gguf under a name of its own, so the GPU machine converts it from GGUF (no built-in mapping):
+# a 2-layer SmolLM2-shaped model with SmolLM2's tokenizer, written by MacTuner's own GGUF export
+# (a few MB: the built-in 98 MB file is over what the device tool carries); FULL_GGUF=1 copies that one
+import os
+from bench.gpu_shapes import build
+from mactuner.export import export_gguf
+out = Path(".cache/gpu-check")
+if os.environ.get("FULL_GGUF") == "1":
+    shutil.copy(_smollm2_gguf(), out / "copied-smollm2.Q4_1.gguf")
+else:
+    tiny = build("smollm2-135m", out / "gguf-source", dst, device="cpu", tiny=True)
+    export_gguf(merged=tiny["path"], outtype="q8_0", out=out / "tiny-smollm2.q8_0.gguf", overwrite=True)
+    shutil.rmtree(out / "gguf-source")
 print("prepared", dst.parent, sum(f.stat().st_size for f in dst.parent.rglob("*") if f.is_file()) // 1024, "KiB")
 EOF
     exit $?
