@@ -152,3 +152,26 @@ def test_the_runs_view_says_the_effective_batch_and_each_gpus_memory(tmp_path):
     alone = MetricsTail(run)
     alone.update()
     assert rank_memory_note(alone) is None
+
+
+def test_a_run_on_two_gpus_holds_both(monkeypatch, tiny_model_dir, facts_file):
+    """A run training on cuda:0 and cuda:1 refuses a new run on cuda:1, as one on cuda:1 would."""
+    import subprocess
+    import sys
+
+    from mactuner import paths, runs
+
+    fake_two_cuda_gpus(monkeypatch, gpus=[GPUS[0], TWIN])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = paths.runs_dir() / "both-gpus"
+        path.mkdir(parents=True)
+        (path / "status.json").write_text(json.dumps({"state": "running", "pid": sleeper.pid, "step": 3,
+                                                       "total_steps": 10, "started_at": time.time()}))
+        tiny_config(tiny_model_dir, facts_file, device="cuda", gpus=2).save(path / "config.yaml")
+        (path / "process.json").write_text(json.dumps({"pid": sleeper.pid, "device": "cuda:0"}))
+        with pytest.raises(runs.RunConflict, match="both-gpus"):
+            runs.start_run(tiny_config(tiny_model_dir, facts_file, device="cuda:1"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()

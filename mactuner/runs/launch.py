@@ -95,11 +95,23 @@ def _spawn(path: Path, resume: bool, device: str | None, launch_id: str) -> int:
 
 
 
-def _check_device_free(device: str | None, force: bool, exclude: Path | None = None) -> None:
-    """Refuse when another run trains on ``device``; the caller holds the launch lock."""
+def _devices_used(device: str | None, gpus: int) -> set[str]:
+    """The devices a run on ``device`` with ``gpus`` processes trains on (cuda:0 … cuda:N-1 for several GPUs)."""
+    if not device:
+        return set()
+    if gpus > 1 and device.startswith("cuda"):
+        return {f"cuda:{i}" for i in range(gpus)}
+    return {device}
+
+
+def _check_device_free(device: str | None, force: bool, exclude: Path | None = None, gpus: int = 1) -> None:
+    """Refuse when another run trains on ``device`` (or, with several GPUs, on any of them); the caller holds
+    the launch lock."""
     if not device:
         return
-    busy = [r for r in _list_runs(_record_verdict) if r.is_running and r.device == device and r.path != exclude]
+    wanted = _devices_used(device, gpus)
+    busy = [r for r in _list_runs(_record_verdict) if r.is_running and r.path != exclude
+            and wanted & _devices_used(r.device, int(_load_config_dict(r.path).get("gpus") or 1))]
     if busy and not force:
         run = busy[0]
         raise RunConflict(
@@ -148,7 +160,7 @@ def start_run(config: Any, *, name: str | None = None, force: bool = False) -> R
         raise RunError(problem)
     prints = fingerprint.compute(config)  # hashing the dataset is done before taking the lock
     with _launching():
-        _check_device_free(device, force)
+        _check_device_free(device, force, gpus=int(getattr(config, "gpus", 1) or 1))
         path = new_run_folder(name)
         config.save(path / "config.yaml")
         fileio.write_json_atomic(path / fingerprint.FINGERPRINT_FILE, prints)
@@ -237,7 +249,7 @@ def resume_run(run: str | os.PathLike, *, force: bool = False) -> RunInfo:
             fingerprint.check(path, _load_config_dict(path))
         except fingerprint.FingerprintMismatch as exc:
             raise RunError(str(exc)) from None
-        _check_device_free(info.device, force, exclude=path)
+        _check_device_free(info.device, force, exclude=path, gpus=int(_load_config_dict(path).get("gpus") or 1))
         launch = _read_json(path / "process.json")
         if launch.pop("cancel_requested", None) is not None:
             launch.pop("kill_after", None)
