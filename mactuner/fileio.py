@@ -223,10 +223,11 @@ def write_output_folder(
     return write_folder_atomically(path, fill, replace=True)
 
 
-def slug(text: str, default: str = "model", max_chars: int = 80) -> str:
-    """``text`` as a file or folder name: runs of characters other than letters, digits, ``._-`` become ``-``.
+def slug(text: str, default: str = "model", max_chars: int = 80, allowed: str = "A-Za-z0-9._-") -> str:
+    """``text`` as a file or folder name: each run of characters outside ``allowed`` becomes ``-``.
 
-    The one rule for names MacTuner derives from a label (run ids, export and variant folders);
-    never empty (``default``), never a hidden name or ``..``, at most ``max_chars`` characters.
+    The one rule for names MacTuner derives from a label (run ids, export and variant folders, chat
+    history files, collection folders): never a hidden name or ``..``, at most ``max_chars`` characters,
+    ``default`` when nothing is left.
     """
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:max_chars].strip("-.") or default
+    return re.sub(rf"[^{allowed}]+", "-", text).strip("-._")[:max_chars].strip("-._") or default

@@ -24,8 +24,10 @@ from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.runs.views import list_adapters
 from ui.chat_models import answer_stream, loaded_model, release_on_device_switch
-from ui.common import device_or_stop
+from ui.common import device_or_stop, ensure_frame
 from ui.export_ui import chat_source_ui
+
+ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 HISTORY = "chat_history"  # this session's copy of the saved conversation of the model choice (turns as in chat_history)
 IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight

@@ -15,9 +15,11 @@ from mactuner.config import TrainConfig
 from mactuner.models import ModelSourceError
 from mactuner.training.multi_gpu import cuda_count, gpus_problem
 from mactuner.training.qlora import qlora_problem
-from ui.common import device_or_stop
+from ui.common import device_or_stop, ensure_frame
 from ui.finetune_runs import runs_ui
 from ui.finetune_setup import dataset_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
+
+ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA, int8 on CPU)", "full": "Full fine-tuning"}
 TABS = ("New run", "Runs")

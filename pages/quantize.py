@@ -8,8 +8,10 @@ from mactuner.export import merge_adapter
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.quantize import compare as quantize_compare
 from mactuner.runs.views import list_adapters
-from ui.common import device_or_stop
+from ui.common import device_or_stop, ensure_frame
 from ui.export_ui import export_section, variants_ui
+
+ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
 
@@ -71,7 +73,7 @@ text = text_ui()
 if run_col.button("Quantize and compare", key="quant_run", type="primary"):
     bar = st.progress(0.0, text="Starting…")
     try:
-        report = quantize.compare_variants(
+        report = quantize_compare.compare_variants(
             model if model != DEFAULT_MODEL or not adapter else None, methods, adapter=adapter or None,
             device=device, text=text, progress=lambda message, f: bar.progress(min(f or 0.0, 1.0), text=message),
         )

@@ -177,7 +177,6 @@ def test_watched_process_gpu_memory_comes_from_nvml(two_cuda_gpus, monkeypatch):
     from tests.fake_hardware import FakeNVML
 
     monkeypatch.setattr(devices.memory, "nvml", lambda: FakeNVML({os.getpid(): 5 * 1024**3}))
-    monkeypatch.setattr("mactuner.devices.monitor.nvml", devices.nvml)
     monitor = MemoryMonitor(DeviceManager(), interval=1.0)
     monitor.watch_process(os.getpid(), "trainer")
     monitor.sample_once()

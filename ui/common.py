@@ -9,8 +9,12 @@ under ``st.session_state["device"]``, so two tabs may compute on different devic
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import runpy
 import sys
+import threading
+from pathlib import Path
 
 import streamlit as st
 import torch
@@ -21,6 +25,35 @@ from mactuner.settings import load_settings, remember_device
 
 DEVICE_KEY = "device"  # st.session_state key holding the chosen device, e.g. "cpu", "cuda:0"
 MONITOR_INTERVAL = 1.0  # seconds between memory samples; ~0.05 % of one core (bench/monitor_overhead.py)
+
+
+APP_SCRIPT = Path(__file__).resolve().parents[1] / "app.py"
+_frame = threading.local()  # each browser session's script runs in a thread of its own
+
+
+@contextlib.contextmanager
+def frame():
+    """``app.py`` runs the chosen page inside this: the page then knows it has the frame (sidebar, device picker)."""
+    _frame.active = True
+    try:
+        yield
+    finally:
+        _frame.active = False
+
+
+def ensure_frame() -> None:
+    """Make sure this page runs inside ``app.py``'s frame; pages call it first.
+
+    Until ``st.navigation`` has been called once in the server process, Streamlit follows the old
+    ``pages/`` folder convention: the first request of a fresh server that opens a page by its URL
+    (``/quantize``) runs ``pages/quantize.py`` alone, without the frame. Then this runs ``app.py``,
+    whose ``st.navigation`` (public API) switches Streamlit to the frame for good and runs the page
+    the URL names inside it, and stops the frameless run.
+    """
+    if getattr(_frame, "active", False):
+        return
+    runpy.run_path(str(APP_SCRIPT), run_name="__main__")
+    st.stop()
 
 
 def device_manager() -> DeviceManager:

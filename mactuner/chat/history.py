@@ -42,7 +42,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from mactuner import paths
+from mactuner import fileio, paths
 from mactuner.fileio import write_json_atomic
 
 SAVE_LOCK_TIMEOUT = 30.0  # seconds a writer waits for another tab's write of the same conversation
@@ -101,7 +101,7 @@ def history_key(model: str, adapter: str = "", compare: bool = False) -> str:
         readable = f"{run.name}-{adapter_path.name}"
     else:
         readable = Path(model or "default").name
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", readable).strip("-.")[:60] or "chat"
+    readable = fileio.slug(readable, default="chat", max_chars=60)
     return f"{readable}{'-compare' if compare else ''}-{digest}"
 
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import psutil
 
-from mactuner.devices import GB, format_bytes, memory_axes, nvml, nvml_handle
+from mactuner.devices import memory
+from mactuner.devices.memory import GB, format_bytes, memory_axes
 
 if TYPE_CHECKING:
     from mactuner.devices import DeviceManager
@@ -269,13 +270,13 @@ class MemoryMonitor:
 
 def _gpu_memory_by_pid(devices: list[str]) -> dict[int, int] | None:
     """CUDA memory per process id across the sampled GPUs (NVML); ``None`` without NVML."""
-    lib = nvml()
+    lib = memory.nvml()
     cuda = [d for d in devices if d.startswith("cuda")]
     if lib is None or not cuda:
         return None
     used: dict[int, int] = collections.defaultdict(int)
     for device in cuda:
-        handle = nvml_handle(int(device.split(":")[1]))
+        handle = memory.nvml_handle(int(device.split(":")[1]))
         if handle is None:
             continue
         try:
