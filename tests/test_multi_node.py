@@ -110,3 +110,25 @@ def test_a_bundle_trains_elsewhere_and_comes_back_to_chat(tiny_model_dir, facts_
     stream = stream_chat(loaded, [{"role": "user", "content": "What colour is the Zorbel lighthouse?"}],
                          GenerationSettings(temperature=0, max_new_tokens=8))
     assert "".join(stream) == stream.text and stream.stats.new_tokens > 0
+
+
+def test_a_bundle_with_the_model_carries_its_files_and_names_the_machines(tiny_model_dir, facts_file, tmp_path):
+    import yaml
+
+    from mactuner.runs.bundle import BundleError, write_bundle
+
+    config = tiny_config(tiny_model_dir, facts_file).save(tmp_path / "c.yaml")
+    info = write_bundle(config, tmp_path / "b", with_model=True, nnodes=3, gpus=2, endpoint="10.0.0.5:29600")
+    assert info.with_model and info.checkpoint is None
+    bundled = yaml.safe_load((info.path / "config.yaml").read_text())
+    assert bundled["model"] == "model" and bundled["dataset"] == "data/facts.jsonl" and bundled["gpus"] == 2
+    assert (info.path / "model" / "config.json").is_file() and (info.path / "model" / "model.safetensors").is_file()
+    launch = (info.path / "launch.sh").read_text()
+    assert "NNODES=${NNODES:-3}" in launch and "GPUS=${GPUS:-2}" in launch and "ENDPOINT=${ENDPOINT:-10.0.0.5:29600}" in launch
+    assert subprocess.run(["bash", "-n", str(info.path / "launch.sh")]).returncode == 0
+    sky = yaml.safe_load((info.path / "skypilot.yaml").read_text())
+    assert sky["num_nodes"] == 3 and "launch.sh" in sky["run"] and sky["workdir"] == "."
+    with pytest.raises(BundleError, match="HOST:PORT"):
+        write_bundle(config, tmp_path / "b2", endpoint="no-port")
+    with pytest.raises(BundleError, match="neither a run"):
+        write_bundle(tmp_path / "nothing-here", tmp_path / "b3")
