@@ -40,7 +40,19 @@ def test_matching_gpus_are_accepted(monkeypatch):
     assert gpus_problem(2, "cuda") is None
 
 
-def test_the_page_offers_n_gpus_and_shows_the_effective_batch(monkeypatch):
+@pytest.fixture
+def fresh_streamlit_caches():
+    """The app's cached devices and recommendations are made on faked GPUs here: none outlives the test."""
+    import streamlit as st
+
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield
+    st.cache_resource.clear()  # stops the monitor thread (on_release)
+    st.cache_data.clear()
+
+
+def test_the_page_offers_n_gpus_and_shows_the_effective_batch(monkeypatch, fresh_streamlit_caches):
     from tests.app_pages import open_app_page
 
     fake_two_cuda_gpus(monkeypatch, gpus=[GPUS[0], TWIN])
