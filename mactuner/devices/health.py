@@ -147,7 +147,8 @@ def health(devices: list[DeviceInfo] | None = None, *, probe: bool = True) -> di
                 "If an operation is not implemented on MPS, set PYTORCH_ENABLE_MPS_FALLBACK=1 so it falls back to the CPU."
             )
         advice.append(
-            "MPS uses float16 by default; if training is slow or gives NaN losses, use float32 (the original's advice)."
+            "MPS computes in bfloat16 on macOS 14 and later, float16 before; if training is slow or gives NaN losses, "
+            "use float32 (the original's advice)."
         )
     if not cuda_ok and not mps_ok:
         advice.append(
@@ -168,7 +169,7 @@ def health(devices: list[DeviceInfo] | None = None, *, probe: bool = True) -> di
         "tips": [
             'Check CUDA: `python -c "import torch; print(torch.cuda.is_available(), torch.version.cuda)"` and `nvidia-smi`.',
             'Check MPS: `python -c "import torch; print(torch.backends.mps.is_available())"` (macOS 12.3+, arm64 Python).',
-            "On MPS prefer float16; switch to float32 if it is slow or unstable.",
+            "On MPS the default is bfloat16 (macOS 14+) or float16 (before); switch to float32 if it is slow or unstable.",
             OOM_ADVICE,
         ],
     }
