@@ -6,10 +6,15 @@ safetensors) measures what the real model would, with no download. The
 tokenizer is SmolLM2's (its ids fit every vocabulary here).
 
     python -m bench.gpu_shapes OUT_DIR [--shapes smollm2-135m,qwen2.5-0.5b,...] [--device cuda] [--tiny]
+                               [--json SHAPES.json] [--dry-run]
 
 ``--tiny`` keeps each config's family and proportions but shrinks it to 2 layers
 and a small width: the ``--dry-run`` on a CPU checks the plumbing with it.
-Prints one JSON line: ``{shape: {"path", "parameters", "config"}}``.
+Shapes are built smallest first, and ``--json FILE`` is rewritten after each one
+(``{shape: {"path", "parameters", "config"}}``), so a build stopped by the time
+budget keeps the shapes it finished. Prints one JSON line per shape as it is built.
+``--dry-run`` builds nothing: it prints the configs (parameters counted on the meta
+device), for checking the shapes and the plumbing without weights.
 """
 
 from __future__ import annotations
@@ -81,16 +86,44 @@ def build(name: str, out: Path, tokenizer_dir: Path, device: str = "cuda", tiny:
     return {"path": str(folder), "parameters": parameters, "config": {k: v for k, v in SHAPES[name].items()}}
 
 
-def main() -> int:
+def parameters(name: str, tiny: bool = False) -> int:
+    """The shape's parameter count, from its config alone (meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(shape_config(name, tiny)).parameters())
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--tokenizer", type=Path, required=True, help="a folder with SmolLM2's tokenizer files")
+    parser.add_argument("--tokenizer", type=Path, help="a folder with SmolLM2's tokenizer files (not for --dry-run)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
-    args = parser.parse_args()
-    built = {name: build(name, args.out, args.tokenizer, args.device, args.tiny) for name in args.shapes.split(",")}
-    print(json.dumps(built))
+    parser.add_argument("--json", type=Path, help="rewritten after each shape with every shape built so far")
+    parser.add_argument("--dry-run", action="store_true", help="count parameters only; write no weights")
+    args = parser.parse_args(argv)
+    names = args.shapes.split(",")
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    if not args.dry_run and args.tokenizer is None:
+        parser.error("--tokenizer is needed to build model folders")
+    # smallest first: the budget that stops the build stops it at the largest
+    names.sort(key=lambda n: parameters(n, args.tiny))
+    built: dict[str, dict] = {}
+    for name in names:
+        if args.dry_run:
+            built[name] = {"path": None, "parameters": parameters(name, args.tiny), "config": dict(SHAPES[name])}
+        else:
+            built[name] = build(name, args.out, args.tokenizer, args.device, args.tiny)
+        if args.json:
+            partial = args.json.with_name(args.json.name + ".tmp")
+            partial.write_text(json.dumps(built, indent=1))
+            partial.replace(args.json)
+        print(json.dumps({name: built[name]}), flush=True)
     return 0
 
 

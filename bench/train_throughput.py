@@ -95,6 +95,33 @@ def _peak_device(device: str) -> int | None:
     return None
 
 
+def _peak_reserved(device: str) -> int | None:
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_reserved())
+    return None
+
+
+def _begin_training(device: str) -> None:
+    """At train begin, on both sides alike: wait for the device, and restart CUDA's peak counters so the
+    peak is the training's (over all its steps), not the loading's."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _now(device: str) -> float:
+    """A step's end time, once the device has finished the step (CUDA runs asynchronously)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def _model_path(model: str) -> str:
     from mactuner.models import DEFAULT_MODEL, default_model_path
 
@@ -218,10 +245,11 @@ def _hf_worker(args, informed: bool, callbacks: tuple = (), method: str | None =
 
     class StepTimes(TrainerCallback):
         def on_train_begin(self, *a, **k):
+            _begin_training(args.device)
             began.append(time.perf_counter())
 
         def on_step_end(self, *a, **k):
-            marks.append(time.perf_counter())
+            marks.append(_now(args.device))
 
     extra = {}
     if informed:
@@ -261,7 +289,9 @@ def _hf_worker(args, informed: bool, callbacks: tuple = (), method: str | None =
         "padding": 1 - sum(measured) / padded,
         "head_weights": _head_weights(model),
         "peak_rss": _peak_rss(),
+        # never reset after train begin: the peak over every step
         "peak_device": _peak_device(args.device),
+        "peak_reserved": _peak_reserved(args.device),
         "dtype": ("bfloat16" if bf16 else _dtype_name(next(model.parameters()).dtype)) + ("/nf4" if method == "qlora" else ""),
         "n_forward": _forward_weights(model),
         "threads": torch.get_num_threads(),
@@ -311,13 +341,18 @@ def worker_mactuner(args, compile: str = "auto", method: str | None = None) -> d
 
     marks: list[tuple[float, int]] = []
     began: list[float] = []
+    peaks: list[tuple[int, int | None]] = []
 
     class StepTimes(TrainingCallback):
         def on_train_begin(self, info):
+            _begin_training(args.device)
             began.append(time.perf_counter())
 
         def on_train_report(self, info):
-            marks.append((time.perf_counter(), info["tokens"]))
+            marks.append((_now(args.device), info["tokens"]))
+            # the trainer restarts CUDA's counter at each report interval: the peak over all steps is the
+            # largest of the intervals' peaks (what the peer's never-reset counter gives)
+            peaks.append((info["memory_bytes"], info.get("memory_reserved_bytes")))
 
     config = TrainConfig(
         model=args.model,
@@ -352,7 +387,8 @@ def worker_mactuner(args, compile: str = "auto", method: str | None = None) -> d
         "padding": 1 - tokens / positions[0] if positions else None,
         "head_weights": head,
         "peak_rss": _peak_rss(),
-        "peak_device": _peak_device(args.device),
+        "peak_device": max(p for p, _ in peaks) if args.device.startswith("cuda") and peaks else _peak_device(args.device),
+        "peak_reserved": max((r for _, r in peaks if r is not None), default=None) if args.device.startswith("cuda") else None,
         "dtype": _dtype_name(trainer.compute_dtype) + _base_suffix(trainer.config.method, args.device),
         "n_forward": n,
         "threads": torch.get_num_threads(),
@@ -433,6 +469,7 @@ def summarize(results: dict[str, list[dict]], args) -> dict:
             "load_average": [x["load_average"] for x in results[kind]],
             "all_tokens_per_second": [x["tokens_per_second"] for x in results[kind]],
             "n_forward": first["n_forward"], "head_weights": first["head_weights"],
+            "reserved_bytes": med(kind, "peak_reserved") if on_gpu and all(x.get("peak_reserved") for x in results[kind]) else None,
         }
     informed = rows["hf_informed"]
     for row in rows.values():

@@ -26,11 +26,15 @@ COMMANDS = {
     "quantize": "quantize a model and compare size, memory, speed and perplexity",
     "export": "export a model as a GGUF file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile",
     "eval": "evaluate a fine-tune: base vs tuned loss, perplexity and answers side by side",
+    "bundle": "write a self-contained hand-off of a run for torchrun on other machines (launch.sh, SkyPilot task)",
+    "import": "bring a run trained from a bundle back into the Runs list",
 }
+# a command whose module has another name ("import" is a Python keyword)
+MODULES = {"import": "import_run"}
 
 
 def _load(name: str):
-    return importlib.import_module(f"mactuner.commands.{name}")
+    return importlib.import_module(f"mactuner.commands.{MODULES.get(name, name)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sub.add_parser(name, add_help=False, help=COMMANDS[name])
     args = parser.parse_args(argv)
+    args._argv = argv  # a command that starts itself again (train --gpus N under torchrun) passes them on
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if not argv else 2

@@ -143,6 +143,13 @@ class TrainConfig:
 
     # where and how precisely
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:N or mps; None: the remembered device, else the best one (MPS > CUDA > CPU)."})
+    gpus: int = field(
+        default=1,
+        metadata={
+            "help": "GPUs to train on together (data parallel, one process each under torchrun --standalone): "
+            "effective batch = batch_size x grad_accum x gpus. 1 trains in one process."
+        },
+    )
     dtype: str = field(
         default="auto",
         metadata={"help": "Compute precision: auto (the device's best), float32, bfloat16 or float16."},
@@ -192,7 +199,7 @@ class TrainConfig:
             raise ValueError(f"mlflow_tracking_uri must be None or a URI, got {short_repr(self.mlflow_tracking_uri)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {short_repr(self.dtype)}")
-        for name in ("lora_rank", "max_length", "batch_size", "grad_accum", "log_every"):
+        for name in ("lora_rank", "max_length", "batch_size", "grad_accum", "log_every", "gpus"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {short_repr(value)}")
@@ -229,6 +236,13 @@ class TrainConfig:
             raise ValueError(f"target_modules must be a list of module names or 'all-linear', got {short_repr(self.target_modules)}")
         if self.device is not None and not (isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps")):
             raise ValueError(f"device must be None, cpu, cuda, cuda:N or mps, got {short_repr(self.device)}")
+        if self.gpus > 1 and isinstance(self.device, str) and self.device.startswith("mps"):
+            raise ValueError(f"gpus must be 1 on mps (a Mac has one GPU), got {self.gpus}")
+        if self.gpus > 1 and isinstance(self.device, str) and self.device.startswith("cuda:") and self.device != "cuda:0":
+            raise ValueError(
+                f"gpus={self.gpus} trains on cuda:0 to cuda:{self.gpus - 1}; set device to cuda, not {short_repr(self.device)} "
+                "(pick other cards with CUDA_VISIBLE_DEVICES)"
+            )
         for name in ("assistant_only_loss", "packing", "gradient_checkpointing", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {short_repr(getattr(self, name))}")
@@ -246,8 +260,8 @@ class TrainConfig:
 
     @property
     def effective_batch_size(self) -> int:
-        """Rows per optimizer step in one process (multiply by the number of DDP processes)."""
-        return self.batch_size * self.grad_accum
+        """Rows per optimizer step: micro-batch x accumulation x GPUs (processes)."""
+        return self.batch_size * self.grad_accum * self.gpus
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (lists copied), ready for YAML or JSON."""

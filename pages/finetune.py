@@ -13,6 +13,7 @@ import streamlit as st
 from mactuner import data, runs
 from mactuner.config import TrainConfig
 from mactuner.models import ModelSourceError
+from mactuner.training.multi_gpu import cuda_count, gpus_problem
 from mactuner.training.qlora import qlora_problem
 from ui import finetune_preference as preference
 from ui.common import device_or_stop, ensure_frame
@@ -35,6 +36,19 @@ METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA, int8 on CPU)", "full"
 TABS = ("New run", "Runs")
 TAB_KEY = "finetune_tab"
 START_PROBLEM = "finetune_start_problem"  # why the last Start did not start, shown under the button
+
+
+def gpus_ui(device: str) -> int:
+    """"Use N GPUs" where this machine has several CUDA GPUs (1 elsewhere); a refused choice stops the page."""
+    count = cuda_count() if device.startswith("cuda") else 0
+    if count < 2:
+        return 1
+    gpus = st.number_input("Use N GPUs", 1, count, 1, key="finetune_gpus",
+                           help=TrainConfig.help()["gpus"] + " Each GPU holds the whole model: the memory shown is per GPU.")
+    if problem := gpus_problem(int(gpus), device):
+        st.error(problem)
+        st.stop()
+    return int(gpus)
 
 
 def start_run(config: TrainConfig, name: str) -> None:
@@ -75,11 +89,14 @@ def setup_ui() -> None:
         st.info("Choose a model and a dataset to see the recommended settings.")
         return
     objective = preference.objective_ui(str(dataset))
+    gpus = gpus_ui(device)
+    if gpus > 1:
+        device = "cuda"  # one process on each of cuda:0 … cuda:N-1
     try:
         mtime = Path(dataset).stat().st_mtime
         # the model's footprint first: its errors say best what is wrong with the model
         if objective == "sft":
-            recommended = recommend(model, str(dataset), device, mtime)
+            recommended = recommend(model, str(dataset), device, mtime, gpus)
             summary = summarize(str(dataset), model, mtime)
         else:
             recommended = preference.recommend(model, str(dataset), device, mtime, footprint_for(model))
@@ -104,7 +121,7 @@ def setup_ui() -> None:
     settings.update(preference.trackers_ui())
     try:
         config = TrainConfig(**{**defaults, **settings, "model": model, "dataset": str(dataset), "method": method,
-                                "device": device})
+                                "device": device, "gpus": gpus})
     except ValueError as exc:
         st.error(str(exc))
         st.stop()

@@ -31,6 +31,13 @@ GPUS = [
 ]
 
 
+# what a torch 2.13 wheel for CUDA 12.9 lists (torch.cuda.get_arch_list()): kernels from Turing (7.5) on
+WHEEL_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+# a Pascal card: a GPU that wheel has no kernels for
+PASCAL = SimpleNamespace(name="NVIDIA GeForce GTX 1080", total_memory=8 * GiB, major=6, minor=1,
+                         multi_processor_count=20, uuid="1080cccc-0000-0000-0000-000000000000")
+
+
 def _index(device) -> int:
     if isinstance(device, int):
         return device
@@ -65,29 +72,44 @@ def fake_cpu_only(monkeypatch) -> None:
     monkeypatch.setattr(devices.probe, "probe_device", REAL_PROBE)
 
 
-def fake_two_cuda_gpus(monkeypatch, allocated: int = 2 * GiB, reserved: int = 3 * GiB) -> dict:
-    """cuda:0 = RTX 3090 (8.6, 24 GiB), cuda:1 = T4 (7.5, 15 GiB); no NVML.
+def fake_two_cuda_gpus(monkeypatch, allocated: int = 2 * GiB, reserved: int = 3 * GiB, gpus: list | None = None) -> dict:
+    """cuda:0 = RTX 3090 (8.6, 24 GiB), cuda:1 = T4 (7.5, 15 GiB); no NVML; a torch wheel
+    with kernels from 7.5 on (``WHEEL_ARCHS``). ``gpus`` replaces the two cards.
 
-    Returns a dict recording ``mem_get_info`` and ``empty_cache`` calls.
+    Returns a dict recording ``mem_get_info``, ``empty_cache``, ``set_device`` and
+    ``reset_peak_memory_stats`` calls; ``peak`` holds what ``max_memory_allocated`` /
+    ``max_memory_reserved`` answer (change it to fake a step's peak).
     """
-    calls = {"mem_get_info": [], "empty_cache": 0}
+    cards = GPUS if gpus is None else gpus
+    calls = {"mem_get_info": [], "empty_cache": 0, "set_device": [], "reset_peak_memory_stats": [],
+             "peak": {"allocated": allocated, "reserved": reserved}}
     _no_mps(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(GPUS))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: GPUS[_index(d)])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: cards[_index(d)])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(WHEEL_ARCHS))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: allocated)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: reserved)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: calls["peak"]["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d=None: calls["peak"]["reserved"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: calls["reset_peak_memory_stats"].append(_index(d)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls["set_device"].append(_index(d)))
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
 
     def mem_get_info(d=None):
         calls["mem_get_info"].append(_index(d))
-        total = GPUS[_index(d)].total_memory
+        total = cards[_index(d)].total_memory
         return total - 5 * GiB, total  # (free, total): another process holds 2 GiB more than ours
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     monkeypatch.setattr(devices.memory, "nvml", lambda: None)
     monkeypatch.setattr(devices.probe, "probe_device", _probe_only({"cuda"}))
     return calls
+
+
+def fake_pascal_gpu(monkeypatch) -> dict:
+    """One GTX 1080 (6.1, 8 GiB) beside a torch wheel built for 7.5 and later."""
+    return fake_two_cuda_gpus(monkeypatch, gpus=[PASCAL])
 
 
 def fake_mps_mac(monkeypatch, recommended_max: int = 16 * GiB, macos: str = "14.5") -> None:
@@ -150,6 +172,11 @@ def cpu_only(monkeypatch):
 @pytest.fixture
 def two_cuda_gpus(monkeypatch):
     return fake_two_cuda_gpus(monkeypatch)
+
+
+@pytest.fixture
+def pascal_gpu(monkeypatch):
+    return fake_pascal_gpu(monkeypatch)
 
 
 @pytest.fixture

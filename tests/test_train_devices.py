@@ -99,9 +99,10 @@ def test_every_collective_of_a_run_uses_the_backends_device_and_changes_no_resul
 
     assert grouped.losses == pytest.approx(alone.losses, abs=1e-6) and grouped.val_loss == pytest.approx(alone.val_loss, abs=1e-6)
     sums = [n for op, n in group.reduced if "MAX" not in op.upper()]
-    # per step one flat sum of every gradient and the loss; per evaluation one of two numbers
-    gradients = sum(p.numel() for p in trainer.trainable) + 1
-    assert sums.count(gradients) == 3 and sums.count(2) == 2 and len(sums) == 5
+    # per step one flat sum of every gradient, the loss, the out-of-memory and stop flags and each
+    # process's memory (nothing else: no separate agreement); per evaluation one of two numbers
+    step_buffer = sum(p.numel() for p in trainer.trainable) + 1 + 2 + trainer.dist.world_size
+    assert sums.count(step_buffer) == 3 and sums.count(2) == 2 and len(sums) == len(group.reduced) == 5
 
 
 def test_several_processes_on_mps_are_refused_with_the_reason(tiny_model_dir, facts_file, tmp_path, monkeypatch):

@@ -40,6 +40,8 @@ def charts_ui(tail: runs.MetricsTail) -> None:
     with right:
         chart("Gradient norm", {"grad norm": series("grad_norm")}, "finetune_chart_grad")
         chart("Memory (MiB)", {"memory": tail.memory_series(MAX_POINTS)}, "finetune_chart_mem", "seconds")
+        if note := run_views.rank_memory_note(tail):
+            st.caption(note)
     reward_charts_ui(tail, chart, MAX_POINTS)  # DPO / ORPO / KTO runs
 
 

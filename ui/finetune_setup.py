@@ -14,6 +14,7 @@ from mactuner.config import COMPILE_CHOICES, TrainConfig
 from mactuner.devices import optimal_dtype_reason
 from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
 from mactuner.recommend import estimate_for_config, free_memory_bytes, reasons_markdown, recommend_hyperparameters
+from mactuner.runs.views import effective_batch_text
 
 SUMMARY_MAX_LENGTH = 1_000_000  # summarize untruncated; truncation is counted for the chosen max length
 INPUT_WIDTH = 190  # px per setting: rows of inputs wrap to fit the window (two per row at 800 px, +/- kept)
@@ -71,10 +72,10 @@ def footprint_for(model: str):
 
 
 @st.cache_data(show_spinner="Recommending settings…", ttl=600)
-def recommend(model: str, dataset: str, device: str, mtime: float):
-    """Recommended settings for this model, dataset and device (free memory read now, kept 10 min)."""
+def recommend(model: str, dataset: str, device: str, mtime: float, gpus: int = 1):
+    """Recommended settings for this model, dataset, device and GPUs (free memory read now, kept 10 min)."""
     return recommend_hyperparameters(model, device=device, footprint=footprint_for(model),
-                                     summary=summarize(dataset, model, mtime))
+                                     summary=summarize(dataset, model, mtime), gpus=gpus)
 
 
 def summary_ui(summary: data.DatasetSummary, max_length: int) -> None:
@@ -145,6 +146,8 @@ def memory_ui(config: TrainConfig, summary: data.DatasetSummary, device: str) ->
     """The memory estimate of ``config`` (recomputed as settings change), warned about when it exceeds free memory."""
     estimate = estimate_for_config(config, summary, device, footprint=footprint_for(config.model))
     headline, warning = estimate.summary(free_memory_bytes(device)[0], device)
-    st.markdown(headline)
+    st.markdown(headline + (" (per GPU)" if config.gpus > 1 else ""))
+    st.caption(effective_batch_text(config.batch_size, config.grad_accum, config.gpus))
     if warning:
         st.warning(warning)
+

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="dataset file whose token lengths shape the settings")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: remembered, else the best available)")
     parser.add_argument("--free-memory-gb", type=float, default=None, help="plan for this much free memory instead of measuring it")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs training together (the effective batch is kept: less accumulation)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")
     parser.add_argument("--write", metavar="CONFIG.yaml", default=None,
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         summary = dataset_summary(args.model, args.dataset, args.trust_remote_code) if args.dataset else None
         rec = recommend_hyperparameters(
             args.model, args.dataset, args.device, summary=summary, free_memory=free,
-            trust_remote_code=args.trust_remote_code,
+            trust_remote_code=args.trust_remote_code, gpus=max(1, args.gpus),
         )
         config = write_config(rec, args.dataset, args.write) if args.write else None
     except (ModelSourceError, DatasetError, RuntimeError, ValueError, OSError) as error:

@@ -8,7 +8,8 @@ file the run starts from ``TrainConfig``'s defaults, or with ``--recommended``
 from :func:`mactuner.recommend.recommend_hyperparameters`' settings for the
 model, dataset and device; the overrides apply on top either way. The same entry point
 runs under ``torchrun --nproc_per_node N -m mactuner train …`` (one process per
-device; gloo on CPU, NCCL on CUDA).
+device; gloo on CPU, NCCL on CUDA); with ``--gpus N`` (or ``gpus: N`` in the config)
+it starts that torchrun itself: ``torchrun --standalone --nproc-per-node N``.
 
 Exit codes: 0 finished or cancelled (SIGTERM saves a checkpoint first), 1 the
 training failed (the message says why), 2 bad arguments or config.
@@ -72,13 +73,13 @@ def _convert(name: str, type_name: str, text: str):
     return text
 
 
-def recommended_values(model: str | None, dataset: str, device: str | None) -> dict:
-    """TrainConfig values: the defaults, then the recommended settings for this model, dataset and device."""
+def recommended_values(model: str | None, dataset: str, device: str | None, gpus: int = 1) -> dict:
+    """TrainConfig values: the defaults, then the recommended settings for this model, dataset, device and GPUs."""
     from mactuner.config import TrainConfig
     from mactuner.models import DEFAULT_MODEL
     from mactuner.recommend import recommend_hyperparameters
 
-    recommendation = recommend_hyperparameters(model, dataset, device)
+    recommendation = recommend_hyperparameters(model, dataset, device, gpus=gpus)
     for warning in recommendation.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {**TrainConfig().to_dict(), **recommendation.train_config_values(),
@@ -99,7 +100,8 @@ def build_config(args: argparse.Namespace):
     if source is not None:
         values = TrainConfig.load(source).to_dict()
     elif args.dataset:
-        values = recommended_values(args.model, args.dataset, args.device) if recommended else TrainConfig().to_dict()
+        gpus = int(args.gpus) if getattr(args, "gpus", None) else 1
+        values = recommended_values(args.model, args.dataset, args.device, gpus) if recommended else TrainConfig().to_dict()
     else:
         raise ValueError(
             "give a config file, or --dataset FILE (with --recommended for the recommended settings), "
@@ -148,6 +150,14 @@ def run(args: argparse.Namespace) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print("error: under torchrun give --run-dir so all processes share one folder", file=sys.stderr)
             return 2
+    from mactuner.training.distributed import launched_by_torchrun
+
+    if config.gpus > 1 and not launched_by_torchrun():
+        return _launch_processes(config, args, run_dir)
+    # against fragmentation by batches of varying length (unless the person configured the allocator)
+    from mactuner.devices.cuda_support import ALLOC_CONF, ALLOC_CONF_ENV
+
+    os.environ.setdefault(ALLOC_CONF_ENV, ALLOC_CONF)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"Run folder: {run_dir}", flush=True)
     try:
@@ -164,3 +174,34 @@ def run(args: argparse.Namespace) -> int:
     if result.adapter_path is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"Adapter: {result.adapter_path}", flush=True)
     return 0
+
+
+def _launch_processes(config, args: argparse.Namespace, run_dir: Path) -> int:
+    """``gpus: N``: run this same command under ``torchrun --standalone --nproc-per-node N``."""
+    import subprocess
+
+    from mactuner.devices import resolve_device
+    from mactuner.devices.cuda_support import trainer_environment
+    from mactuner.training.multi_gpu import gpus_problem, package_root, torchrun_command
+
+    try:
+        device = config.device or resolve_device(None).type
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    problem = gpus_problem(config.gpus, device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    arguments = list(getattr(args, "_argv", None) or sys.argv[1:])
+    if not args.run_dir:
+        # every process must write to the same folder: name it once, here
+        arguments += ["--run-dir", str(run_dir)]
+    if not config.device:
+        arguments += ["--device", device]
+    env = trainer_environment()
+    # the processes import this same mactuner, wherever they are started from
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_root()), env.get("PYTHONPATH")) if p)
+    command = torchrun_command(config.gpus, arguments)
+    print(f"Starting {config.gpus} training processes: {' '.join(command)}", flush=True)
+    return subprocess.call(command, env=env)

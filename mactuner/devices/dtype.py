@@ -14,8 +14,9 @@ def get_optimal_dtype(device: str | torch.device) -> torch.dtype:
     """Best compute dtype for ``device``.
 
     - CUDA: bfloat16 from compute capability 8.0 (Ampere) on, where it is native
-      and keeps float32's range; float16 on older GPUs (Volta/Turing have fast
-      float16 tensor cores but no bfloat16).
+      and keeps float32's range; float16 on 7.x (Volta/Turing have fast
+      float16 tensor cores but no bfloat16); float32 below 7.0 (Pascal consumer
+      cards run float16 at a small fraction of their float32 rate).
     - MPS: bfloat16 on macOS 14 and later (Metal gained it there), float16
       before. bfloat16 keeps float32's range, so models trained in bfloat16
       (Qwen, Llama 3 and most recent ones) do not overflow as they can in
@@ -27,6 +28,9 @@ def get_optimal_dtype(device: str | torch.device) -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
+        if major < 7:
+            # Pascal and older: float16 without tensor cores runs at a fraction of float32 on consumer cards
+            return torch.float32
         return torch.bfloat16 if major >= 8 else torch.float16
     if device.type == "mps":
         return torch.bfloat16 if mps_supports_bfloat16() else torch.float16
@@ -57,7 +61,9 @@ def optimal_dtype_reason(device: str | torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return (f"{chosen}: compute capability {major}.{minor} "
-                + ("computes bfloat16 natively (8.0 and later)" if chosen == "bfloat16" else "has no bfloat16; float16 is its fast type"))
+                + ("computes bfloat16 natively (8.0 and later)" if chosen == "bfloat16"
+                   else "has no bfloat16; float16 is its fast type" if chosen == "float16"
+                   else "has no tensor cores (below 7.0): float16 runs at a fraction of float32's speed there"))
     if device.type == "mps":
         return (f"{chosen}: " + ("macOS 14 or later computes bfloat16 on the GPU, with float32's range"
                                  if chosen == "bfloat16" else "bfloat16 needs macOS 14; float16 is Metal's fast type before it"))

@@ -190,17 +190,28 @@ def _detect_cuda() -> list[DeviceInfo]:
                 DeviceInfo("cuda", index, f"CUDA GPU (ID: {index})", is_available=False, reason=f"could not query: {exc}")
             )
             continue
+        # a GPU this torch build has no kernels for is listed by torch but fails at its first operation
+        problem = _cuda_kernel_problem(props)
         found.append(
             DeviceInfo(
                 type="cuda",
                 index=index,
                 name=f"{props.name} (ID: {index})",
+                is_available=problem is None,
                 memory_total=int(props.total_memory),
                 compute_capability=f"{props.major}.{props.minor}",
+                reason=problem,
                 details={"multiprocessors": getattr(props, "multi_processor_count", None)},
             )
         )
     return found
+
+
+def _cuda_kernel_problem(props: Any) -> str | None:
+    """Why torch cannot compute on the GPU with these properties (no kernels for its capability); None if it can."""
+    from mactuner.devices.cuda_support import kernel_problem
+
+    return read_or_none(kernel_problem, props.major, props.minor, props.name)
 
 
 def _detect_mps() -> DeviceInfo | None:
@@ -312,6 +323,11 @@ def check_device(device: str | torch.device) -> torch.device:
                 f"{parsed} is not available on this machine: it has {count} CUDA GPU"
                 f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1}). Available: {_existing()}."
             )
+        # the wheel's kernel list (read without a context): a GPU it was not built for fails at its first op
+        props = read_or_none(torch.cuda.get_device_properties, parsed.index)
+        problem = _cuda_kernel_problem(props) if props is not None else None
+        if problem:
+            raise DeviceUnavailableError(f"{parsed} is not available on this machine: {problem} Available: {_existing()}.")
     elif parsed.type == "mps" and not read_or_none(torch.backends.mps.is_available):
         why = (
             "this torch build has no MPS support (MPS exists only on macOS)"

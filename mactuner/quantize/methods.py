@@ -15,13 +15,17 @@ method                 device  on disk
                        CUDA    ``TorchAoConfig``: a standard transformers folder
                                (safetensors + ``quantization_config``) that plain
                                ``AutoModelForCausalLM.from_pretrained`` reloads.
-``int4-weight-only``   CPU,    torchao ``IntxWeightOnlyConfig(int4, group 32)``, same
-                       CUDA    folder form. On CPU torchao 0.18 has no packed int4
-                               kernel (``Int4WeightOnlyConfig`` needs CUDA or the
-                               ``mslk`` package), so the 4-bit values are stored one per
-                               byte: 4-bit quality at 8-bit size.
-``bnb-8bit``,          CUDA    bitsandbytes ``load_in_8bit`` / NF4 ``load_in_4bit``;
-``bnb-4bit``                   standard transformers folder.
+``int4-weight-only``   CPU,    torchao, same folder form. On CUDA from capability 8.0:
+                       CUDA    ``Int4WeightOnlyConfig(group 32, tile_packed_to_4d)``, real
+                               4-bit storage and torch's tinygemm kernel (bfloat16). On
+                               CPU (and older GPUs) torchao 0.18 has no packed int4
+                               kernel (plain ``Int4WeightOnlyConfig`` needs the ``mslk``
+                               package), so ``IntxWeightOnlyConfig(int4, group 32)``
+                               stores the 4-bit values one per byte: 4-bit quality at
+                               8-bit size.
+``bnb-8bit``,          CUDA    bitsandbytes ``load_in_8bit`` / NF4 ``load_in_4bit`` (computing
+``bnb-4bit``                   in the GPU's precision: bfloat16 from 8.0, float16 before);
+                               standard transformers folder.
 =====================  ======  ===========================================================
 
 Every variant folder also holds ``mactuner_variant.json`` (method, source), and :func:`load_variant` reloads
@@ -135,6 +139,9 @@ def quantize(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         model = _dynamic_int8(model)
     else:
+        if device.type == "cuda":
+            # bitsandbytes and torchao quantize on the current device: make it the chosen GPU
+            torch.cuda.set_device(device)
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=_transformers_quant_config(method, device), **_load_kwargs(method, device)
         )
@@ -169,26 +176,43 @@ def _dynamic_int8(model):
         return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
+def int4_uses_tinygemm(device: torch.device) -> bool:
+    """Whether ``int4-weight-only`` gets torchao's packed CUDA int4 kernel (tinygemm, in torch itself) on
+    ``device``: a CUDA GPU of capability 8.0 or later (the kernel computes in bfloat16)."""
+    if device.type != "cuda":
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
 def _transformers_quant_config(method: str, device: torch.device):
     if method.startswith("bnb-"):
         from transformers import BitsAndBytesConfig
 
         if method == "bnb-8bit":
             return BitsAndBytesConfig(load_in_8bit=True)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        # computes in the device's precision: bfloat16 from Ampere on, float16 on a T4 or V100 (no bfloat16 there)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=get_optimal_dtype(device))
     import torchao.quantization as ao
     from transformers import TorchAoConfig
 
     if method == "int8-weight-only":
         return TorchAoConfig(ao.Int8WeightOnlyConfig())
+    if int4_uses_tinygemm(device):
+        # real 4-bit storage, two values a byte, and torch's own int4 matmul (_weight_int4pack_mm)
+        return TorchAoConfig(ao.Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d"))
     from torchao.quantization.granularity import PerGroup
 
+    # no packed int4 kernel here (a CPU, or a GPU before Ampere): 4-bit values stored one per byte
     return TorchAoConfig(ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
 
 
 def _load_kwargs(method: str, device: torch.device) -> dict[str, Any]:
     if method.startswith("bnb-"):
         return {"device_map": {"": device.index or 0}}
+    if int4_uses_tinygemm(device) and method == "int4-weight-only":
+        return {"dtype": torch.bfloat16, "device_map": {"": str(device)}}  # the kernel's own precision
     return {"dtype": get_optimal_dtype(device) if device.type != "cpu" else torch.bfloat16, "device_map": {"": str(device)}}
 
 
@@ -216,8 +240,10 @@ def load_variant(folder: str | os.PathLike, *, device: str | torch.device | None
         reason = unsupported_reason(method, device)
         if reason:
             raise ValueError(reason)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # bitsandbytes layers run on the current device
         model = AutoModelForCausalLM.from_pretrained(folder, **_load_kwargs(method, device))
-        dtype = _load_kwargs(method, device).get("dtype", torch.bfloat16)
+        dtype = _load_kwargs(method, device).get("dtype", get_optimal_dtype(device))
     else:
         dtype = get_optimal_dtype(device)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)

@@ -38,6 +38,7 @@ class Recommendation:
             ``SMALL_DATASET_ROWS``: a small dataset needs every row to learn from).
         eval_every, save_every: steps between validation losses / checkpoints, scaled
             to the run's length so a run gets several of each (0: only at the end).
+        gpus: GPUs training together (effective batch = batch_size x grad_accum x gpus).
         reasons: one line per setting, keyed by the setting's name.
         memory: the estimate for these settings.
         free_memory: bytes free on the device when recommending (``None`` if unknown).
@@ -70,6 +71,7 @@ class Recommendation:
     val_fraction: float = 0.1
     eval_every: int = 50
     save_every: int = 100
+    gpus: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora", "full"):
@@ -107,6 +109,7 @@ class Recommendation:
             "val_fraction": self.val_fraction,
             "eval_every": self.eval_every,
             "save_every": self.save_every,
+            "gpus": self.gpus,
         }
 
 
@@ -133,6 +136,7 @@ def recommend_hyperparameters(
     summary: Any = None,
     free_memory: int | None = None,
     trust_remote_code: bool = False,
+    gpus: int = 1,
 ) -> Recommendation:
     """Settings that fit ``device`` for fine-tuning ``model`` on ``dataset``.
 
@@ -144,6 +148,9 @@ def recommend_hyperparameters(
         summary: a :class:`mactuner.data.DatasetSummary` if already computed.
         free_memory: bytes to plan with instead of reading the device's free memory.
         trust_remote_code: allow the model's own code when reading its config.
+        gpus: GPUs training together (data parallel): each holds the whole model and a
+            micro-batch, so the memory is per GPU; the effective batch is kept at the
+            target by accumulating fewer micro-batches (the learning rate then stays).
     """
     from mactuner.devices import get_optimal_dtype, resolve_device
     from mactuner.models import DEFAULT_MODEL, model_footprint
@@ -164,19 +171,22 @@ def recommend_hyperparameters(
     max_length = length.values["max_length"]
     seq_len = min(max_length, summary.max_tokens) if summary is not None else max_length
     shape = rules.choose_lora_shape(rows, footprint)
-    method = rules.choose_method(device, compute, footprint, budget, free_memory)
+    trained = rules.trained_per_row(summary, max_length)
+    method = rules.choose_method(device, compute, footprint, budget, free_memory, seq_len=seq_len,
+                                 rank=shape.values["lora_rank"], target_modules=shape.values["target_modules"],
+                                 trained_tokens=trained)
     batch = rules.choose_batch(
         device, compute, footprint, method=method.values["method"], rank=shape.values["lora_rank"],
         target_modules=shape.values["target_modules"], seq_len=seq_len,
-        trained_tokens=rules.trained_per_row(summary, max_length), rows=rows, budget=budget, free_memory=free_memory,
+        trained_tokens=trained, rows=rows, budget=budget, free_memory=free_memory, gpus=gpus,
     )
-    schedule = rules.choose_schedule(rows, batch.values["batch_size"], batch.values["grad_accum"])
+    schedule = rules.choose_schedule(rows, batch.values["batch_size"], batch.values["grad_accum"], gpus)
 
     choices = (dtype, length, shape, method, batch, schedule)
     reasons = {key: reason for choice in choices for key, reason in choice.reasons.items()}
     # the order a person reads them in
     order = ("dtype", "max_length", "lora_rank", "lora_alpha", "target_modules", "method", "batch_size", "grad_accum",
-             "gradient_checkpointing", "learning_rate", "epochs", "val_fraction", "save_every", "eval_every")
+             "gradient_checkpointing", "gpus", "learning_rate", "epochs", "val_fraction", "save_every", "eval_every")
     reasons = {key: reasons[key] for key in order if key in reasons}
     values = {key: value for choice in choices for key, value in choice.values.items()}
     return Recommendation(

@@ -21,6 +21,7 @@ import psutil
 
 import mactuner
 from mactuner import fileio, fingerprint, locks
+from mactuner.devices.cuda_support import trainer_environment
 from mactuner.runs.store import (  # the package's own helpers
     CANCEL_GRACE_S,
     RunConflict,
@@ -43,6 +44,7 @@ from mactuner.runs.store import (  # the package's own helpers
     run_path,
     wait_for_exit,
 )
+from mactuner.training.multi_gpu import gpus_problem, torchrun_command
 
 
 def package_root() -> Path:
@@ -52,10 +54,12 @@ def package_root() -> Path:
 
 def _spawn(path: Path, resume: bool, device: str | None, launch_id: str) -> int:
     """Start the trainer for ``path`` in the background and record its pid and create time."""
-    command = [sys.executable, "-m", "mactuner", "train", str(path / "config.yaml"), "--run-dir", str(path)]
-    if resume:
-        command.append("--resume")
-    env = dict(os.environ)
+    arguments = ["train", str(path / "config.yaml"), "--run-dir", str(path)] + (["--resume"] if resume else [])
+    gpus = int(_load_config_dict(path).get("gpus") or 1)
+    # several GPUs: torchrun starts one trainer per GPU (rank 0 writes the folder); SIGTERM reaches them all
+    command = torchrun_command(gpus, arguments) if gpus > 1 else [sys.executable, "-m", "mactuner", *arguments]
+    # the CUDA allocator's expandable segments, unless the person configured it
+    env = trainer_environment()
     env["PYTHONUNBUFFERED"] = "1"  # the log is read live
     with open(path / "log.txt", "ab") as log:
         log.write(f"\n$ {' '.join(command)}\n".encode())
@@ -91,11 +95,23 @@ def _spawn(path: Path, resume: bool, device: str | None, launch_id: str) -> int:
 
 
 
-def _check_device_free(device: str | None, force: bool, exclude: Path | None = None) -> None:
-    """Refuse when another run trains on ``device``; the caller holds the launch lock."""
+def _devices_used(device: str | None, gpus: int) -> set[str]:
+    """The devices a run on ``device`` with ``gpus`` processes trains on (cuda:0 … cuda:N-1 for several GPUs)."""
+    if not device:
+        return set()
+    if gpus > 1 and device.startswith("cuda"):
+        return {f"cuda:{i}" for i in range(gpus)}
+    return {device}
+
+
+def _check_device_free(device: str | None, force: bool, exclude: Path | None = None, gpus: int = 1) -> None:
+    """Refuse when another run trains on ``device`` (or, with several GPUs, on any of them); the caller holds
+    the launch lock."""
     if not device:
         return
-    busy = [r for r in _list_runs(_record_verdict) if r.is_running and r.device == device and r.path != exclude]
+    wanted = _devices_used(device, gpus)
+    busy = [r for r in _list_runs(_record_verdict) if r.is_running and r.path != exclude
+            and wanted & _devices_used(r.device, int(_load_config_dict(r.path).get("gpus") or 1))]
     if busy and not force:
         run = busy[0]
         raise RunConflict(
@@ -139,9 +155,12 @@ def start_run(config: Any, *, name: str | None = None, force: bool = False) -> R
     """
     config = _absolute_paths(config)
     device = _normal_device(getattr(config, "device", None))
+    problem = gpus_problem(int(getattr(config, "gpus", 1) or 1), device)
+    if problem:
+        raise RunError(problem)
     prints = fingerprint.compute(config)  # hashing the dataset is done before taking the lock
     with _launching():
-        _check_device_free(device, force)
+        _check_device_free(device, force, gpus=int(getattr(config, "gpus", 1) or 1))
         path = new_run_folder(name)
         config.save(path / "config.yaml")
         fileio.write_json_atomic(path / fingerprint.FINGERPRINT_FILE, prints)
@@ -230,7 +249,7 @@ def resume_run(run: str | os.PathLike, *, force: bool = False) -> RunInfo:
             fingerprint.check(path, _load_config_dict(path))
         except fingerprint.FingerprintMismatch as exc:
             raise RunError(str(exc)) from None
-        _check_device_free(info.device, force, exclude=path)
+        _check_device_free(info.device, force, exclude=path, gpus=int(_load_config_dict(path).get("gpus") or 1))
         launch = _read_json(path / "process.json")
         if launch.pop("cancel_requested", None) is not None:
             launch.pop("kill_after", None)

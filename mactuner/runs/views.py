@@ -152,3 +152,23 @@ def list_adapters() -> list[AdapterChoice]:
                     label += " (same weights as final)"
                 choices.append(AdapterChoice(label, checkpoint.path, run.id, run.model, checkpoint.step))
     return choices
+
+
+def effective_batch_text(batch_size: int, grad_accum: int, gpus: int = 1) -> str:
+    """``"Effective batch: 4 x 2 x 2 GPUs = 16 rows per step"`` (rows per optimizer step)."""
+    from mactuner.training.multi_gpu import effective_batch
+
+    gpus_part = f" x {gpus} GPUs" if gpus > 1 else ""
+    return (f"Effective batch: {batch_size} x {grad_accum}{gpus_part} = "
+            f"{effective_batch(batch_size, grad_accum, gpus)} rows per step")
+
+
+def rank_memory_note(tail: MetricsTail) -> str | None:
+    """Each GPU's peak memory as the last report of a several-GPU run gives it; None for one process."""
+    from mactuner.training.multi_gpu import rank_memory_text
+
+    last = tail.train[-1] if tail.train else {}
+    per_rank = last.get("memory_bytes_per_rank")
+    if not per_rank or len(per_rank) < 2:
+        return None
+    return "Peak memory per GPU: " + rank_memory_text(per_rank)

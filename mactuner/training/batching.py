@@ -101,16 +101,30 @@ class MicroBatch:
 
     input_ids: torch.Tensor  # [rows, length], right-padded
     position_ids: torch.Tensor | None
-    loss_mask: torch.Tensor  # [rows, length-1] bool: positions whose next token is trained
     targets: torch.Tensor  # [trained tokens] the trained next tokens, in order
     real_tokens: int  # non-padding tokens
-    # [trained tokens] the same positions as loss_mask, as indices into the [rows * length] flattened
-    # sequence: selecting with them needs no device-to-host sync (a boolean mask does, on a GPU)
+    # [trained tokens] the positions whose next token is trained, as indices into the [rows * length]
+    # flattened sequence: selecting with them needs no device-to-host sync (a boolean mask does, on a GPU)
     positions: torch.Tensor | None = None
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy ``host`` to ``device``; to a GPU from page-locked memory without waiting (``non_blocking``).
+
+    A pageable tensor is first copied by the driver into a pinned buffer, and the host waits for the
+    copy; from pinned memory the copy is a DMA that overlaps the computation already queued.
+    """
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def collate(units: list[Unit], pad_id: int, device: torch.device) -> MicroBatch:
-    """Right-pad units into one micro-batch on ``device`` (the index work is done on the host)."""
+    """Right-pad units into one micro-batch on ``device``.
+
+    The index work is done on the host, and everything the device needs (token ids, position
+    ids, targets, trained positions: all int64) travels in one buffer, one copy per micro-batch.
+    """
     length = max(len(u.input_ids) for u in units)
     ids = torch.full((len(units), length), pad_id, dtype=torch.long)
     labels = torch.full((len(units), length), IGNORE_INDEX, dtype=torch.long)
@@ -129,11 +143,15 @@ def collate(units: list[Unit], pad_id: int, device: torch.device) -> MicroBatch:
     mask = shifted != IGNORE_INDEX
     # position (r, c) predicts token c + 1 of row r; flattened over rows of the full length
     trained_at = (torch.arange(len(units))[:, None] * length + torch.arange(length - 1)[None, :])[mask]
+    targets = shifted[mask]
+    parts = [ids.reshape(-1), targets, trained_at] + ([positions.reshape(-1)] if positions is not None else [])
+    on_device = to_device(torch.cat(parts), device)
+    sizes = [p.numel() for p in parts]
+    pieces = on_device.split(sizes)
     return MicroBatch(
-        input_ids=ids.to(device),
-        position_ids=None if positions is None else positions.to(device),
-        loss_mask=mask.to(device),
-        targets=shifted[mask].to(device),
+        input_ids=pieces[0].view(len(units), length),
+        position_ids=pieces[3].view(len(units), length) if positions is not None else None,
+        targets=pieces[1],
         real_tokens=sum(len(u.input_ids) for u in units),
-        positions=trained_at.to(device),
+        positions=pieces[2],
     )

@@ -11,10 +11,16 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mactuner.fileio import write_json_atomic
+
+# status.json is rewritten (atomically, with an fsync) at most this often while steps report; the
+# readers (the fine-tune page, `runs`) poll about once a second, and on a GPU a step can take
+# milliseconds: a write per step would cost the training thread more than the step
+STATUS_INTERVAL_S = 1.0
 
 
 class TrainingCallback:
@@ -44,11 +50,16 @@ class TrainingCallback:
 class RunFolderWriter(TrainingCallback):
     """Writes ``metrics.jsonl`` (one JSON record per line) and ``status.json`` of a run folder.
 
-    ``status.json`` is replaced atomically on every change; its ``message`` follows
-    the start-up stages (an ``info`` record with a ``stage``), then the steps.
+    ``status.json`` is replaced atomically when the run begins, at each start-up stage
+    (its ``message`` follows them), at the end, and after steps at most once every
+    ``status_interval`` seconds (by ``clock``); metrics.jsonl gets every record.
     """
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, *, status_interval: float = STATUS_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.status_interval = status_interval
+        self._clock = clock
+        self._status_written_at: float | None = None
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         now = time.time()
@@ -67,6 +78,7 @@ class RunFolderWriter(TrainingCallback):
         """Update the status and replace ``status.json`` atomically."""
         self.status.update(changes, updated_at=time.time())
         write_json_atomic(self.run_dir / "status.json", self.status)
+        self._status_written_at = self._clock()
 
     def _append(self, record: dict[str, Any]) -> None:
         if self._metrics.closed:
@@ -79,7 +91,17 @@ class RunFolderWriter(TrainingCallback):
 
     def on_train_report(self, info):
         self._append(info)
-        self.write_status(step=info["step"], total_steps=info["total_steps"], message=f"Step {info['step']}/{info['total_steps']}")
+        changes = {"step": info["step"], "total_steps": info["total_steps"], "message": f"Step {info['step']}/{info['total_steps']}"}
+        last = self._status_written_at
+        if last is None or self._clock() - last >= self.status_interval:
+            self.write_status(**changes)
+        else:
+            # kept for the next write (a later step, a checkpoint or the end)
+            self.status.update(changes)
+
+    def on_checkpoint(self, info):
+        # a checkpoint is where a resume starts: the status names its step
+        self.write_status()
 
     def on_eval_report(self, info):
         self._append(info)

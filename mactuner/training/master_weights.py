@@ -43,13 +43,16 @@ class MasterWeights:
 
     def collect_gradients(self) -> None:
         """Add the 16-bit gradients of the last backward pass into the float32 master gradients."""
+        fresh, adding = [], []
         for p, m in zip(self.params, self.master):
-            if p.grad is None:
-                continue
-            if m.grad is None:
-                m.grad = p.grad.float()
-            else:
-                m.grad.add_(p.grad)
+            if p.grad is not None:
+                (fresh if m.grad is None else adding).append((p, m))
+        for p, m in fresh:
+            m.grad = p.grad.float()
+        if adding:
+            # one multi-tensor kernel for every weight (a GPU would otherwise launch one add per tensor)
+            torch._foreach_add_([m.grad for _, m in adding], [p.grad for p, _ in adding])
+        for p, _ in fresh + adding:
             p.grad = None
 
     @torch.no_grad()

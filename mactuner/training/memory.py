@@ -6,6 +6,10 @@ device, and each report says which (``memory_kind``):
 
 - ``cuda_peak_allocated``: ``torch.cuda.max_memory_allocated`` since the interval
   began (the trainer resets CUDA's peak counter at the first step of each interval).
+  Tensors only: the caching allocator holds more (``max_memory_reserved``, also
+  reported, as ``memory_reserved_bytes``), and the process holds more again on the
+  device (its CUDA context, cuBLAS workspaces: what nvidia-smi shows, 0.5–1 GB above
+  the tensors), reported as ``memory_process_bytes`` where NVML can say.
 - ``rss_sampled`` (CPU): the process's resident set size, the largest seen at the
   samples (after each micro-batch's forward pass, where the activations peak, after
   its backward pass, and after the optimizer step); when the process's lifetime peak
@@ -71,6 +75,8 @@ class PeakMemory:
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
+        self.reserved: int | None = None  # CUDA: the allocator's peak reservation at the last read
+        self.process: int | None = None  # CUDA: the process's whole use of the device (NVML) at the last read
         self._peak = 0
         self._lifetime = None
         self._open = False
@@ -107,6 +113,8 @@ class PeakMemory:
         """The peak in bytes since :meth:`start`; closes the interval."""
         self._open = False
         if self.kind == "cuda_peak_allocated":
+            self.reserved = int(torch.cuda.max_memory_reserved(self.device))
+            self.process = process_device_memory(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
         self.sample()
         if self.kind == "rss_sampled" and self._lifetime is not None:
@@ -115,3 +123,23 @@ class PeakMemory:
                 # the process's all-time peak was reached in this interval: that is its peak, exactly
                 self._peak = max(self._peak, lifetime)
         return self._peak
+
+
+def process_device_memory(device: torch.device | str, pid: int | None = None) -> int | None:
+    """What process ``pid`` (this one by default) holds on a CUDA device, context included, as the
+    driver counts it (NVML, nvidia-smi's figure); None without NVML or where the driver will not say."""
+    from mactuner.devices import memory as device_memory
+
+    lib = device_memory.nvml()
+    if lib is None:
+        return None
+    handle = device_memory.nvml_handle(torch.device(device).index or 0)
+    if handle is None:
+        return None
+    try:
+        processes = lib.nvmlDeviceGetComputeRunningProcesses(handle)
+    except Exception:  # noqa: BLE001 - unsupported on some drivers (and in containers): unknown
+        return None
+    pid = os.getpid() if pid is None else pid
+    used = [proc.usedGpuMemory for proc in processes if proc.pid == pid and proc.usedGpuMemory is not None]
+    return int(sum(used)) if used else None

@@ -84,6 +84,9 @@ def load_4bit(source: str, device: torch.device, compute_dtype: torch.dtype, tru
         ) from error
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    if device.type == "cuda":
+        # bitsandbytes quantizes on, and queries, the *current* device: make it this run's GPU
+        torch.cuda.set_device(device)
     path = resolve_model_folder(source)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,

@@ -150,6 +150,9 @@ class Trainer:
         self._non_finite: list[int] = []  # the steps of the current run of non-finite losses
         self.objective = None  # a PreferenceObjective for dpo / orpo / kto (set up with the model)
         self.eval_extras: dict[str, float] = {}  # held-out reward statistics of the last evaluation
+        self._stop_agreed = False  # whether any process asked to stop (read in the step's all-reduce)
+        self._last_memory: int | None = None  # this process's last reported peak memory
+        self._rank_memory: list[int] | None = None  # every process's, as of the last step's all-reduce
         self._set_up = False
 
     # -- public controls
@@ -200,6 +203,10 @@ class Trainer:
         if device.type == "cuda" and self.dist.enabled:
             device = self.dist.device
         self.device = device
+        if device.type == "cuda":
+            # what acts on "the current device" (bitsandbytes, Triton kernels under compile, the peak
+            # counters, new tensors without a device) must act on this run's GPU, not on cuda:0
+            torch.cuda.set_device(device)
         self.compute_dtype = resolve_dtype(config.dtype, device)
         # from now on, so that the first steps are judged over the seconds of loading
         self._threads = CpuThreads() if device.type == "cpu" else None
@@ -235,6 +242,14 @@ class Trainer:
                     raise TrainingError(str(error)) from error
         if self.verbose and self.dist.is_main:
             self.callbacks.append(PrintProgress())
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        if config.gpus != local:
+            self._info(
+                f"The config asks for {config.gpus} GPU process{'es' if config.gpus > 1 else ''} on this machine and "
+                f"{local} {'are' if local > 1 else 'is'} running: the effective batch is "
+                f"{config.batch_size * config.grad_accum * self.dist.world_size} rows per step. "
+                "(python -m mactuner train starts torchrun itself when gpus > 1.)"
+            )
 
         if not config.dataset:
             raise TrainingError("No dataset: set `dataset` to the path of a JSON, JSONL, CSV, Parquet or TXT file.")
@@ -480,7 +495,8 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": config.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                           **adamw_options(self.device))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_factor(step, self.total_steps, self.warmup_steps, config.lr_scheduler),
@@ -500,6 +516,10 @@ class Trainer:
             saved = tensors.get("master") or [p.detach().float() for p in self.trainable]
             self.master_weights.load(saved)
         self.optimizer.load_state_dict(tensors["optimizer"])
+        # the saved groups carry the saving device's implementation (fused on CUDA): use this device's
+        for group in self.optimizer.param_groups:
+            for key in ("fused", "foreach"):
+                group[key] = self.optimizer.defaults.get(key)
         self.scheduler.load_state_dict(tensors["scheduler"])
         torch.set_rng_state(tensors["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in tensors["rng"]:
@@ -530,7 +550,9 @@ class Trainer:
                 f"Training {config.model} ({config.method}, {self.num_trainable:,} of {self.num_parameters:,} "
                 f"weights trainable) on {self.device} in {dtype_name(self.compute_dtype)}: "
                 f"{len(self.train_units)} training units, {len(self.val_units)} validation, "
-                f"{self.total_steps} steps of {self.global_batch}."
+                f"{self.total_steps} steps of {self.global_batch}"
+                + (f" rows ({config.batch_size} x {config.grad_accum} x {self.dist.world_size} processes)."
+                   if self.dist.world_size > 1 else ".")
             ),
         }
         self._emit("on_train_begin", begin)
@@ -568,6 +590,11 @@ class Trainer:
                         "tokens": self.tokens_seen,
                         "memory_bytes": self._note_peak(self._memory.read()),
                         "memory_kind": self._memory.kind,
+                        # CUDA: the allocator's reservation and the process's whole use (context included)
+                        "memory_reserved_bytes": self._memory.reserved,
+                        "memory_process_bytes": self._memory.process,
+                        # under torchrun: each process's peak (as of its previous report)
+                        "memory_bytes_per_rank": self._rank_memory,
                         "micro_batch_size": self.micro_batch_size,
                         "cpu_threads": threads,
                         "time": time.time(),
@@ -624,6 +651,7 @@ class Trainer:
 
     def _note_peak(self, value: int) -> int:
         self.peak_memory_bytes = max(self.peak_memory_bytes or 0, value)
+        self._last_memory = value
         return value
 
     def _check_finite(self, outcome: StepOutcome) -> None:
@@ -673,6 +701,7 @@ class Trainer:
         # this process's share: interleaved so that each gets similar lengths
         mine = global_batch[self.dist.rank :: self.dist.world_size]
         rng_state = torch.get_rng_state()
+        oom_message = "another process ran out of memory"
         while True:
             if self.objective is not None:
                 self.objective.begin_step(global_batch)
@@ -683,10 +712,27 @@ class Trainer:
                 if not is_out_of_memory(error):
                     raise
                 failed = True
+                loss_sum = None
                 # keep the words only: the exception's traceback would keep the step's tensors alive
                 oom_message = str(error).split("\n")[0]
-            # all processes must agree before the gradient all-reduce, or one would wait forever
-            if not self.dist.any(failed):
+            # one all-reduce per step carries the gradients, the loss and what every process must agree
+            # on (an out-of-memory here, a stop request there); one read of the device gets them all
+            loss_sum, flags = self._all_reduce_step(loss_sum, failed)
+            # (a float16 scaler unscales once per step: its norm waits until the step is known to stand)
+            grad_norm = self._grad_norm() if self._scaler is None and not failed else None
+            parts = [loss_sum.float().reshape(1)]
+            if grad_norm is not None:
+                parts.append(grad_norm.float().reshape(1).to(loss_sum.device))
+            if flags is not None:
+                parts.append(flags)
+            values = torch.cat(parts).tolist()
+            loss_value = values[0]
+            norm_value = values[1] if grad_norm is not None else None
+            if flags is not None:
+                agreed = values[-len(flags):]
+                failed, self._stop_agreed = agreed[0] > 0, agreed[1] > 0
+                self._rank_memory = [int(v) for v in agreed[2:]]
+            if not failed:
                 break
             self._zero_grad()
             loss_sum = None
@@ -709,21 +755,16 @@ class Trainer:
             torch.set_rng_state(rng_state)
 
         lr = self.scheduler.get_last_lr()[0]
-        loss_sum = self._all_reduce_gradients(loss_sum)
-        if self._scaler is not None:
-            self._scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self._optimized if p.grad is not None]
-        if self.config.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._optimized, self.config.max_grad_norm)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-        # the step's one wait for the device: the loss and the gradient norm, read together
-        loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
+        if norm_value is None:
+            norm_value = float(self._grad_norm())
         loss = loss_value / max(1, trained_tokens)
         # a float16 scaler skips steps with infinite gradients itself (and lowers its scale)
         skipped = not math.isfinite(loss) or (self._scaler is None and not math.isfinite(norm_value))
         if skipped:
-            pass  # no update from a non-finite loss; the gradients are dropped below
+            # no update from a non-finite loss; the gradients are dropped below. The scaler has
+            # unscaled this step: it must close it (and lower its scale), or the next step's unscale fails
+            if self._scaler is not None:
+                self._scaler.update()
         elif self._scaler is not None:
             self._scaler.step(self.optimizer)
             self._scaler.update()
@@ -739,6 +780,17 @@ class Trainer:
         # flush the gradients as soon as we can, no need for this memory anymore
         self._zero_grad()
         return StepOutcome(loss=loss, grad_norm=norm_value, real_tokens=real_tokens, lr=lr, skipped=skipped)
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Unscale (float16) and clip the summed gradients; returns their norm as a device tensor (no sync)."""
+        if self._scaler is not None:
+            self._scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(self._optimized, self.config.max_grad_norm)
+        grads = [p.grad for p in self._optimized if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads)
 
     def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -843,25 +895,39 @@ class Trainer:
     # -- distributed helpers
 
     def _agree_to_stop(self) -> bool:
-        return self.dist.any(self._stop.is_set())
-
-    def _all_reduce_gradients(self, loss_sum: torch.Tensor) -> torch.Tensor:
-        """Sum gradients and the loss over processes: one flat all-reduce per optimizer step.
-
-        Returns the summed loss (``loss_sum`` itself when training alone).
-        """
+        """Whether to stop after this step: every process saw the same answer in the step's all-reduce."""
         if not self.dist.enabled:
-            return loss_sum
+            return self._stop.is_set()
+        return self._stop_agreed
+
+    def _all_reduce_step(self, loss_sum: torch.Tensor | None, failed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sum the step's gradients, loss and flags over processes: one flat all-reduce per optimizer step.
+
+        Returns:
+            The summed loss (a zero when this process ran out of memory) and the summed flags
+            ``[processes out of memory, processes asked to stop, each process's last peak memory…]``
+            (every process fills its own slot of the last); None when training alone.
+        """
+        if loss_sum is None:
+            loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        if not self.dist.enabled:
+            return loss_sum, None
+        stop = self._stop.is_set()
         params = self._optimized
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [loss_sum.reshape(1).float()])
+        flags = torch.zeros(2 + self.dist.world_size, dtype=torch.float32)
+        flags[0], flags[1] = float(failed), float(stop)
+        flags[2 + self.dist.rank] = float(self._last_memory or 0)
+        flags = flags.to(loss_sum.device)
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [loss_sum.reshape(1).float(), flags])
         self.dist.sum_(flat)
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()
+            # float32 weights take views of the buffer (no copy); 16-bit ones a cast
             p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
             offset += n
-        return flat[offset]
+        return flat[offset], flat[offset + 1 :]
 
     # -- saving
 
@@ -965,6 +1031,12 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def adamw_options(device: torch.device) -> dict[str, Any]:
+    """AdamW's implementation for ``device``: on CUDA the fused kernel (one launch for every
+    tensor; GradScaler supports it too, so float16 runs keep it), elsewhere torch's default."""
+    return {"fused": True} if device.type == "cuda" else {}
 
 
 def _device_type(device: str | None) -> str:
