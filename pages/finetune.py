@@ -17,6 +17,7 @@ from mactuner.training.qlora import qlora_problem
 from pages.common import device_or_stop
 from pages.finetune_runs import runs_ui
 from pages.finetune_setup import dataset_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
+from pages.preflight_ui import check_fit_ui
 
 METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA, int8 on CPU)", "full": "Full fine-tuning"}
 TABS = ("New run", "Runs")
@@ -86,6 +87,10 @@ def setup_ui() -> None:
         st.error(str(exc))
         st.stop()
     memory_ui(config, summary, device)
+    fitting = check_fit_ui(config)
+    if fitting is not None:  # the person chose the settings that fit: start with them
+        start_run(fitting, Path(dataset).stem)
+        st.rerun()
     start_ui(config, Path(dataset).stem)
 
 
