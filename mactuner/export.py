@@ -59,10 +59,16 @@ class GGUFExport:
     size_bytes: int
     seconds: float
     system_prompt: str | None  # written as SYSTEM in the Modelfile
+    receipt: dict[str, Any] | None = None  # NAME.receipt.json (mactuner.export_receipt); None when not checked
+
+    @property
+    def failed(self) -> bool:
+        """The receipt found the file diverging from the torch model beyond its stated threshold."""
+        return bool(self.receipt) and self.receipt.get("verdict") == "failed"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready)."""
-        return {**asdict(self), "path": str(self.path), "modelfile": str(self.modelfile)}
+        return {**asdict(self), "path": str(self.path), "modelfile": str(self.modelfile), "failed": self.failed}
 
 
 # ---------------------------------------------------------------- the converter
@@ -302,6 +308,7 @@ def export_gguf(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     system_prompt: str | None = None,
+    receipt: bool = True,
     progress: Progress | None = None,
 ) -> GGUFExport:
     """Write a GGUF file (and an Ollama Modelfile beside it) for an adapter, a model folder or a base model.
@@ -316,6 +323,8 @@ def export_gguf(
         out: the ``.gguf`` file; default ``exports_dir()/gguf/LABEL-OUTTYPE.gguf``, unique per run and step.
         overwrite: replace an existing file MacTuner did not write.
         system_prompt: SYSTEM for the Modelfile; default the run's own (see :func:`run_system_prompt`).
+        receipt: compare the file in llama.cpp with the torch model and write ``NAME.receipt.json``
+            (:mod:`mactuner.export_receipt`); the result says when it failed.
         progress: ``(message, fraction or None)`` callback.
 
     Raises:
@@ -373,12 +382,30 @@ def export_gguf(
         os.replace(tmp, target)
         fileio.write_text_atomic(sidecar, modelfile_text(target.name, tokenizer, system))
         fileio.fsync_dir(target.parent)
+        checked = _receipt(target, source_dir, outtype, adapter_path, sidecar, progress) if receipt else None
     finally:
         tmp.unlink(missing_ok=True)
         shutil.rmtree(scratch, ignore_errors=True)
     if progress:
         progress(f"Saved {target}.", 1.0)
-    return GGUFExport(target, sidecar, outtype, source, target.stat().st_size, time.perf_counter() - started, system)
+    return GGUFExport(target, sidecar, outtype, source, target.stat().st_size, time.perf_counter() - started, system,
+                      checked)
+
+
+def _receipt(target: Path, source_dir: Path, outtype: str, adapter: Path | None, modelfile: Path,
+             progress: Progress | None) -> dict[str, Any]:
+    """Write ``NAME.receipt.json``: the file in llama.cpp against the torch model (or why it could not be checked)."""
+    from mactuner.export_receipt import make_receipt, write_receipt
+
+    if progress:
+        progress("Checking the file in llama.cpp against the torch model (the receipt)…", 0.98)
+    try:
+        checked = make_receipt(target, source_dir, outtype=outtype, adapter=adapter, modelfile=modelfile)
+    except RuntimeError as error:  # llama.cpp missing: said in the receipt, not hidden
+        checked = {"verdict": "unchecked", "problems": [str(error)], "quant_type": outtype, "gguf_file": target.name,
+                   "gguf_bytes": target.stat().st_size, "created": time.time()}
+    write_receipt(target, checked)
+    return checked
 
 
 def gguf_metadata(path: str | os.PathLike, keys: tuple[str, ...] = ("general.architecture", "general.file_type",

@@ -66,6 +66,12 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 SMALL_DATASET_ROWS = 100
 # a run gets about this many checkpoints and validation losses, whatever its length
 CHECKPOINTS_PER_RUN = 4
+# below SMALL_DATASET_ROWS rows, this many general questions answered by the base model itself train
+# beside the rows (mactuner.evaluation.replay): a few facts said many times otherwise pull every
+# similar answer toward them (the demo answered "the capital of France?" with "Londanna")
+REPLAY_ROWS = 32
+# optimizer steps that teach a small dataset its facts (with the replay rows among them)
+SMALL_DATASET_STEPS = 48
 
 
 def method_available(method: str, device_type: str = "cuda") -> bool:
@@ -281,6 +287,8 @@ class Recommendation:
             ``SMALL_DATASET_ROWS``: a small dataset needs every row to learn from).
         eval_every, save_every: steps between validation losses / checkpoints, scaled
             to the run's length so a run gets several of each (0: only at the end).
+        replay_rows: general questions with the base model's own answers mixed into the
+            training rows (``REPLAY_ROWS`` below ``SMALL_DATASET_ROWS``, else 0).
         reasons: one line per setting, keyed by the setting's name.
         memory: the estimate for these settings.
         free_memory: bytes free on the device when recommending (``None`` if unknown).
@@ -313,6 +321,7 @@ class Recommendation:
     val_fraction: float = 0.1
     eval_every: int = 50
     save_every: int = 100
+    replay_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora", "full"):
@@ -350,6 +359,7 @@ class Recommendation:
             "val_fraction": self.val_fraction,
             "eval_every": self.eval_every,
             "save_every": self.save_every,
+            "replay_rows": self.replay_rows,
         }
 
 
@@ -447,7 +457,8 @@ def recommend_hyperparameters(
 
     # LoRA size grows with how much there is to learn
     if rows is None or rows < 2000:
-        rank = 8 if rows is None or rows >= 200 else 16
+        # below SMALL_DATASET_ROWS a small adapter learns the facts and disturbs the rest less
+        rank = 8 if rows is None or rows >= 200 or rows < SMALL_DATASET_ROWS else 16
     elif rows < 20000:
         rank = 16
     else:
@@ -555,9 +566,21 @@ def recommend_hyperparameters(
         if small
         else "2e-4: the usual LoRA rate, stable across model sizes"
     )
+    replay_rows = REPLAY_ROWS if rows is not None and rows < SMALL_DATASET_ROWS else 0
+    reasons["replay_rows"] = (
+        f"{replay_rows}: general questions answered by the base model itself train beside your {rows} rows, so the "
+        "model keeps what it knew while it learns them (a small set said many times otherwise leaks into unrelated "
+        "answers); the end-of-run forgetting check measures what it kept" if replay_rows
+        else "0: enough varied rows to keep what the model knew (the end-of-run forgetting check measures it)"
+    )
     if rows is None:
         epochs = 3.0
         reasons["epochs"] = "3: a common start; watch the validation loss"
+    elif replay_rows:
+        steps_per_epoch = max(1, math.ceil((rows + replay_rows) / (batch * grad_accum)))
+        epochs = float(max(1, min(30, math.ceil(SMALL_DATASET_STEPS / steps_per_epoch))))
+        reasons["epochs"] = (f"{epochs:g}: {steps_per_epoch} steps per epoch (with the replay rows), about "
+                             f"{int(epochs * steps_per_epoch)} in all: enough to learn a small set, few enough to keep the rest")
     else:
         steps_per_epoch = max(1, math.ceil(rows / (batch * grad_accum)))
         # about 60 optimizer steps teach a small set its facts; a handful of rows needs more passes to get there
@@ -582,7 +605,7 @@ def recommend_hyperparameters(
         )
     total_steps = None
     if rows is not None:
-        train_rows = rows - int(rows * val_fraction)
+        train_rows = rows - int(rows * val_fraction) + replay_rows
         total_steps = max(1, math.ceil(epochs * math.ceil(train_rows / (batch * grad_accum))))
     interval = max(1, math.ceil(total_steps / CHECKPOINTS_PER_RUN)) if total_steps else 50
     save_every = interval if total_steps is None or total_steps > 1 else 0
@@ -620,6 +643,7 @@ def recommend_hyperparameters(
         val_fraction=val_fraction,
         eval_every=eval_every,
         save_every=save_every,
+        replay_rows=replay_rows,
     )
 
 
