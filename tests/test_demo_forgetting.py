@@ -1,0 +1,57 @@
+"""The README demo with the real SmolLM2-135M (slow): with the recommended settings it learns its facts and keeps
+what the base model knew (issue 22: it answered "the capital of France?" with "Londanna"); the measured preflight's
+peak matches the run's recorded peak."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from mactuner.data import DEMO_DATASETS, DEMO_FACTS
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_recommended_demo_keeps_90_percent_and_answers_its_facts(smollm2_path, tmp_path):
+    from mactuner.chat import load_chat_model, release_model
+    from mactuner.cli import main
+    from mactuner.evaluation.forgetting import greedy_answers, load_forgetting
+    from mactuner.evaluation.matching import phrase_match
+
+    run = tmp_path / "demo"
+    argv = ["train", "--dataset", str(DEMO_DATASETS["quenmark-alpaca"]), "--recommended", "--device", "cpu",
+            "--run-dir", str(run), "--quiet"]
+    assert main(argv) == 0
+    kept = load_forgetting(run)
+    assert kept is not None and kept.base_knew >= 20, kept
+    assert kept.kept_share >= 0.9, kept.headline()
+    facts = json.loads(DEMO_FACTS.read_text())
+    loaded = load_chat_model(None, run / "adapter", device="cpu", decode_weights="exact")
+    try:
+        answers = greedy_answers(loaded.model, loaded.tokenizer, [f["question"] for f in facts] +
+                                 [f["unseen_question"] for f in facts], max_new_tokens=32)
+    finally:
+        release_model(loaded)
+    seen = sum(phrase_match(a, f["answer_keyword"]) for a, f in zip(answers, facts))
+    unseen = sum(phrase_match(a, f["answer_keyword"]) for a, f in zip(answers[len(facts):], facts))
+    print(f"demo: {kept.headline()} facts {seen}/{len(facts)}, paraphrased {unseen}/{len(facts)}")
+    assert seen >= 8 and unseen >= 6, answers
+
+
+def test_the_preflight_peak_is_the_demo_runs_peak(smollm2_path, tmp_path):
+    from mactuner.commands.train import recommended_values
+    from mactuner.config import TrainConfig
+    from mactuner.train import train
+    from mactuner.training.preflight import preflight
+    from tests.train_support import read_metrics
+
+    values = recommended_values(None, str(DEMO_DATASETS["quenmark-alpaca"]), "cpu")
+    config = TrainConfig.from_dict({**values, "max_steps": 6, "compile": "off", "replay_rows": 0})
+    measured = preflight(config)
+    train(dataclasses.replace(config, forgetting_check=False), tmp_path / "run")
+    recorded = max(r["memory_bytes"] for r in read_metrics(tmp_path / "run") if r["type"] == "train")
+    print(f"demo preflight peak {measured.peak_bytes / 2**30:.2f} GiB, run peak {recorded / 2**30:.2f} GiB, "
+          f"{measured.seconds:.0f} s")
+    assert abs(measured.peak_bytes - recorded) <= 0.15 * recorded
