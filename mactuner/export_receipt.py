@@ -196,6 +196,7 @@ def _perplexities(model, llama, rows: list[list[int]]) -> tuple[float, float]:
 def _validation_texts(tokenizer, adapter: Path | None) -> tuple[list[list[int]], str]:
     """Token rows to measure perplexity on, and what they are."""
     if adapter is not None:
+        from mactuner.data import DatasetError
         from mactuner.evaluate import evaluation_rows, run_folder_of
 
         if run_folder_of(adapter) is not None:
@@ -205,8 +206,8 @@ def _validation_texts(tokenizer, adapter: Path | None) -> tuple[list[list[int]],
                 if texts:
                     rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:PERPLEXITY_TOKENS] for t in texts]
                     return rows[:PERPLEXITY_ROWS], f"{source} of {Path(dataset).name}"
-            except (ValueError, OSError):
-                pass  # no held-out rows: the held-out text below
+            except (ValueError, OSError, DatasetError):
+                pass  # no held-out rows (or the dataset is gone): the held-out text below
     text = (Path(__file__).resolve().parent / "demo" / "held_out.txt").read_text(encoding="utf-8")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     rows = [ids[i : i + PERPLEXITY_TOKENS] for i in range(0, len(ids), PERPLEXITY_TOKENS)][:PERPLEXITY_ROWS]

@@ -7,12 +7,13 @@ import pandas as pd
 import streamlit as st
 
 from mactuner import evaluate, runs
+from mactuner.data import DatasetError
 from mactuner.evaluation.forgetting import load_forgetting
 from mactuner.models import ModelSourceError
 from pages.common import selected_device
 from pages.facts_ui import facts_ui
 
-ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
+ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError, DatasetError)
 
 
 def show_forgetting(data: dict | None) -> None:

@@ -8,11 +8,12 @@ import streamlit as st
 
 from mactuner import runs
 from mactuner.evaluation import facts as fact_module
+from mactuner.data import DatasetError
 from mactuner.models import ModelSourceError
 from mactuner.rag import RagError, list_collections
 from pages.common import selected_device
 
-ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError, RagError)
+ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError, RagError, DatasetError)
 SOURCES = ("Facts I type", "A file of facts", "The run's held-out rows")
 
 

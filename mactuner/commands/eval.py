@@ -70,6 +70,7 @@ def adapter_of(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, save and print."""
+    from mactuner.data import DatasetError
     from mactuner.models import ModelSourceError
     from mactuner.rag import RagError
 
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                           max_rows=max(1, args.max_rows), rows=args.rows, forgetting=not args.no_forgetting,
                           progress=progress)
         saved = None if args.no_save else save_eval(result)
-    except (ModelSourceError, OSError, RuntimeError, ValueError, RagError) as exc:
+    except (ModelSourceError, OSError, RuntimeError, ValueError, RagError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
