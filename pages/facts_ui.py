@@ -7,8 +7,8 @@ import pandas as pd
 import streamlit as st
 
 from mactuner import runs
-from mactuner.evaluation import facts as fact_module
 from mactuner.data import DatasetError
+from mactuner.evaluation import facts as fact_module
 from mactuner.models import ModelSourceError
 from mactuner.rag import RagError, list_collections
 from pages.common import selected_device
