@@ -15,10 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_recommended_demo_keeps_90_percent_and_answers_its_facts(smollm2_path, tmp_path):
-    from mactuner.chat import load_chat_model, release_model
+    from mactuner.chat import load_chat_model
     from mactuner.cli import main
     from mactuner.evaluation.forgetting import greedy_answers, load_forgetting
     from mactuner.evaluation.matching import phrase_match
+    from mactuner.models import release_model
 
     run = tmp_path / "demo"
     argv = ["train", "--dataset", str(DEMO_DATASETS["quenmark-alpaca"]), "--recommended", "--device", "cpu",

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from mactuner.export import GGUFExport, export_gguf, modelfile_text
-from mactuner.export_receipt import (
+from mactuner.export.receipt import (
     load_receipt,
     make_receipt,
     modelfile_matches,

@@ -281,10 +281,11 @@ def fact_report(
     Raises:
         ValueError: no facts; RagError: the collection cannot be opened.
     """
-    from mactuner.chat import load_chat_model, release_model
+    from mactuner.chat import load_chat_model
     from mactuner.devices import resolve_device
     from mactuner.evaluate import _base_source, _load_tuned, run_folder_of
     from mactuner.evaluation.forgetting import greedy_answers, greedy_chat, load_forgetting, load_general_set, score_forgetting
+    from mactuner.models import release_model
 
     if not facts:
         raise ValueError("no facts to ask: give questions with their expected answers")
@@ -292,7 +293,7 @@ def fact_report(
     device = resolve_device(device)
     adapter = Path(adapter).expanduser()
     base_source = _base_source(adapter, model)
-    report = lambda m, f: progress(m, f) if progress else None  # noqa: E731
+    report = lambda m, f: progress(m, f) if progress else None
     # every question asked: the facts, then their paraphrases
     asked: list[tuple[Fact, str, str | None]] = [(f, f.question, None) for f in facts]
     asked += [(f, p, f.question) for f in facts for p in f.paraphrases]
