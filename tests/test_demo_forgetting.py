@@ -44,15 +44,13 @@ def test_the_recommended_demo_keeps_90_percent_and_answers_its_facts(smollm2_pat
 def test_the_preflight_peak_is_the_demo_runs_peak(smollm2_path, tmp_path):
     from mactuner.commands.train import recommended_values
     from mactuner.config import TrainConfig
-    from mactuner.train import train
     from mactuner.training.preflight import preflight
-    from tests.train_support import read_metrics
+    from tests.test_preflight import run_peak
 
     values = recommended_values(None, str(DEMO_DATASETS["quenmark-alpaca"]), "cpu")
     config = TrainConfig.from_dict({**values, "max_steps": 6, "compile": "off", "replay_rows": 0})
     measured = preflight(config)
-    train(dataclasses.replace(config, forgetting_check=False), tmp_path / "run")
-    recorded = max(r["memory_bytes"] for r in read_metrics(tmp_path / "run") if r["type"] == "train")
+    recorded = run_peak(dataclasses.replace(config, forgetting_check=False), tmp_path)
     print(f"demo preflight peak {measured.peak_bytes / 2**30:.2f} GiB, run peak {recorded / 2**30:.2f} GiB, "
           f"{measured.seconds:.0f} s")
     assert abs(measured.peak_bytes - recorded) <= 0.15 * recorded

@@ -208,7 +208,9 @@ def _validation_texts(tokenizer, adapter: Path | None) -> tuple[list[list[int]],
                     return rows[:PERPLEXITY_ROWS], f"{source} of {Path(dataset).name}"
             except (ValueError, OSError, DatasetError):
                 pass  # no held-out rows (or the dataset is gone): the held-out text below
-    text = (Path(__file__).resolve().parent / "demo" / "held_out.txt").read_text(encoding="utf-8")
+    from mactuner.data import DEMO_DIR
+
+    text = (DEMO_DIR / "held_out.txt").read_text(encoding="utf-8")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     rows = [ids[i : i + PERPLEXITY_TOKENS] for i in range(0, len(ids), PERPLEXITY_TOKENS)][:PERPLEXITY_ROWS]
     return rows, "mactuner/demo/held_out.txt (Wikipedia text, not trained on)"
