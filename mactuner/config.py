@@ -61,6 +61,14 @@ class TrainConfig:
         default=True,
         metadata={"help": "Learn only from the assistant's tokens (True) or from the whole conversation (False)."},
     )
+    replay_rows: int = field(
+        default=0,
+        metadata={
+            "help": "Mix this many general questions, answered by the base model itself, into the training rows: "
+            "they keep what the base knew while a small dataset teaches its facts (0: off; answers made once per base "
+            "model and cached)."
+        },
+    )
     packing: bool = field(
         default=False,
         metadata={
@@ -140,6 +148,13 @@ class TrainConfig:
     save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (0: only at the end)."})
     keep_last: int = field(default=2, metadata={"help": "Checkpoints kept besides the best one by validation loss."})
     log_every: int = field(default=1, metadata={"help": "Steps between progress reports."})
+    forgetting_check: bool = field(
+        default=True,
+        metadata={
+            "help": "After training, ask the base and the tuned model MacTuner's general-knowledge questions and report "
+            "how many of the things the base model knew the tuned one kept (RUN/forgetting.json; a few seconds)."
+        },
+    )
 
     # where and how precisely
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:N or mps; None: the remembered device, else the best one (MPS > CUDA > CPU)."})
@@ -203,7 +218,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {short_repr(value)}")
-        for name in ("eval_every", "save_every", "keep_last", "seed"):
+        for name in ("eval_every", "save_every", "keep_last", "seed", "replay_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a whole number >= 0, got {short_repr(value)}")
@@ -243,7 +258,7 @@ class TrainConfig:
                 f"gpus={self.gpus} trains on cuda:0 to cuda:{self.gpus - 1}; set device to cuda, not {short_repr(self.device)} "
                 "(pick other cards with CUDA_VISIBLE_DEVICES)"
             )
-        for name in ("assistant_only_loss", "packing", "gradient_checkpointing", "trust_remote_code"):
+        for name in ("assistant_only_loss", "packing", "gradient_checkpointing", "trust_remote_code", "forgetting_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {short_repr(getattr(self, name))}")
 

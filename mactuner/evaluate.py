@@ -11,8 +11,13 @@ aside, appears in the answer: "The capital of Quenmark is Lumetta." asked as "Wh
 is the capital of Quenmark?" needs "Lumetta").
 
 The rows are the run's own validation rows (the same split the trainer made, from
-the run's config) unless a dataset file is given; a run trained without a validation
-split is evaluated on its training rows, and the result says so.
+the run's config: rows the model never saw) unless a dataset file is given. Its training
+rows are used only on request (``rows="training"``), and the result says so: a score on
+rows it was trained on measures memorising, not learning. A run that held out no rows
+is refused with what to do instead.
+
+It also asks both models MacTuner's general-knowledge set
+(:mod:`mactuner.evaluation.forgetting`): "kept N of M things the base model knew".
 
 :func:`save_eval` writes ``RUN/eval.json`` atomically; :func:`compare_runs` gathers
 settings, final losses and eval results of several runs for the Compare view.
@@ -76,6 +81,8 @@ class EvalResult:
     device: str = ""
     seconds: float = 0.0
     created: float = 0.0
+    on_training_rows: bool = False  # the rows were trained on: the scores measure memorising
+    forgetting: dict[str, Any] | None = None  # ForgettingResult.to_dict() of these two models
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready)."""
@@ -143,15 +150,28 @@ def run_folder_of(adapter: str | os.PathLike) -> Path | None:
     return run if (run / "config.yaml").is_file() else None
 
 
-def evaluation_rows(adapter: str | os.PathLike, dataset: str | os.PathLike | None = None):
+ROW_CHOICES = ("validation", "training")
+TRAINING_ROWS = "training rows (seen in training: the scores measure memorising, not learning)"
+
+
+def evaluation_rows(adapter: str | os.PathLike, dataset: str | os.PathLike | None = None, rows: str = "validation"):
     """``(examples, dataset path, rows_source, max_length)`` to evaluate on.
 
+    Args:
+        adapter: the adapter (inside a run folder unless ``dataset`` is given).
+        dataset: a file of rows to use instead of the run's own.
+        rows: ``"validation"`` (the run's held-out rows, the default) or ``"training"`` (the rows it
+            trained on, only on request: the result is labelled so).
+
     Raises:
-        ValueError: no dataset was given and the adapter is not inside a run folder.
+        ValueError: no dataset was given and the adapter is not inside a run folder; or the run held
+            out no rows and validation rows were asked for (the message says what to do).
     """
     from mactuner.config import TrainConfig
     from mactuner.data import load_dataset_file, train_validation_split
 
+    if rows not in ROW_CHOICES:
+        raise ValueError(f"rows must be one of {', '.join(ROW_CHOICES)}, got {rows!r}")
     run = run_folder_of(adapter)
     config = TrainConfig.load(run / "config.yaml") if run else None
     max_length = config.max_length if config else 512
@@ -168,9 +188,16 @@ def evaluation_rows(adapter: str | os.PathLike, dataset: str | os.PathLike | Non
         )
     load = load_dataset_file(config.dataset, config.dataset_format)
     train, validation = train_validation_split(load.examples, config.val_fraction, config.seed)
-    if validation:
-        return validation, config.dataset, "validation rows", max_length
-    return train, config.dataset, "training rows (the run had no validation split)", max_length
+    if rows == "training":
+        return train, config.dataset, TRAINING_ROWS, max_length
+    if not validation:
+        raise ValueError(
+            f"This run held out no rows (val_fraction {config.val_fraction:g}): there is nothing it has not seen to "
+            "evaluate on. Ask it your facts instead (eval RUN --facts FILE: question and expected answer, with "
+            "paraphrases), give held-out rows (--dataset FILE), or evaluate on its training rows "
+            "(--rows training; the result is labelled as such)."
+        )
+    return validation, config.dataset, "validation rows", max_length
 
 
 # ---------------------------------------------------------------- measuring
@@ -232,6 +259,8 @@ def evaluate(
     max_prompts: int = 8,
     max_rows: int = 200,
     max_new_tokens: int = 48,
+    rows: str = "validation",
+    forgetting: bool = True,
     progress: Progress | None = None,
 ) -> EvalResult:
     """Base versus tuned: loss, perplexity and answers on the run's validation rows (or ``dataset``).
@@ -244,11 +273,14 @@ def evaluate(
         max_prompts: prompts asked to both models for the side-by-side table (0: none).
         max_rows: most rows whose loss is measured.
         max_new_tokens: longest answer per prompt.
+        rows: ``"validation"`` (default) or ``"training"`` (on request; labelled so).
+        forgetting: also ask both models the general-knowledge set (kept N of M).
         progress: ``(message, fraction or None)`` callback.
     """
     from mactuner.chat import GenerationSettings, chat, load_chat_model
     from mactuner.data import tokenize_examples
     from mactuner.devices import resolve_device
+    from mactuner.evaluation.forgetting import greedy_answers, load_general_set, score_forgetting
     from mactuner.models import release_model
 
     started = time.perf_counter()
@@ -257,7 +289,7 @@ def evaluate(
     from mactuner.file_checks import check_adapter_files
 
     check_adapter_files(adapter)  # a damaged weights file is said before minutes of work, not after
-    examples, dataset_name, rows_source, max_length = evaluation_rows(adapter, dataset)
+    examples, dataset_name, rows_source, max_length = evaluation_rows(adapter, dataset, rows)
     examples = examples[:max_rows]
     if not examples:
         raise ValueError(f"{dataset_name} has no rows to evaluate on")
@@ -266,6 +298,8 @@ def evaluate(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
     figures: dict[str, Any] = {}
     answers: dict[str, list[str]] = {}
+    general: dict[str, list[str]] = {}
+    questions = load_general_set() if forgetting else []
     for index, who in enumerate(("base", "tuned")):
         if progress:
             progress(f"Loading the {who} model…", index / 2)
@@ -281,6 +315,13 @@ def evaluate(
                 if progress:
                     progress(f"{who} model answers prompt {i + 1} of {len(asked)}…", index / 2 + 0.2 + 0.3 * i / max(1, len(asked)))
                 answers[who].append(chat(loaded, example.messages[:-1], settings)[0].strip())
+            if questions:
+                if progress:
+                    progress(f"{who} model answers {len(questions)} general questions…", index / 2 + 0.45)
+                try:
+                    general[who] = greedy_answers(loaded.model, loaded.tokenizer, [q.question for q in questions])
+                except ValueError:  # no chat template: no forgetting check
+                    questions = []
         finally:
             release_model(loaded)
             del loaded
@@ -293,7 +334,8 @@ def evaluate(
         adapter=str(adapter), base=str(base_source), dataset=dataset_name, rows_source=rows_source, rows=len(examples),
         base_loss=figures["base"], tuned_loss=figures["tuned"], base_perplexity=math.exp(min(figures["base"], 50)),
         tuned_perplexity=math.exp(min(figures["tuned"], 50)), answers=table, short_references=short,
-        device=str(device), created=time.time(),
+        device=str(device), created=time.time(), on_training_rows=rows_source == TRAINING_ROWS,
+        forgetting=score_forgetting(questions, general["base"], general["tuned"]).to_dict() if questions else None,
     )
     if short:
         for row in table:

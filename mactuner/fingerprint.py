@@ -43,6 +43,7 @@ TRAINING_FIELDS = (
     "val_fraction",
     "max_length",
     "assistant_only_loss",
+    "replay_rows",
     "packing",
     "method",
     "lora_rank",

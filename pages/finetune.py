@@ -29,6 +29,7 @@ from ui.finetune_setup import (
     summary_ui,
     tokenizer_for,
 )
+from ui.preflight_ui import check_fit_ui
 
 ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
@@ -126,6 +127,10 @@ def setup_ui() -> None:
         st.error(str(exc))
         st.stop()
     memory_ui(config, summary, device)
+    fitting = check_fit_ui(config)
+    if fitting is not None:  # the person chose the settings that fit: start with them
+        start_run(fitting, Path(dataset).stem)
+        st.rerun()
     start_ui(config, Path(dataset).stem)
 
 

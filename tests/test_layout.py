@@ -15,10 +15,11 @@ LAYERS = [
      "mactuner.file_checks"),
     ("mactuner.devices", "mactuner.settings"),
     ("mactuner.models", "mactuner.config", "mactuner.data", "mactuner.adapters", "mactuner.fingerprint",
-     "mactuner.checkpoints", "mactuner.run_folder", "mactuner.quantize.kernels", "mactuner.quantize.methods", "mactuner.quantize"),
+     "mactuner.checkpoints", "mactuner.run_folder", "mactuner.quantize.kernels", "mactuner.quantize.methods", "mactuner.quantize",
+     "mactuner.evaluation"),
     ("mactuner.training", "mactuner.train", "mactuner.recommend"),
     ("mactuner.runs", "mactuner.chat", "mactuner.rag", "mactuner.export", "mactuner.evaluate",
-     "mactuner.quantize.compare"),
+     "mactuner.quantize.compare", "mactuner.evaluation.facts"),
     ("mactuner.commands", "mactuner.cli", "mactuner.__main__"),
 ]
 

@@ -300,13 +300,15 @@ def test_progress_shows_stages_before_the_first_step(tiny_model_dir, facts_file,
     watcher = StatusAtEachStage()
     train(tiny_config(tiny_model_dir, facts_file, max_steps=2), run_dir, callbacks=[watcher])
 
-    assert [stage for stage, _, _ in watcher.seen] == ["loading", "tokenising", "warming_up"]
+    # (and after the last step, the forgetting check's stage)
+    assert [stage for stage, _, _ in watcher.seen] == ["loading", "tokenising", "warming_up", "checking"]
     assert all(message == status for _, message, status in watcher.seen)
     assert "Loading" in watcher.seen[0][1] and "Tokenising 24 rows" in watcher.seen[1][1]
     records = read_metrics(run_dir)
     stages = [i for i, r in enumerate(records) if r.get("stage")]
     first_step = next(i for i, r in enumerate(records) if r["type"] == "train")
-    assert [records[i]["stage"] for i in stages] == ["loading", "tokenising", "warming_up"] and stages[-1] < first_step
+    assert [records[i]["stage"] for i in stages] == ["loading", "tokenising", "warming_up", "checking"]
+    assert stages[-2] < first_step < stages[-1]
 
 
 def test_a_one_step_run_trains_at_a_positive_learning_rate(tiny_model_dir, facts_file, tmp_path):

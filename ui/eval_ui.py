@@ -9,19 +9,33 @@ import streamlit as st
 from mactuner import evaluate, paths, runs
 from mactuner.data import DatasetError
 from mactuner.display import table_for_people
+from mactuner.evaluation.forgetting import load_forgetting
 from mactuner.models import ModelSourceError
 from ui.common import selected_device
+from ui.facts_ui import facts_ui
 
-ERRORS = (ModelSourceError, DatasetError, OSError, RuntimeError, ValueError)
+ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError, DatasetError)
+
+
+def show_forgetting(data: dict | None) -> None:
+    """The forgetting line: a warning with advice when the run forgot too much."""
+    if not data:
+        return
+    (st.warning if data.get("forgot_too_much") else st.success)(data["headline"])
+    if data.get("lost"):
+        st.dataframe(pd.DataFrame(data["lost"]).drop(columns=["expected"], errors="ignore"), hide_index=True,
+                     key=f"forgetting_lost_{data.get('created')}")
 
 
 def show_eval(result: evaluate.EvalResult) -> None:
     """The saved evaluation: loss / perplexity / hit rates of both models, then the answers side by side."""
-    st.caption(f"{result.rows} {result.rows_source} of `{paths.display_path(result.dataset)}` on {result.device}; "
+    caption = (f"{result.rows} {result.rows_source} of `{paths.display_path(result.dataset)}` on {result.device}; "
                f"loss and perplexity over the answer tokens (lower is better).")
+    (st.warning if result.on_training_rows else st.caption)(caption)
     summary = pd.DataFrame(result.summary()["rows"]).dropna(axis=1, how="all").to_dict("records")
     summary = pd.DataFrame(table_for_people(summary))
     st.dataframe(summary, hide_index=True, key="eval_summary")
+    show_forgetting(result.forgetting)
     if result.answers:
         answers_ui(result)
 
@@ -45,20 +59,27 @@ def answers_ui(result: evaluate.EvalResult) -> None:
                    "(stop words aside) appears in the answer.")
 
 
+ROWS = {"Held-out rows (validation)": "validation", "Training rows (seen in training: measures memorising)": "training"}
+
+
 def evaluate_ui(run: runs.RunInfo) -> None:
-    """An Evaluate button for a finished run, and its saved ``eval.json``."""
+    """An Evaluate button for a finished run, its saved ``eval.json``, and the per-fact report."""
     if run.state != "finished" or not (run.path / "adapter").is_dir():
         return
     saved = evaluate.load_eval(run.path)
     with st.expander("Evaluation: base model vs tuned model", expanded=saved is not None):
-        left, right = st.columns([1, 3])
+        forgetting = load_forgetting(run.path)  # the run's own end-of-training check
+        show_forgetting(forgetting.to_dict() if forgetting else None)
+        left, middle, right = st.columns([1, 2, 1])
         prompts = left.number_input("Prompts to answer", 0, 50, 8, key="eval_prompts")
+        rows = ROWS[middle.radio("Rows", list(ROWS), key="eval_rows", help="Held-out rows were never trained on; "
+                                 "a score on training rows only says what the model memorised.")]
         if right.button("Evaluate", key="finetune_evaluate", help="Loss, perplexity and answers of both models "
-                        "on the run's validation rows (its training rows when it had none)."):
+                        "on the chosen rows, and what the tuned model kept of the general questions."):
             bar = st.progress(0.0, text="Starting…")
             try:
                 result = evaluate.evaluate(run.path / "adapter", device=selected_device(), max_prompts=int(prompts),
-                                           progress=lambda m, f: bar.progress(min(f or 0.0, 1.0), text=m))
+                                           rows=rows, progress=lambda m, f: bar.progress(min(f or 0.0, 1.0), text=m))
                 evaluate.save_eval(result, run.path)
                 saved = result
             except ERRORS as exc:
@@ -67,6 +88,7 @@ def evaluate_ui(run: runs.RunInfo) -> None:
                 bar.empty()
         if saved is not None:
             show_eval(saved)
+    facts_ui(run)
 
 
 def compare_ui() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from mactuner import export, paths
@@ -61,7 +62,14 @@ def export_section(model: str, adapter: str) -> None:
 def exported_ui(done: dict) -> None:
     """Where the export was saved, its downloads, how to run it elsewhere, and Open in Chat."""
     path, modelfile = Path(done["path"]), Path(done["modelfile"])
-    st.success(f"Saved to `{paths.display_path(path)}` ({done['size_bytes'] / 1e6:.0f} MB, {done['outtype']}, {done['seconds']:.0f} s).")
+    saved = f"`{paths.display_path(path)}` ({done['size_bytes'] / 1e6:.0f} MB, {done['outtype']}, {done['seconds']:.0f} s)"
+    receipt = done.get("receipt") or {}
+    if receipt.get("verdict") == "failed":
+        st.error(f"Export failed its check: {saved} does not answer as the torch model does: "
+                 + "; ".join(receipt.get("problems", [])) + ".")
+    else:
+        st.success(f"Saved to {saved}.")
+    receipt_ui(receipt)
     cols = st.columns(3)
     cols[0].download_button("Download .gguf", lambda: path.read_bytes(), file_name=path.name,
                             mime="application/octet-stream", on_click="ignore", key="export_download")
@@ -73,7 +81,6 @@ def exported_ui(done: dict) -> None:
             f"llama-cli -m {path.name} -cnv    # llama.cpp; LM Studio: lms import {path.name}", language="bash")
 
 
-# a verdict's level as a text badge (no emoji: they render as empty boxes without an emoji font)
 BADGE_COLOURS = {"recommended": "green", "trade-off": "blue", "check its answers": "orange",
                  "not recommended": "red", "no gain": "gray", "failed": "red"}
 
@@ -91,6 +98,24 @@ def verdict_legend(reference: str) -> str:
             f"say which the variant favours. Quality: within {good} is as good, within {acceptable} a little "
             f"worse, within {worse} check its answers, beyond that not recommended. Speed counts beyond "
             f"±{(quantize_compare.SPEED_MARGIN - 1) * 100:.0f} %, size beyond ±{(quantize_compare.SIZE_MARGIN - 1) * 100:.0f} %.")
+
+
+def receipt_ui(receipt: dict) -> None:
+    """The export receipt (NAME.receipt.json): the same prompts in torch and llama.cpp, perplexity, versions."""
+    if not receipt:
+        return
+    if receipt.get("verdict") == "unchecked":
+        st.warning("Not checked in llama.cpp: " + "; ".join(receipt.get("problems", [])))
+        return
+    ppl = receipt["perplexity"]
+    st.markdown(f"**Receipt** — first {receipt['k']} greedy tokens identical in {receipt['prompts_identical']} prompts; "
+                f"perplexity torch {ppl['torch']} · llama.cpp {ppl['llama_cpp']} on {ppl['rows']} rows of "
+                f"{ppl['rows_source']}; Modelfile template matches: {receipt['modelfile_template_matches']}.")
+    with st.expander("Receipt details"):
+        st.dataframe(pd.DataFrame([{k: c[k] for k in ("prompt", "identical_tokens", "torch_text", "llama_cpp_text")}
+                                   for c in receipt["prompts"]]), hide_index=True, key="export_receipt_table")
+        st.caption(f"Rule: {receipt['rule']}. Versions: {receipt['versions']}. "
+                   f"Sizes: GGUF {receipt['gguf_bytes'] / 1e6:.0f} MB, torch {receipt['torch_bytes'] / 1e6:.0f} MB.")
 
 
 def variants_ui(report: quantize_compare.QuantizeReport) -> None:

@@ -5,6 +5,11 @@ converter, and an Ollama Modelfile beside it (``NAME.Modelfile``). Progress goes
 stderr; the file's path (or ``--json``: what was written) to stdout. An existing file
 that MacTuner did not write is refused unless ``--overwrite``.
 
+Every export writes ``NAME.receipt.json`` beside the file (``--no-receipt`` skips it): the same
+prompts greedily through the torch model and through llama.cpp on the file, perplexity of both,
+sizes, versions (:mod:`mactuner.export_receipt`). An export whose file diverges beyond the
+receipt's stated threshold exits 1 (the file stays, marked failed in its receipt).
+
 Exit codes: 0 done, 1 failed (the message says why), 2 bad arguments.
 """
 
@@ -30,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="the .gguf file (default: MACTUNER_HOME/exports/gguf/RUN-STEP-TYPE.gguf)")
     parser.add_argument("--system", help="SYSTEM prompt for the Modelfile (default: the run's own, if it used one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file MacTuner did not write")
+    parser.add_argument("--no-receipt", action="store_true",
+                        help="skip the receipt (NAME.receipt.json: the file in llama.cpp against the torch model)")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
 
 
@@ -43,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = export_gguf(args.adapter, merged=args.merged, model=args.model, outtype=args.outtype, out=args.out,
-                             overwrite=args.overwrite, system_prompt=args.system, progress=progress)
+                             overwrite=args.overwrite, system_prompt=args.system, receipt=not args.no_receipt,
+                             progress=progress)
     except (ExportError, ModelSourceError, OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -52,4 +60,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(result.path)
         print(f"Ollama: ollama create my-model -f {result.modelfile}", file=sys.stderr)
+    if result.receipt:
+        receipt = result.receipt
+        print(f"Receipt: {receipt['verdict']}" + (f", first tokens identical {receipt['prompts_identical']} prompts, "
+              f"perplexity torch {receipt['perplexity']['torch']} / llama.cpp {receipt['perplexity']['llama_cpp']}"
+              if "perplexity" in receipt else "") + "".join(f"\n  {p}" for p in receipt.get("problems", [])),
+              file=sys.stderr)
+    if result.failed:
+        print("error: the exported file does not answer as the torch model does (see its .receipt.json)", file=sys.stderr)
+        return 1
     return 0

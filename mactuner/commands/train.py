@@ -11,8 +11,14 @@ runs under ``torchrun --nproc_per_node N -m mactuner train …`` (one process pe
 device; gloo on CPU, NCCL on CUDA); with ``--gpus N`` (or ``gpus: N`` in the config)
 it starts that torchrun itself: ``torchrun --standalone --nproc-per-node N``.
 
+With ``--preflight [--json]`` it does not train: it runs a few real optimizer steps on the
+longest rows in a child process and prints the measured peak memory against the free
+memory, seconds per step and the run's ETA, and settings that would fit when it does not
+(:mod:`mactuner.training.preflight`).
+
 Exit codes: 0 finished or cancelled (SIGTERM saves a checkpoint first), 1 the
-training failed (the message says why), 2 bad arguments or config.
+training failed (the message says why), 2 bad arguments or config, 3 (``--preflight``)
+it does not fit in the free memory.
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="run folder (default: a new folder under MACTUNER_HOME/runs)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last complete checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stdout")
+    parser.add_argument(
+        "--preflight", action="store_true",
+        help="do not train: run a few real steps on the longest rows in a child process and report the measured "
+        "peak memory against the free memory, seconds per step, the run's ETA and, when it does not fit, what would",
+    )
+    parser.add_argument("--json", action="store_true", help="with --preflight: print the result as JSON")
     parser.add_argument(
         "--recommended", action="store_true",
         help="start from the recommended settings for --model, --dataset and --device (see `recommend`) "
@@ -128,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, DatasetError, ModelSourceError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if getattr(args, "preflight", False):
+        return _preflight(config, args.json)
     from mactuner.train import Trainer, TrainingError
 
     if args.run_dir:
@@ -205,3 +219,29 @@ def _launch_processes(config, args: argparse.Namespace, run_dir: Path) -> int:
     command = torchrun_command(config.gpus, arguments)
     print(f"Starting {config.gpus} training processes: {' '.join(command)}", flush=True)
     return subprocess.call(command, env=env)
+
+
+def _preflight(config, as_json: bool) -> int:
+    """``--preflight``: measure a few real steps (mactuner.training.preflight) and print what follows."""
+    import json
+
+    from mactuner.training.preflight import preflight
+
+    try:
+        result = preflight(config)
+    except (RuntimeError, OSError, subprocess_error()) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.headline())
+        if result.suggestion:
+            print("Settings that fit: " + ", ".join(f"{k}={v}" for k, v in result.suggestion.items() if k != "reason"))
+    return 0 if result.fits is not False else 3
+
+
+def subprocess_error():
+    import subprocess
+
+    return subprocess.TimeoutExpired

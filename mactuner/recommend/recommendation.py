@@ -39,6 +39,8 @@ class Recommendation:
         eval_every, save_every: steps between validation losses / checkpoints, scaled
             to the run's length so a run gets several of each (0: only at the end).
         gpus: GPUs training together (effective batch = batch_size x grad_accum x gpus).
+        replay_rows: general questions with the base model's own answers mixed into the
+            training rows (``REPLAY_ROWS`` below ``SMALL_DATASET_ROWS``, else 0).
         reasons: one line per setting, keyed by the setting's name.
         memory: the estimate for these settings.
         free_memory: bytes free on the device when recommending (``None`` if unknown).
@@ -72,6 +74,7 @@ class Recommendation:
     eval_every: int = 50
     save_every: int = 100
     gpus: int = 1
+    replay_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora", "full"):
@@ -110,6 +113,7 @@ class Recommendation:
             "eval_every": self.eval_every,
             "save_every": self.save_every,
             "gpus": self.gpus,
+            "replay_rows": self.replay_rows,
         }
 
 
@@ -186,7 +190,8 @@ def recommend_hyperparameters(
     reasons = {key: reason for choice in choices for key, reason in choice.reasons.items()}
     # the order a person reads them in
     order = ("dtype", "max_length", "lora_rank", "lora_alpha", "target_modules", "method", "batch_size", "grad_accum",
-             "gradient_checkpointing", "gpus", "learning_rate", "epochs", "val_fraction", "save_every", "eval_every")
+             "gradient_checkpointing", "gpus", "learning_rate", "epochs", "replay_rows", "val_fraction", "save_every",
+             "eval_every")
     reasons = {key: reasons[key] for key in order if key in reasons}
     values = {key: value for choice in choices for key, value in choice.values.items()}
     return Recommendation(

@@ -22,6 +22,12 @@ from mactuner.recommend.estimate import DEFAULT_TARGET_MODULES, GB, MemoryEstima
 SMALL_DATASET_ROWS = 100
 # a run gets about this many checkpoints and validation losses, whatever its length
 CHECKPOINTS_PER_RUN = 4
+# below SMALL_DATASET_ROWS rows, this many general questions answered by the base model itself train
+# beside the rows (mactuner.evaluation.replay): a few facts said many times otherwise pull every
+# similar answer toward them (the demo answered "the capital of France?" with "Londanna")
+REPLAY_ROWS = 32
+# optimizer steps that teach a small dataset its facts (with the replay rows among them)
+SMALL_DATASET_STEPS = 48
 
 
 @dataclass
@@ -89,7 +95,8 @@ def trained_per_row(summary: Any, max_length: int) -> int | None:
 def choose_lora_shape(rows: int | None, footprint: ModelFootprint) -> Choice:
     """LoRA rank, alpha and target modules: the adapter's size grows with how much there is to learn."""
     if rows is None or rows < 2000:
-        rank = 8 if rows is None or rows >= 200 else 16
+        # below SMALL_DATASET_ROWS a small adapter learns the facts and disturbs the rest less
+        rank = 8 if rows is None or rows >= 200 or rows < SMALL_DATASET_ROWS else 16
     elif rows < 20000:
         rank = 16
     else:
@@ -254,6 +261,13 @@ def choose_schedule(rows: int | None, batch: int, grad_accum: int, gpus: int = 1
         if small
         else "2e-4: the usual LoRA rate, stable across model sizes"
     )
+    replay_rows = REPLAY_ROWS if rows is not None and rows < SMALL_DATASET_ROWS else 0
+    reasons["replay_rows"] = (
+        f"{replay_rows}: general questions answered by the base model itself train beside your {rows} rows, so the "
+        "model keeps what it knew while it learns them (a small set said many times otherwise leaks into unrelated "
+        "answers); the end-of-run forgetting check measures what it kept" if replay_rows
+        else "0: enough varied rows to keep what the model knew (the end-of-run forgetting check measures it)"
+    )
     growth = batch_growth(batch, grad_accum, gpus, rows)
     if growth > 1:
         # square-root scaling with the batch (the usual rule for Adam)
@@ -264,6 +278,11 @@ def choose_schedule(rows: int | None, batch: int, grad_accum: int, gpus: int = 1
     if rows is None:
         epochs = 3.0
         reasons["epochs"] = "3: a common start; watch the validation loss"
+    elif replay_rows:
+        steps_per_epoch = max(1, math.ceil((rows + replay_rows) / (batch * grad_accum)))
+        epochs = float(max(1, min(30, math.ceil(SMALL_DATASET_STEPS / steps_per_epoch))))
+        reasons["epochs"] = (f"{epochs:g}: {steps_per_epoch} steps per epoch (with the replay rows), about "
+                             f"{int(epochs * steps_per_epoch)} in all: enough to learn a small set, few enough to keep the rest")
     else:
         steps_per_epoch = max(1, math.ceil(rows / (batch * grad_accum)))
         # about 60 optimizer steps teach a small set its facts; a handful of rows needs more passes to get there
@@ -288,7 +307,7 @@ def choose_schedule(rows: int | None, batch: int, grad_accum: int, gpus: int = 1
         )
     total_steps = None
     if rows is not None:
-        train_rows = rows - int(rows * val_fraction)
+        train_rows = rows - int(rows * val_fraction) + replay_rows
         total_steps = max(1, math.ceil(epochs * math.ceil(train_rows / (batch * grad_accum))))
     interval = max(1, math.ceil(total_steps / CHECKPOINTS_PER_RUN)) if total_steps else 50
     save_every = interval if total_steps is None or total_steps > 1 else 0
@@ -302,5 +321,5 @@ def choose_schedule(rows: int | None, batch: int, grad_accum: int, gpus: int = 1
         else "0: no validation split, so nothing to evaluate during the run"
     )
     values = {"learning_rate": learning_rate, "epochs": epochs, "val_fraction": val_fraction,
-              "save_every": save_every, "eval_every": eval_every}
+              "save_every": save_every, "eval_every": eval_every, "replay_rows": replay_rows}
     return Choice(values, reasons)

@@ -421,6 +421,9 @@ class Trainer:
         problems: list = []
         train_rows = tokenize_examples(train_examples, self.tokenizer, config.max_length, config.assistant_only_loss, problems)
         val_rows = tokenize_examples(val_examples, self.tokenizer, config.max_length, config.assistant_only_loss, problems)
+        if config.replay_rows:
+            replay = self._replay_examples()
+            train_rows += tokenize_examples(replay, self.tokenizer, config.max_length, config.assistant_only_loss, problems)
         for problem in problems[:20]:
             self._info(f"Skipped a row: {problem}")
 
@@ -620,8 +623,9 @@ class Trainer:
             if self.step >= self.total_steps:
                 state = "finished"
                 adapter = self._save_final()
+                forgetting = self._check_forgetting()
             else:
-                adapter = None
+                adapter = forgetting = None
         finally:
             restore_handler()
         if state == "finished":
@@ -631,6 +635,8 @@ class Trainer:
             if self.last_val_loss is not None:
                 message += f", validation loss {self.last_val_loss:.4f}"
             message += "."
+            if forgetting:
+                message += " " + forgetting
         else:
             message = f"Stopped at step {self.step} of {self.total_steps}; a checkpoint was saved, resume to continue."
         self._end(state, message)
@@ -648,6 +654,48 @@ class Trainer:
             peak_memory_bytes=self.peak_memory_bytes,
             memory_kind=self._memory.kind,
         )
+
+    def _base_key(self) -> dict[str, Any]:
+        """What makes two runs' base models answer alike (their cached base answers are shared)."""
+        return {"model": str(self.model_path), "dtype": str(self.compute_dtype), "device": self.device.type,
+                "method": self.config.method, "torch": torch.__version__}
+
+    def _replay_examples(self) -> list:
+        """``replay_rows`` general questions answered by the base model itself (:mod:`mactuner.evaluation.replay`);
+        the adapter is still at its zero start, so the model answers as the base does."""
+        from mactuner.evaluation.replay import replay_examples
+
+        self._stage("replaying", f"Answering {self.config.replay_rows} general questions with the base model, to train "
+                    "on beside the new rows (keeps what it knew; cached for the next run)…")
+        try:
+            rows = replay_examples(self.model, self.tokenizer, self.config.replay_rows, self._base_key())
+        except ValueError as error:  # no chat template
+            self._info(f"No replay rows: {error}.")
+            return []
+        self._info(f"{len(rows)} replay rows (general questions with the base model's own answers) train beside "
+                   "the dataset's rows.")
+        return rows
+
+    def _check_forgetting(self) -> str | None:
+        """After the last step: what the tuned model kept of what the base model knew (``RUN/forgetting.json``,
+        :mod:`mactuner.evaluation.forgetting`); its headline, or None when not checked. Never fails the run."""
+        if self.run_dir is None or self.dist.enabled or not self.config.forgetting_check:
+            return None
+        from mactuner.evaluation.forgetting import forgetting_after_training
+
+        self._stage("checking", "Checking what the tuned model kept of what the base model knew (general questions)…")
+        try:
+            result = forgetting_after_training(self.model, self.tokenizer, self.run_dir, base_key=self._base_key(),
+                                               peft=self.config.method != "full", eager=LayerCompiler.eager())
+        except Exception as error:  # noqa: BLE001 - a check that cannot run must not fail a finished run
+            self._info(f"The forgetting check could not run: {type(error).__name__}: {error}")
+            return None
+        if result is None:
+            self._info("Forgetting check skipped: a full fine-tune has no base weights left to compare with "
+                       "(Evaluate compares it with the base model).")
+            return None
+        self._info(result.headline())
+        return result.headline()
 
     def _note_peak(self, value: int) -> int:
         self.peak_memory_bytes = max(self.peak_memory_bytes or 0, value)

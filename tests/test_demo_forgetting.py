@@ -1,0 +1,78 @@
+"""The README demo with the real SmolLM2-135M (slow): with the recommended settings it learns its facts and keeps
+what the base model knew (issue 22: it answered "the capital of France?" with "Londanna"); the measured preflight's
+peak matches the run's recorded peak."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from mactuner.data import DEMO_DATASETS, DEMO_FACTS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(smollm2_path, tmp_path_factory):
+    """The README demo command with the recommended settings, run once; its facts asked greedily."""
+    from mactuner.chat import load_chat_model
+    from mactuner.cli import main
+    from mactuner.evaluation.forgetting import greedy_answers
+    from mactuner.models import release_model
+
+    run = tmp_path_factory.mktemp("demo-forgetting") / "demo"
+    argv = ["train", "--dataset", str(DEMO_DATASETS["quenmark-alpaca"]), "--recommended", "--device", "cpu",
+            "--run-dir", str(run), "--quiet"]
+    assert main(argv) == 0
+    facts = json.loads(DEMO_FACTS.read_text())
+    loaded = load_chat_model(None, run / "adapter", device="cpu", decode_weights="exact")
+    try:
+        answers = greedy_answers(loaded.model, loaded.tokenizer, [f["question"] for f in facts] +
+                                 [f["unseen_question"] for f in facts], max_new_tokens=32)
+    finally:
+        release_model(loaded)
+    return run, facts, answers
+
+
+def test_the_recommended_demo_answers_its_facts_and_reports_what_it_kept(demo_run):
+    from mactuner.evaluation.forgetting import load_forgetting
+    from mactuner.evaluation.matching import phrase_match
+
+    run, facts, answers = demo_run
+    kept = load_forgetting(run)
+    assert kept is not None and kept.base_knew >= 20, kept
+    seen = sum(phrase_match(a, f["answer_keyword"]) for a, f in zip(answers, facts))
+    unseen = sum(phrase_match(a, f["answer_keyword"]) for a, f in zip(answers[len(facts):], facts))
+    print(f"demo: {kept.headline()} facts {seen}/{len(facts)}, paraphrased {unseen}/{len(facts)}")
+    assert seen >= 8 and unseen >= 6, answers
+    # what it lost is said, with advice, in the run's last message too
+    status = json.loads((run / "status.json").read_text())
+    assert kept.headline() in status["message"]
+    if kept.forgot_too_much:
+        assert "fewer epochs" in kept.headline() and kept.lost
+
+
+@pytest.mark.xfail(reason="issue 22's target, not reached yet: measured 18 of 23 kept (78 %) with the recommended "
+                   "settings; lr 5e-4 keeps 96 % but learns 2 of 10 facts (README table)", strict=False)
+def test_the_recommended_demo_keeps_90_percent_of_what_the_base_knew(demo_run):
+    from mactuner.evaluation.forgetting import load_forgetting
+
+    kept = load_forgetting(demo_run[0])
+    assert kept.kept_share >= 0.9, kept.headline()
+
+
+def test_the_preflight_peak_is_the_demo_runs_peak(smollm2_path, tmp_path):
+    from mactuner.commands.train import recommended_values
+    from mactuner.config import TrainConfig
+    from mactuner.training.preflight import preflight
+    from tests.test_preflight import run_peak
+
+    values = recommended_values(None, str(DEMO_DATASETS["quenmark-alpaca"]), "cpu")
+    config = TrainConfig.from_dict({**values, "max_steps": 6, "compile": "off", "replay_rows": 0})
+    measured = preflight(config)
+    recorded = run_peak(dataclasses.replace(config, forgetting_check=False), tmp_path)
+    print(f"demo preflight peak {measured.peak_bytes / 2**30:.2f} GiB, run peak {recorded / 2**30:.2f} GiB, "
+          f"{measured.seconds:.0f} s")
+    assert abs(measured.peak_bytes - recorded) <= 0.15 * recorded
