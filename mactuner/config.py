@@ -25,6 +25,7 @@ METHODS = ("lora", "qlora", "full")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_CHOICES = ("auto", "on", "off")
+ENGINES = ("auto", "torch", "mlx")
 
 
 @dataclass
@@ -105,6 +106,14 @@ class TrainConfig:
         },
     )
 
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "What trains: auto (MLX on an Apple-silicon Mac where mlx is installed, PyTorch elsewhere), "
+            "torch (PyTorch on the chosen device) or mlx (Apple's MLX: LoRA and QLoRA on a 4-bit base)."
+        },
+    )
+
     # evaluation and checkpoints
     eval_every: int = field(default=50, metadata={"help": "Steps between validation losses (0: only at the end)."})
     save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (0: only at the end)."})
@@ -135,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("lora_rank", "max_length", "batch_size", "grad_accum", "log_every"):

@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, DatasetError, ModelSourceError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from mactuner.train import Trainer, TrainingError
+    from mactuner.train import TrainingError
+    from mactuner.training.engines import make_trainer
 
     if args.run_dir:
         run_dir = Path(args.run_dir)
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"Run folder: {run_dir}", flush=True)
     try:
-        result = Trainer(config, run_dir, resume=args.resume, verbose=not args.quiet).run()
+        result = make_trainer(config, run_dir, resume=args.resume, verbose=not args.quiet).run()
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

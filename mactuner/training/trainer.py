@@ -52,7 +52,6 @@ import torch.nn.functional as F
 from mactuner import checkpoints, fingerprint
 from mactuner.config import TrainConfig
 from mactuner.cpu_threads import CpuThreads
-from mactuner.data import IGNORE_INDEX
 from mactuner.devices import (
     dtype_name,
     empty_device_cache,
@@ -63,7 +62,7 @@ from mactuner.devices import (
     trim_host_heap,
 )
 from mactuner.locks import LockBusy, RunLock
-from mactuner.training.batching import MicroBatch, Unit, collate, make_units, plan_epoch
+from mactuner.training.batching import MicroBatch, Unit, collate, plan_epoch
 from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
 from mactuner.training.compiled import LayerCompiler, decoder_layers
 from mactuner.training.distributed import Distributed, init_distributed
@@ -364,41 +363,13 @@ class Trainer:
         }
 
     def _prepare_data(self) -> None:
-        from mactuner.data import DatasetError, load_dataset_file, tokenize_examples, train_validation_split
+        from mactuner.training.rows import prepare_units
 
         config = self.config
-        try:
-            load = load_dataset_file(config.dataset, config.dataset_format)
-        except DatasetError as error:
-            raise TrainingError(f"The dataset cannot be used: {error}") from error
-        self._stage("tokenising", f"Tokenising {len(load.examples):,} rows of {Path(config.dataset).name}…")
-        for problem in load.problems[:20]:
-            self._info(f"Skipped a row: {problem}")
-        if len(load.problems) > 20:
-            self._info(f"… and {len(load.problems) - 20} more unusable rows ({len(load.problems)} in all).")
-        train_examples, val_examples = train_validation_split(load.examples, config.val_fraction, config.seed)
-        problems: list = []
-        train_rows = tokenize_examples(train_examples, self.tokenizer, config.max_length, config.assistant_only_loss, problems)
-        val_rows = tokenize_examples(val_examples, self.tokenizer, config.max_length, config.assistant_only_loss, problems)
-        for problem in problems[:20]:
-            self._info(f"Skipped a row: {problem}")
-
-        def trained(rows):
-            kept = [r for r in rows if any(x != IGNORE_INDEX for x in r["labels"][1:])]
-            return kept, len(rows) - len(kept)
-
-        train_rows, dropped_train = trained(train_rows)
-        val_rows, dropped_val = trained(val_rows)
-        if dropped_train + dropped_val:
-            self._info(
-                f"{dropped_train + dropped_val} rows have no trained token left after truncation to "
-                f"{config.max_length} tokens and are left out; raise max_length to keep them."
-            )
-        if not train_rows:
-            raise TrainingError(f"{config.dataset}: no usable training rows ({len(load.problems)} unusable).")
-        self.data_format = load.format
-        self.train_units = make_units(train_rows, config.packing, config.max_length, config.seed)
-        self.val_units = make_units(val_rows, config.packing, config.max_length, config.seed)
+        data = prepare_units(config, self.tokenizer, self._info, self._stage)
+        self.data_format = data.format
+        self.train_units = data.train_units
+        self.val_units = data.val_units
         self.global_batch = config.batch_size * config.grad_accum * self.dist.world_size
         self.steps_per_epoch = math.ceil(len(self.train_units) / self.global_batch)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
@@ -435,6 +406,8 @@ class Trainer:
         if info is None:
             raise TrainingError("Nothing to resume: no complete checkpoint.")
         state, tensors = checkpoints.load_checkpoint_state(info.path)
+        if tensors.get("engine") == "mlx":
+            raise TrainingError(f"{info.path.name} was written by the MLX engine: resume this run with engine: mlx.")
         checkpoints.load_adapter_weights(self.model, info.path)
         if self.master_weights is not None:
             saved = tensors.get("master") or [p.detach().float() for p in self.trainable]
