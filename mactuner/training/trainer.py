@@ -630,7 +630,11 @@ class Trainer:
         # a float16 scaler skips steps with infinite gradients itself (and lowers its scale)
         skipped = not math.isfinite(loss) or (self._scaler is None and not math.isfinite(norm_value))
         if skipped:
-            pass  # no update from a non-finite loss; the gradients are dropped below
+            # no update from a non-finite loss; the gradients are dropped below. The scaler's step still
+            # ends: update() lowers the scale after the overflow and resets unscale_()'s per-step record
+            # (without it the next step's unscale_() raises "already been called ... since the last update()")
+            if self._scaler is not None:
+                self._scaler.update()
         elif self._scaler is not None:
             self._scaler.step(self.optimizer)
             self._scaler.update()
