@@ -146,6 +146,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     trained_tokens_per_row: int | None = None,
     device_type: str = "cpu",
+    engine: str = "torch",
 ) -> MemoryEstimate:
     """Predict the peak memory of training ``footprint`` with these settings.
 
@@ -161,6 +162,8 @@ def estimate_memory(
         trained_tokens_per_row: tokens per row that take the loss (logits are
             computed only there); ``None``: every token.
         device_type: ``"cpu"``, ``"cuda"`` or ``"mps"`` (the runtime overhead differs).
+        engine: ``"torch"`` or ``"mlx"`` (:mod:`mactuner.training.mlx_engine`: QLoRA's base is 4-bit
+            everywhere, embeddings included; the adapter is float32; logits are float32 at every position).
     """
     if method not in ("lora", "qlora", "full"):
         raise ValueError(f"method must be lora, qlora or full, got {method!r}")
@@ -176,6 +179,8 @@ def estimate_memory(
     trained = batch_size * min(seq_len, trained_tokens_per_row if trained_tokens_per_row is not None else seq_len)
 
     # weights and what training adds per trainable parameter
+    if engine == "mlx" and method != "full":
+        return _estimate_mlx(footprint, method, compute, tokens, lora_rank, target_modules, gradient_checkpointing)
     if method == "full":
         # float32 master weights; gradients in float32, two AdamW moments; under
         # autocast each weight also gets a low-precision copy while it is in use
@@ -219,6 +224,33 @@ def estimate_memory(
     return MemoryEstimate(int(weights), int(trainable), activations, overhead)
 
 
+# MLX's 4-bit affine quantization: half a byte per weight plus a 16-bit scale and bias per group of 64
+_MLX_4BIT_BYTES = 0.5 + 4 / 64
+
+
+def _estimate_mlx(footprint: ModelFootprint, method: str, compute: torch.dtype, tokens: int, lora_rank: int,
+                  target_modules: Any, gradient_checkpointing: bool) -> MemoryEstimate:
+    """LoRA / QLoRA with the MLX engine: ``mlx_lm.utils.quantize_model`` makes every linear layer and the
+    embeddings 4-bit; the adapter, its gradient and AdamW's moments are float32; the loss takes float32
+    logits at every position (no chunking)."""
+    b = compute.itemsize
+    h = footprint.hidden_size
+    i = footprint.intermediate_size or 4 * h
+    layers = footprint.num_layers
+    if method == "qlora":
+        embeddings = footprint.vocab_size * h
+        quantized = footprint.weight_bytes(compute, quantized_4bit=True) - embeddings * b + embeddings * _MLX_4BIT_BYTES
+        weights = int(quantized)
+    else:
+        weights = footprint.weight_bytes(compute)
+    trainable = footprint.lora_parameters(lora_rank, target_modules) * (4 + 4 + _ADAM_BYTES)
+    block = b * (_ACT_HIDDEN * h + _ACT_INTERMEDIATE * i) + 4 * _ACT_FLOAT32_HIDDEN * h
+    kept = tokens * (layers * b * h + block) if gradient_checkpointing else tokens * layers * block
+    loss = tokens * footprint.vocab_size * (4 * _LOSS_FLOAT32_COPIES + b)
+    activations = int(kept + loss + tokens * h * (4 + b))
+    return MemoryEstimate(int(weights), int(trainable), activations, _RUNTIME_IMPORTS + _CPU_WORKSPACE)
+
+
 def estimate_for_config(config: Any, summary: Any = None, device: str | torch.device | None = None,
                         *, footprint: ModelFootprint | None = None) -> MemoryEstimate:
     """The memory estimate of a :class:`mactuner.config.TrainConfig` as the trainer will run it.
@@ -238,6 +270,7 @@ def estimate_for_config(config: Any, summary: Any = None, device: str | torch.de
     """
     from mactuner.devices import get_optimal_dtype
     from mactuner.models import model_footprint
+    from mactuner.training.engines import choose_engine
 
     device = torch.device(device if device is not None else (config.device or "cpu"))
     dtype = get_optimal_dtype(device) if config.dtype in (None, "auto") else parse_dtype(config.dtype)
@@ -252,7 +285,7 @@ def estimate_for_config(config: Any, summary: Any = None, device: str | torch.de
         footprint, method=config.method, dtype=dtype, batch_size=config.batch_size, seq_len=seq_len,
         lora_rank=config.lora_rank, target_modules=config.target_modules,
         gradient_checkpointing=config.gradient_checkpointing, trained_tokens_per_row=trained,
-        device_type=device.type,
+        device_type=device.type, engine=choose_engine(getattr(config, "engine", "torch"), config.method).engine,
     )
 
 

@@ -13,12 +13,13 @@ import streamlit as st
 from mactuner import data, runs
 from mactuner.config import TrainConfig
 from mactuner.models import ModelSourceError
+from mactuner.training.engines import choose_engine
 from mactuner.training.qlora import qlora_problem
 from pages.common import device_or_stop
 from pages.finetune_runs import runs_ui
-from pages.finetune_setup import dataset_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
+from pages.finetune_setup import dataset_ui, engine_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
 
-METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA, int8 on CPU)", "full": "Full fine-tuning"}
+METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA and MLX, int8 on CPU)", "full": "Full fine-tuning"}
 TABS = ("New run", "Runs")
 TAB_KEY = "finetune_tab"
 START_PROBLEM = "finetune_start_problem"  # why the last Start did not start, shown under the button
@@ -73,7 +74,9 @@ def setup_ui() -> None:
         st.warning(warning)
     method = st.radio("Method", list(METHODS), index=list(METHODS).index(recommended.method), horizontal=True,
                       format_func=METHODS.get, help=recommended.reasons.get("method"))
-    if method == "qlora" and (problem := qlora_problem(device.split(":")[0])):
+    engine = engine_ui(method)
+    mlx = choose_engine(engine, method).engine == "mlx"  # MLX's QLoRA is a 4-bit base on any Mac
+    if method == "qlora" and not mlx and (problem := qlora_problem(device.split(":")[0])):
         st.error(problem)
         st.stop()
     defaults = {**TrainConfig().to_dict(), **recommended.train_config_values()}
@@ -81,7 +84,7 @@ def setup_ui() -> None:
     summary_ui(summary, settings["max_length"])
     try:
         config = TrainConfig(**{**defaults, **settings, "model": model, "dataset": str(dataset), "method": method,
-                                "device": device})
+                                "device": device, "engine": engine})
     except ValueError as exc:
         st.error(str(exc))
         st.stop()

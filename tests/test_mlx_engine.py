@@ -261,6 +261,17 @@ def test_qlora_trains_an_adapter_on_a_4_bit_base(mlx_model_dir, facts, tmp_path)
     trainer.setup()
     quantized = [m for _, m in trainer.model.named_modules() if isinstance(m, nn.QuantizedLinear)]
     assert len(quantized) >= 2 * 7 and all(m.bits == 4 for m in quantized)
+    # the memory estimate knows the 4-bit base: its weight bytes are the quantized model's
+    from mlx.utils import tree_flatten
+
+    from mactuner.recommend import estimate_for_config
+
+    base_bytes = sum(v.nbytes for k, v in tree_flatten(trainer.model.parameters()) if ".lora_" not in k)
+    as_float32 = dict(dtype="float32", target_modules=["q_proj", "v_proj", "up_proj"])
+    estimate = estimate_for_config(mlx_config(mlx_model_dir, facts, method="qlora", **as_float32), device="cpu")
+    lora_estimate = estimate_for_config(mlx_config(mlx_model_dir, facts, method="lora", **as_float32), device="cpu")
+    assert estimate.weights == pytest.approx(base_bytes, rel=0.1)
+    assert lora_estimate.weights > 4 * estimate.weights
     before = trainer.evaluate()
     result = trainer.run()
     assert result.state == "finished" and result.val_loss < before - 0.2
