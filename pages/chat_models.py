@@ -34,7 +34,7 @@ def _load(model: str, adapter: str, device, progress):
         from mactuner.llamacpp_chat import load_gguf_chat_model
 
         progress("loading the GGUF file in llama.cpp…", None)
-        return load_gguf_chat_model(path)
+        return load_gguf_chat_model(path, device=device)
     if path is not None and path.is_dir() and not (path / "adapter_config.json").is_file():
         from mactuner.quantize import load_variant
 

@@ -1,0 +1,96 @@
+"""The torch path on Apple silicon (issue 20's table): llama.cpp offloads to the GPU where it can,
+and what the device health and the quantize page say about MPS is true."""
+
+from __future__ import annotations
+
+import pytest
+
+from mactuner import devices
+from tests.fake_hardware import fake_mps_mac
+
+
+def test_llama_cpp_offloads_every_layer_on_mps_or_cuda_when_the_build_can():
+    from mactuner.llamacpp_chat import gpu_layers
+
+    assert gpu_layers("mps", supports_offload=True) == -1
+    assert gpu_layers("cuda:1", supports_offload=True) == -1
+    assert gpu_layers("cpu", supports_offload=True) == 0
+    assert gpu_layers("mps", supports_offload=False) == 0  # a CPU-only build (like this machine's)
+    assert gpu_layers(None, supports_offload=True) == 0
+
+
+def test_a_gguf_chat_on_mps_asks_llama_cpp_for_all_layers(monkeypatch):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from mactuner.llamacpp_chat import load_gguf_chat_model
+    from mactuner.models import _smollm2_gguf
+
+    # this machine's build is CPU-only; a Metal build answers True here
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    offloaded = load_gguf_chat_model(_smollm2_gguf(), n_ctx=256, device="mps")
+    try:
+        assert offloaded.llama.model_params.n_gpu_layers == 0x7FFFFFFF  # llama-cpp-python's "-1: all"
+        assert offloaded.device.startswith("mps (llama.cpp")
+    finally:
+        offloaded.close()
+    on_cpu = load_gguf_chat_model(_smollm2_gguf(), n_ctx=256, device="cpu")
+    try:
+        assert on_cpu.llama.model_params.n_gpu_layers == 0 and on_cpu.device == "cpu (llama.cpp)"
+    finally:
+        on_cpu.close()
+
+
+@pytest.mark.parametrize("macos, dtype", [("14.5", "bfloat16"), ("13.6", "float16")])
+def test_device_health_says_the_mps_dtype_it_uses(monkeypatch, macos, dtype):
+    fake_mps_mac(monkeypatch, macos=macos)
+    report = devices.health(probe=False)
+    text = " ".join(report["advice"] + report["tips"])
+    assert "MPS uses float16 by default" not in text and "prefer float16" not in text
+    assert f"MPS computes in {dtype} by default here" in text and "engine: mlx" in text
+
+
+def test_the_quantize_methods_say_what_a_mac_can_do_instead():
+    from mactuner.quantize import METHODS, unsupported_reason
+
+    reasons = [unsupported_reason(m, "mps") for m in METHODS]
+    told = [r for r in reasons if r]
+    assert told and all("GGUF" in r and "MLX" in r for r in told)
+    assert not any("no quantized kernels for MPS" in r for r in told)
+
+
+def test_without_llama_cpp_the_gguf_chat_says_how_to_get_it(monkeypatch):
+    import builtins
+
+    from mactuner.llamacpp_chat import llama_cpp_missing_reason
+
+    real_import = builtins.__import__
+
+    def no_llama_cpp(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    reason = llama_cpp_missing_reason()
+    assert "make llamacpp" in reason and "works without it" in reason
+
+
+def test_make_checks_the_python_version_before_installing(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.locations import ROOT
+
+    def check(python: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "--no-print-directory", "python-version", f"PYTHON={python}"], cwd=ROOT,
+                              capture_output=True, text=True)
+
+    assert check(sys.executable).returncode == 0
+    # macOS's own python3 is 3.9: no torch wheel; the check stops with the fix
+    old = tmp_path / "python3.9"
+    old.write_text(f"""#!/bin/sh
+exec {sys.executable} -c "import sys; sys.version_info = (3, 9, 6, 'final', 0); sys.version = '3.9.6'; exec(sys.argv[1])" "$2"
+""")
+    old.chmod(0o755)
+    done = check(str(old))
+    assert done.returncode != 0
+    assert "needs Python 3.10 to 3.13" in done.stdout and "3.9.6" in done.stdout and "make PYTHON=python3.11" in done.stdout
