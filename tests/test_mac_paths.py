@@ -1,9 +1,11 @@
-"""The torch path on Apple silicon (issue 20's table): llama.cpp offloads to the GPU where it can,
+"""The torch path on Apple silicon (issue 20's table): M1/M2 GPUs that emulate bfloat16 get float16
+where it is faster, llama.cpp offloads to the GPU where it can, the Makefile checks the Python version,
 and what the device health and the quantize page say about MPS is true."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mactuner import devices
 from tests.fake_hardware import fake_mps_mac
@@ -94,3 +96,48 @@ exec {sys.executable} -c "import sys; sys.version_info = (3, 9, 6, 'final', 0); 
     done = check(str(old))
     assert done.returncode != 0
     assert "needs Python 3.10 to 3.13" in done.stdout and "3.9.6" in done.stdout and "make PYTHON=python3.11" in done.stdout
+
+
+@pytest.fixture
+def fresh_mps_probe():
+    devices.mps_half_dtype_by_probe.cache_clear()
+    devices._MPS_PROBE_TIMES.clear()
+    yield
+    devices.mps_half_dtype_by_probe.cache_clear()
+    devices._MPS_PROBE_TIMES.clear()
+
+
+def _fake_matmul_times(monkeypatch, bf16: float, fp16: float) -> list:
+    timed = []
+
+    def time_matmul(device, dtype, size=256, repeats=5):
+        timed.append((str(device), dtype))
+        return {torch.bfloat16: bf16, torch.float16: fp16}[dtype]
+
+    monkeypatch.setattr(devices, "time_matmul", time_matmul)
+    return timed
+
+
+def test_an_m1_or_m2_gpu_that_emulates_bfloat16_gets_float16_when_the_probe_finds_it_faster(monkeypatch, fresh_mps_probe):
+    fake_mps_mac(monkeypatch, macos="14.5")  # an Apple M2 Pro
+    timed = _fake_matmul_times(monkeypatch, bf16=0.004, fp16=0.001)
+    assert devices.get_optimal_dtype("mps") == torch.float16
+    reason = devices.optimal_dtype_reason("mps")
+    assert "Apple M2 Pro GPU emulates bfloat16" in reason and "float16 1.00 ms, bfloat16 4.00 ms" in reason
+    devices.get_optimal_dtype("mps")
+    assert len(timed) == 2, "the probe runs once per process"
+
+
+def test_an_m2_where_bfloat16_is_as_fast_keeps_it_and_a_float16_checkpoint_stays_float16(monkeypatch, fresh_mps_probe):
+    fake_mps_mac(monkeypatch, macos="14.5")
+    _fake_matmul_times(monkeypatch, bf16=0.001, fp16=0.001)
+    assert devices.get_optimal_dtype("mps") == torch.bfloat16
+    assert devices.get_optimal_dtype("mps", checkpoint_dtype=torch.float16) == torch.float16
+
+
+def test_an_m3_computes_bfloat16_without_a_probe(monkeypatch, fresh_mps_probe):
+    fake_mps_mac(monkeypatch, macos="14.5")
+    monkeypatch.setattr(devices, "_sysctl", {"machdep.cpu.brand_string": "Apple M3 Max"}.get)
+    timed = _fake_matmul_times(monkeypatch, bf16=0.004, fp16=0.001)
+    assert devices.get_optimal_dtype("mps") == torch.bfloat16 and timed == []
+    assert "macOS 14 or later computes bfloat16" in devices.optimal_dtype_reason("mps")
