@@ -211,6 +211,10 @@ def estimate_memory(
         kept = tokens * (layers * b * h + block)
     else:
         kept = tokens * layers * block
+    if device_type == "mps":
+        # MPS runs training attention on the math path: each layer keeps its batch x heads x seq^2
+        # attention probabilities for the backward pass (checkpointed: one layer at a time)
+        kept += mps_attention_bytes(footprint, batch_size, seq_len, b) * (1 if gradient_checkpointing else layers)
     # the LM head's loss runs where a token is trained, one chunk of tokens at a time
     loss = min(trained, LOSS_CHUNK_TOKENS) * footprint.vocab_size * (4 * _LOSS_FLOAT32_COPIES + b)
     # the final norm and the embedding output
@@ -222,6 +226,11 @@ def estimate_memory(
         # CPU, and MPS whose unified memory is the same RAM the process lives in
         overhead = _RUNTIME_IMPORTS + _CPU_WORKSPACE
     return MemoryEstimate(int(weights), int(trainable), activations, overhead)
+
+
+def mps_attention_bytes(footprint: ModelFootprint, batch_size: int, seq_len: int, itemsize: int) -> int:
+    """One layer's attention probabilities kept for backward on MPS (no fused attention there)."""
+    return batch_size * footprint.num_attention_heads * seq_len * seq_len * itemsize
 
 
 # MLX's 4-bit affine quantization: half a byte per weight plus a 16-bit scale and bias per group of 64

@@ -141,3 +141,24 @@ def test_an_m3_computes_bfloat16_without_a_probe(monkeypatch, fresh_mps_probe):
     timed = _fake_matmul_times(monkeypatch, bf16=0.004, fp16=0.001)
     assert devices.get_optimal_dtype("mps") == torch.bfloat16 and timed == []
     assert "macOS 14 or later computes bfloat16" in devices.optimal_dtype_reason("mps")
+
+
+def test_the_mps_memory_estimate_counts_the_attention_kept_for_backward():
+    from mactuner.models import ModelFootprint
+    from mactuner.recommend import estimate_memory
+
+    footprint = ModelFootprint(
+        source="x", model_type="llama", num_parameters=135_000_000, num_layers=30, hidden_size=576,
+        intermediate_size=1536, vocab_size=49152, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+        max_position_embeddings=8192, tie_word_embeddings=True,
+        linear_shapes={"q_proj": [(576, 576)] * 30, "k_proj": [(576, 192)] * 30, "v_proj": [(576, 192)] * 30,
+                       "o_proj": [(576, 576)] * 30},
+    )
+
+    def peak(device_type, checkpointing):
+        return estimate_memory(footprint, dtype="float16", batch_size=4, seq_len=1024, device_type=device_type,
+                               gradient_checkpointing=checkpointing).total
+
+    per_layer = 4 * 9 * 1024 * 1024 * 2  # batch x heads x seq^2, float16
+    assert peak("mps", False) - peak("cpu", False) == 30 * per_layer  # 2.1 GiB the estimate used to miss
+    assert peak("mps", True) - peak("cpu", True) == per_layer

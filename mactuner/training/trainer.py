@@ -233,7 +233,8 @@ class Trainer:
             cap = limit_mps_memory()
             if cap is not None:
                 self._info(
-                    f"MPS memory capped at the GPU's recommended working set ({cap / 2**30:.1f} GiB), so running out "
+                    f"MPS memory capped at {cap / 2**30:.1f} GiB (the GPU's recommended working set, or the memory "
+                    "free at the start when that is less), so running out "
                     "of memory halves the micro-batch instead of swapping."
                 )
 
