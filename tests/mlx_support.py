@@ -39,8 +39,8 @@ EXTRA_TEXT = [
 
 
 def build_small_vocab_model(folder: Path, chat_template: str, vocab_size: int = 512, seed: int = 0,
-                            initializer_range: float = 0.02) -> Path:
-    """Write a tiny LlamaForCausalLM (hidden 64, 2 layers, float32 safetensors) and its small tokenizer."""
+                            initializer_range: float = 0.02, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Write a tiny LlamaForCausalLM (default hidden 64, 2 layers; float32 safetensors) and its small tokenizer."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -56,7 +56,8 @@ def build_small_vocab_model(folder: Path, chat_template: str, vocab_size: int = 
                                         pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     tokenizer.chat_template = chat_template
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
         initializer_range=initializer_range,

@@ -210,8 +210,14 @@ def float16_overflow_model(mlx_model_dir, tmp_path_factory) -> Path:
 def test_non_finite_mlx_losses_stop_the_run_with_the_fix(float16_overflow_model, facts, tmp_path):
     run_dir = tmp_path / "run"
     trainer = _trainer(mlx_config(float16_overflow_model, facts, dtype="float16", max_steps=10, save_every=1), run_dir)
+    trainer.setup()
+    before = {k: np.array(v) for k, v in trainer.lora_weights().items()}
     with pytest.raises(NonFiniteLoss, match="float16.*dtype: bfloat16"):
         trainer.run()
+    # the skipped steps changed no weight (the update is dropped inside the compiled step)
+    after = trainer.lora_weights()
+    assert all(np.array_equal(before[k], np.array(after[k])) for k in before)
+    assert int(trainer.optimizer.state["step"]) == 0
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and status["step"] == NON_FINITE_STEPS and "not a finite number" in status["message"]
     steps = [r for r in read_metrics(run_dir) if r["type"] == "train"]
@@ -245,7 +251,7 @@ def test_out_of_memory_is_recognised_and_told_with_advice(mlx_model_dir, facts):
         sizes.append(inputs.shape[0])
         raise metal  # what Metal raises when the step does not fit
 
-    trainer._micro_step = failing
+    trainer._micro_step = trainer._whole_step = failing
     with pytest.raises(OutOfMemory, match="gradient_checkpointing.*QLoRA"):
         trainer.run()
     assert sizes == [2, 1] and original is not None

@@ -407,7 +407,6 @@ class MLXTrainer:
         self._plans: dict[int, list[list[int]]] = {}
 
     def _build_optimizer(self) -> None:
-        from functools import partial
 
         import mlx.core as mx
         import mlx.nn as nn
@@ -426,21 +425,55 @@ class MLXTrainer:
             return (nn.losses.cross_entropy(logits, targets) * mask).sum() / divisor
 
         self._loss_mean = loss_mean
-        value_and_grad = nn.value_and_grad(self.model, loss_mean)
-        state = [self.model.state, mx.random.state]
+        self._compile_steps()
+
+    def _compile_steps(self) -> None:
+        """The compiled functions of a step (again after a restore: they hold the optimizer's state tree)."""
+        from functools import partial
+
+        import mlx.core as mx
+        import mlx.nn as nn
+        import mlx.optimizers as optim
+        from mlx.utils import tree_map
+
+        model, optimizer, loss_mean = self.model, self.optimizer, self._loss_mean
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        value_and_grad = nn.value_and_grad(model, loss_mean)
+        state = [model.state, mx.random.state]
+        full_state = [model.state, optimizer.state, mx.random.state]
+
+        def apply(loss, grads, lr):
+            # clip, then update only if the loss and the gradient norm are finite: decided inside the graph,
+            # so the step needs one wait for the device, at its end (as mlx-lm's)
+            grads, norm = optim.clip_grad_norm(grads, max_norm)
+            finite = mx.logical_and(mx.isfinite(loss), mx.isfinite(norm))
+            before_params = model.trainable_parameters()
+            before_state = tree_map(lambda x: x, optimizer.state)
+            optimizer.learning_rate = lr
+            optimizer.update(model, grads)
+            model.update(tree_map(lambda new, old: mx.where(finite, new, old), model.trainable_parameters(), before_params))
+            _where_in_place(optimizer.state, before_state, finite)
+            return norm
 
         # compiled like mlx-lm's step; the random state is an input and an output (LoRA dropout)
         @partial(mx.compile, inputs=state, outputs=state)
         def micro_step(inputs, targets, mask, divisor):
-            return value_and_grad(self.model, inputs, targets, mask, divisor)
+            return value_and_grad(model, inputs, targets, mask, divisor)
 
-        self._micro_step = micro_step
+        @partial(mx.compile, inputs=full_state, outputs=full_state)
+        def whole_step(inputs, targets, mask, divisor, lr):
+            loss, grads = value_and_grad(model, inputs, targets, mask, divisor)
+            return loss, apply(loss, grads, lr)
+
+        @partial(mx.compile, inputs=full_state, outputs=full_state)
+        def apply_step(loss, grads, lr):
+            return apply(loss, grads, lr)
 
         @partial(mx.compile, inputs=state)
         def eval_sum(inputs, targets, mask):
-            return loss_mean(self.model, inputs, targets, mask, mx.array(1.0, mx.float32))
+            return loss_mean(model, inputs, targets, mask, mx.array(1.0, mx.float32))
 
-        self._eval_sum = eval_sum
+        self._micro_step, self._whole_step, self._apply_step, self._eval_sum = micro_step, whole_step, apply_step, eval_sum
 
     def _restore(self, info: checkpoints.CheckpointInfo | None) -> None:
         """Load adapter, optimizer state and position from a checkpoint."""
@@ -466,7 +499,9 @@ class MLXTrainer:
             raise TrainingError(f"{info.path.name}: its optimizer state does not match this model's LoRA layers.")
         restored = [(k, mx.array(np.asarray(saved[k].numpy())).astype(fresh[k].dtype)) for k in fresh]
         self.optimizer.state = tree_unflatten(restored)
+        self.optimizer.init(self.model.trainable_parameters())
         mx.eval(self.model.parameters(), self.optimizer.state)
+        self._compile_steps()
         self.step = int(state["step"])
         self.micro_batch_size = int(state.get("micro_batch_size", self.config.batch_size))
         self.tokens_seen = int(state.get("tokens_seen", 0))
@@ -606,7 +641,6 @@ class MLXTrainer:
     def _train_step(self) -> StepOutcome:
         """One optimizer step over the global batch for ``self.step``; halves the micro-batch on out of memory."""
         import mlx.core as mx
-        import mlx.optimizers as optim
         from mlx.utils import tree_map
 
         config = self.config
@@ -615,17 +649,26 @@ class MLXTrainer:
         trained_tokens = sum(u.trained_tokens for u in units)
         real_tokens = sum(len(u.input_ids) for u in units)
         divisor = mx.array(float(max(1, trained_tokens)), mx.float32)
+        lr = config.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps, config.lr_scheduler)
+        lr_array = mx.array(lr, mx.float32)
         while True:
             # the dropout masks of a step depend on the seed and the step only: a resumed run draws the same
             mx.random.seed(config.seed * 1_000_003 + self.step)
             try:
-                loss, grads = None, None
-                for start in range(0, len(units), self.micro_batch_size):
-                    inputs, targets, mask = self._batch(units[start : start + self.micro_batch_size])
-                    value, micro_grads = self._micro_step(inputs, targets, mask, divisor)
-                    loss = value if loss is None else loss + value
-                    grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-                    mx.eval(loss, grads)
+                if len(units) <= self.micro_batch_size:
+                    # the whole global batch in one pass: forward, backward, clip and update in one compiled graph
+                    loss, norm = self._whole_step(*self._batch(units), divisor, lr_array)
+                else:
+                    loss, grads = None, None
+                    for start in range(0, len(units), self.micro_batch_size):
+                        inputs, targets, mask = self._batch(units[start : start + self.micro_batch_size])
+                        value, micro_grads = self._micro_step(inputs, targets, mask, divisor)
+                        loss = value if loss is None else loss + value
+                        grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+                        mx.eval(loss, grads)
+                    norm = self._apply_step(loss, grads, lr_array)
+                # the step's one wait for the device: the update, the loss and the gradient norm
+                mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss, norm)
                 break
             except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
                 if not is_mlx_out_of_memory(error):
@@ -645,19 +688,9 @@ class MLXTrainer:
                     f"Out of memory at step {self.step + 1} with a micro-batch of {old}: micro-batch halved to "
                     f"{self.micro_batch_size}; the effective batch stays {self.global_batch} rows through gradient accumulation."
                 )
-        lr = config.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps, config.lr_scheduler)
-        if config.max_grad_norm is not None:
-            grads, norm = optim.clip_grad_norm(grads, config.max_grad_norm)
-        else:
-            _, norm = optim.clip_grad_norm(grads, float("inf"))
-        # the step's one wait: the loss and the gradient norm, read together
-        mx.eval(loss, norm)
         loss_value, norm_value = float(loss.item()), float(norm.item())
+        # (a step that is not finite changed nothing: the graph kept the old weights and optimizer state)
         skipped = not math.isfinite(loss_value) or not math.isfinite(norm_value)
-        if not skipped:
-            self.optimizer.learning_rate = mx.array(lr, mx.float32)
-            self.optimizer.update(self.model, grads)
-            mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return StepOutcome(loss=loss_value, grad_norm=norm_value, real_tokens=real_tokens, lr=lr, skipped=skipped)
 
     def evaluate(self) -> float | None:
@@ -809,6 +842,18 @@ class MLXTrainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _where_in_place(tree: Any, old: Any, keep_new: Any) -> None:
+    """``tree``'s arrays become ``where(keep_new, new, old)``, in the same containers (a compiled step holds them)."""
+    import mlx.core as mx
+
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in list(items):
+        if isinstance(value, (dict, list)):
+            _where_in_place(value, old[key], keep_new)
+        else:
+            tree[key] = mx.where(keep_new, value, old[key])
 
 
 def _parameter_dtype(model) -> str:
