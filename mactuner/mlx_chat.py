@@ -37,6 +37,13 @@ from mactuner.chat import (
 from mactuner.llamacpp_chat import _StopStrings
 
 
+def mlx_chat_wanted() -> bool:
+    """Whether chat runs on MLX here: where ``engine: auto`` trains with MLX (Apple silicon, MLX installed)."""
+    from mactuner.training.engines import choose_engine
+
+    return choose_engine("auto", "lora").engine == "mlx"
+
+
 @dataclass
 class MLXChatModel:
     """A model loaded with MLX for chatting (adapter applied)."""

@@ -78,3 +78,29 @@ def test_closing_the_stream_stops_it(trained):
     next(stream)
     stream.close()
     assert stream.stats.finish_reason == "cancelled" and stream.stats.new_tokens < 50
+
+
+def test_the_chat_page_answers_with_mlx_on_apple_silicon(trained, monkeypatch):
+    """On an Apple-silicon Mac with MLX (faked platform; MLX is real here) the page's base + adapter
+    chat runs on MLX, not on the torch engine."""
+    import platform
+
+    import pages.chat_models
+    from mactuner.mlx_chat import load_mlx_chat_model, stream_mlx_chat
+    from tests.test_app_chat import ask, open_page
+
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+
+    def no_torch(*args, **kwargs):
+        raise AssertionError("the torch engine was used")
+
+    monkeypatch.setattr(pages.chat_models, "load_chat_model", no_torch)
+    pages.chat_models.model_cache().clear()
+    at = ask(open_page(), trained[0], "Who keeps the Zorbel lighthouse?")
+    answer = at.session_state["chat_history"][1]["answers"]["base"]
+
+    expected = stream_mlx_chat(load_mlx_chat_model(str(trained[0])), [{"role": "user", "content": "Who keeps the Zorbel lighthouse?"}],
+                               GenerationSettings(temperature=0, max_new_tokens=8))
+    assert answer == "".join(expected) and answer
+    pages.chat_models.model_cache().clear()
