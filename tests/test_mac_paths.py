@@ -162,3 +162,25 @@ def test_the_mps_memory_estimate_counts_the_attention_kept_for_backward():
     per_layer = 4 * 9 * 1024 * 1024 * 2  # batch x heads x seq^2, float16
     assert peak("mps", False) - peak("cpu", False) == 30 * per_layer  # 2.1 GiB the estimate used to miss
     assert peak("mps", True) - peak("cpu", True) == per_layer
+
+
+def test_on_an_m2_the_trainer_keeps_a_float16_checkpoint_in_float16(monkeypatch, fresh_mps_probe, tiny_model_dir, tmp_path):
+    """A float16 checkpoint on a GPU that emulates bfloat16: float16 without a probe, said in the run's message."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from mactuner.config import TrainConfig
+    from mactuner.train import Trainer
+
+    folder = tmp_path / "fp16-model"
+    shutil.copytree(tiny_model_dir, folder)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float16).save_pretrained(folder)
+    fake_mps_mac(monkeypatch, macos="14.5")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    timed = _fake_matmul_times(monkeypatch, bf16=0.001, fp16=0.002)  # the probe would keep bfloat16
+    trainer = Trainer(TrainConfig(model=str(folder), dataset=str(tmp_path / "none.jsonl"), device="mps"))
+    monkeypatch.setattr(torch.mps, "set_per_process_memory_fraction", lambda f: None)
+    with pytest.raises(Exception):  # noqa: B017 - stops at the (fake) MPS device's first use; the dtype is chosen before
+        trainer.setup()
+    assert trainer.compute_dtype == torch.float16 and timed == []

@@ -196,7 +196,10 @@ class Trainer:
         if device.type == "cuda" and self.dist.enabled:
             device = self.dist.device
         self.device = device
-        self.compute_dtype = get_optimal_dtype(device) if config.dtype == "auto" else getattr(torch, config.dtype)
+        self.compute_dtype = (
+            get_optimal_dtype(device, _checkpoint_dtype(config) if device.type == "mps" else None)
+            if config.dtype == "auto" else getattr(torch, config.dtype)
+        )
         # from now on, so that the first steps are judged over the seconds of loading
         self._threads = CpuThreads() if device.type == "cpu" else None
         if device.type == "cpu":
@@ -854,6 +857,19 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _checkpoint_dtype(config: TrainConfig) -> torch.dtype | None:
+    """The dtype the model's weights are stored in (config.json), where it says; None otherwise."""
+    from mactuner.models import ModelSourceError, load_config
+
+    try:
+        stored = getattr(load_config(config.model, trust_remote_code=config.trust_remote_code), "dtype", None)
+    except ModelSourceError:
+        return None
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else None
 
 
 def _device_type(device: str | None) -> str:
