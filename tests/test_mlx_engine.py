@@ -309,3 +309,26 @@ def test_cli_engine_mlx_trains_on_a_facts_csv(mlx_model_dir, tmp_path):
     from mactuner.config import TrainConfig
 
     assert TrainConfig.load(run_dir / "config.yaml").engine == "mlx"
+
+
+def test_merge_and_evaluate_work_on_an_mlx_run_unchanged(mlx_model_dir, facts, tmp_path):
+    import mlx.core as mx
+    from transformers import AutoModelForCausalLM
+
+    from mactuner.evaluate import evaluate
+    from mactuner.quantize import merge_adapter
+
+    run_dir = tmp_path / "run"
+    trainer = _trainer(mlx_config(mlx_model_dir, facts, max_steps=6), run_dir)
+    result = trainer.run()
+    merged = merge_adapter(run_dir / "adapter", tmp_path / "merged")
+    ids = trainer.val_units[0].input_ids
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    trainer.model.eval()
+    assert np.abs(merged_logits - np.array(trainer.model(mx.array([ids]))[0])).max() <= 1e-3
+
+    report = evaluate(run_dir / "adapter", device="cpu", max_prompts=0)
+    assert report.rows_source == "validation rows" and report.rows == len(trainer.val_units)
+    assert report.tuned_loss < report.base_loss
+    assert report.tuned_loss == pytest.approx(result.val_loss, rel=0.02)  # torch (the device's dtype) vs MLX float32
