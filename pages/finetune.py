@@ -76,6 +76,9 @@ def setup_ui() -> None:
                       format_func=METHODS.get, help=recommended.reasons.get("method"))
     engine = engine_ui(method)
     mlx = choose_engine(engine, method).engine == "mlx"  # MLX's QLoRA is a 4-bit base on any Mac
+    if mlx and method == "full":
+        st.error("The MLX engine trains LoRA and QLoRA adapters: for full fine-tuning choose the PyTorch engine.")
+        st.stop()
     if method == "qlora" and not mlx and (problem := qlora_problem(device.split(":")[0])):
         st.error(problem)
         st.stop()

@@ -298,3 +298,6 @@ def test_the_engine_choice_says_what_auto_picks_and_mlx_offers_qlora(monkeypatch
     at.radio(key="finetune_engine").set_value("mlx").run()
     assert not at.exception and not at.error
     assert any("MLX, as asked" in c.value for c in at.caption) and at.button(key="finetune_start")
+    by_label(at.radio, "Method").set_value("full").run()
+    assert any("MLX engine trains LoRA and QLoRA" in e.value for e in at.error)
+    assert "finetune_start" not in [b.key for b in at.button]
