@@ -49,10 +49,10 @@ browser:
 	@command -v chromium >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 
 lint: setup
-	$(BIN)/ruff check mactuner pages app.py tests bench
+	$(BIN)/ruff check mactuner pages ui app.py tests bench
 
 test: setup llamacpp browser lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 bench: setup
 	$(BIN)/python -m bench.monitor_overhead

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from mactuner import quiet_third_party_loggers
-from pages.common import device_picker
+from ui.common import device_picker, frame
 
 quiet_third_party_loggers()
 
@@ -27,4 +27,5 @@ pg = st.navigation(
 with st.sidebar:
     device_picker()
 
-pg.run()
+with frame():
+    pg.run()

@@ -47,7 +47,7 @@ def _emulate_float32_cpu() -> None:
     """In this process: report the CPU as float32-only (the ISA cap must already be in the environment)."""
     import mactuner.devices
 
-    mactuner.devices.cpu_supports_bfloat16 = lambda: False
+    mactuner.devices.probe.cpu_supports_bfloat16 = lambda: False
 
 
 def generate_round(model, inputs, tokens: int):
@@ -92,9 +92,10 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from bench.machine import describe_machine, machine_line
-    from mactuner.chat import GenerationSettings, decode_plan, encode_prompt, load_chat_model
+    from mactuner.chat import GenerationSettings, encode_prompt, load_chat_model
     from mactuner.devices import get_optimal_dtype, resolve_device
     from mactuner.models import DEFAULT_MODEL, default_model_path
+    from mactuner.quantize import decode_plan
 
     if args.threads:
         torch.set_num_threads(args.threads)

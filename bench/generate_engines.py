@@ -26,8 +26,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mactuner.chat import GenerationSettings, load_chat_model, stream_chat  # noqa: E402
-from mactuner.models import DEFAULT_MODEL, default_model_path  # noqa: E402
+from mactuner.chat import GenerationSettings, load_chat_model, stream_chat
+from mactuner.models import DEFAULT_MODEL, default_model_path
 
 PROMPTS = [
     [{"role": "user", "content": "Write a long story about a young dragon who guards an old library high in the snowy mountains."}],
@@ -52,8 +52,8 @@ def main() -> None:
     parser.add_argument("--gguf", action="append", help="a GGUF file to time (repeatable); default: export f16 and q8_0")
     args = parser.parse_args()
 
+    from mactuner.chat.llamacpp import llama_cpp_missing_reason, load_gguf_chat_model, stream_gguf_chat
     from mactuner.export import export_gguf
-    from mactuner.llamacpp_chat import llama_cpp_missing_reason, load_gguf_chat_model, stream_gguf_chat
 
     if reason := llama_cpp_missing_reason():
         sys.exit(reason)

@@ -1,6 +1,6 @@
 """CPU cost of the memory monitor: CPU seconds per minute and share of one core.
 
-Runs the real :class:`mactuner.monitor.MemoryMonitor` on this machine's devices
+Runs the real :class:`mactuner.devices.monitor.MemoryMonitor` on this machine's devices
 for a fixed time at each interval while the main thread sleeps, and reads the
 sampling thread's CPU time from the kernel (the thread's own CPU clock,
 ``pthread_getcpuclockid``, nanosecond resolution). The whole process's CPU
@@ -22,8 +22,8 @@ import time
 
 import psutil
 
-from mactuner.devices import DeviceManager  # noqa: E402
-from mactuner.monitor import MemoryMonitor  # noqa: E402
+from mactuner.devices import DeviceManager
+from mactuner.devices.monitor import MemoryMonitor
 
 TARGET_SHARE = 0.01  # of one core, at a 1 s interval
 

@@ -69,7 +69,7 @@ def clustered(n: int, queries: int, *, per_group: int = 40, seed: int = 0) -> tu
 
 def uniform(n: int, queries: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    unit = lambda m: torch.nn.functional.normalize(torch.randn(m, DIM, generator=g), dim=1)  # noqa: E731
+    unit = lambda m: torch.nn.functional.normalize(torch.randn(m, DIM, generator=g), dim=1)
     return unit(n), unit(queries)
 
 
@@ -129,7 +129,7 @@ def run_case(name: str, vectors: torch.Tensor, queries: torch.Tensor, *, ivf_thr
 def table(rows: list[dict]) -> str:
     columns = ["corpus", "n", "kind", "nlist/nprobe", "build_s", "exact_ms", "index_ms", "index_p90_ms", "speedup",
                "recall@10", "nn_cos"]
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and v < 10 else (f"{v:.1f}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and v < 10 else (f"{v:.1f}" if isinstance(v, float) else str(v))
     cells = [columns] + [[fmt(row[c]) for c in columns] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)

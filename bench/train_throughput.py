@@ -413,7 +413,7 @@ def _peak_for(dtype: str, peaks: dict) -> float:
 
 def summarize(results: dict[str, list[dict]], args) -> dict:
     """Medians per side, ratios against the informed peer, MFU against each side's own dtype's peak."""
-    med = lambda kind, key: statistics.median(x[key] for x in results[kind])  # noqa: E731
+    med = lambda kind, key: statistics.median(x[key] for x in results[kind])
     peaks = {"bfloat16": med("peak", "bfloat16"), "float32": med("peak", "float32")}
     on_gpu = args.device.startswith("cuda")
     rows = {}
@@ -499,7 +499,7 @@ def main() -> None:
         if args.emulate_float32_cpu:
             import mactuner.devices
 
-            mactuner.devices.cpu_supports_bfloat16 = lambda: False  # the ISA cap came with the environment
+            mactuner.devices.probe.cpu_supports_bfloat16 = lambda: False  # the ISA cap came with the environment
         if args.threads:
             import torch
 
@@ -515,7 +515,7 @@ def main() -> None:
         os.environ["ONEDNN_MAX_CPU_ISA"] = args.emulate_float32_cpu  # recorded in the machine description
         import mactuner.devices
 
-        mactuner.devices.cpu_supports_bfloat16 = lambda: False
+        mactuner.devices.probe.cpu_supports_bfloat16 = lambda: False
     machine = describe_machine(args.threads)
     sides = ["peak"] + [s for s in SIDES if s in args.sides.split(",")]
     if "hf_informed" not in sides:

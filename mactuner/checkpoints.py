@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mactuner.fileio import STAGING_PREFIX, fsync_dir, unique_temp_name, write_folder_atomically  # noqa: F401 - write_folder_atomically re-exported
+from mactuner.fileio import STAGING_PREFIX, fsync_dir, unique_temp_name, write_folder_atomically
 
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mactuner import fileio
+from mactuner.adapters import is_adapter
 from mactuner.models import Progress
 
 EVAL_FILE = "eval.json"
@@ -197,7 +198,7 @@ def _load_tuned(adapter: Path, base: str | None, device):
     from mactuner.chat import load_chat_model
     from mactuner.quantize import load_variant
 
-    if (adapter / "adapter_config.json").is_file():
+    if is_adapter(adapter):
         # exact weights on both sides: the comparison measures the fine-tune, not the chat engine's storage
         return load_chat_model(base, adapter, device=device, decode_weights="exact")
     if (adapter / "config.json").is_file():  # a full fine-tuning run's folder: a whole model
@@ -206,12 +207,12 @@ def _load_tuned(adapter: Path, base: str | None, device):
 
 
 def _base_source(adapter: Path, model: str | None) -> str | None:
-    from mactuner.chat import base_model_for
+    from mactuner.adapters import base_model_for
     from mactuner.config import TrainConfig
 
     if model:
         return model
-    if (adapter / "adapter_config.json").is_file():
+    if is_adapter(adapter):
         return base_model_for(None, adapter)
     run = run_folder_of(adapter)
     return TrainConfig.load(run / "config.yaml").model if run else None
@@ -240,9 +241,10 @@ def evaluate(
         max_new_tokens: longest answer per prompt.
         progress: ``(message, fraction or None)`` callback.
     """
-    from mactuner.chat import GenerationSettings, chat, load_chat_model, release_model
+    from mactuner.chat import GenerationSettings, chat, load_chat_model
     from mactuner.data import tokenize_examples
     from mactuner.devices import resolve_device
+    from mactuner.models import release_model
 
     started = time.perf_counter()
     device = resolve_device(device)

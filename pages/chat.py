@@ -1,6 +1,6 @@
 """Chat: talk to the base model or a fine-tuned adapter, or compare both side by side, with TTFT and tokens/s.
 
-Each model choice keeps its own conversation on disk (:mod:`mactuner.chat_history`), so a reload finds
+Each model choice keeps its own conversation on disk (:mod:`mactuner.chat.history`), so a reload finds
 it again; in Compare mode each side sees only its own earlier answers, and each side's answer is saved
 as soon as it ends (``ChatTurn``). Stop ends the answer being written.
 A click while an answer streams starts the next run while the stopped one still finishes its token
@@ -10,8 +10,8 @@ the file by id (``save_turn``), so no run or tab drops another's turns.
 
 import streamlit as st
 
-from mactuner.chat import GenerationSettings, list_adapters, parse_stop_strings
-from mactuner.chat_history import (
+from mactuner.chat import GenerationSettings, parse_stop_strings
+from mactuner.chat.history import (
     AnswersInFlight,
     ChatChoice,
     ChatTurn,
@@ -22,9 +22,12 @@ from mactuner.chat_history import (
 )
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
-from pages.chat_models import answer_stream, loaded_model, release_on_device_switch
-from pages.common import device_or_stop
-from pages.export_ui import chat_source_ui
+from mactuner.runs.views import list_adapters
+from ui.chat_models import answer_stream, loaded_model, release_on_device_switch
+from ui.common import device_or_stop, ensure_frame
+from ui.export_ui import chat_source_ui
+
+ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 HISTORY = "chat_history"  # this session's copy of the saved conversation of the model choice (turns as in chat_history)
 IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight

@@ -6,9 +6,11 @@ import pandas as pd
 import streamlit as st
 
 from mactuner.devices import DeviceInfo, dtype_name, format_bytes, get_optimal_dtype
-from mactuner.monitor import DeviceSample, memory_figure
+from mactuner.devices.monitor import DeviceSample, memory_figure
 from mactuner.runs import sync_monitor
-from pages.common import device_manager, device_or_stop, memory_monitor
+from ui.common import device_manager, device_or_stop, ensure_frame, memory_monitor
+
+ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 CHART_WINDOW_S = 600  # the chart shows the last ten minutes
 CARDS_PER_ROW = 3

@@ -2,7 +2,7 @@
 
 Two tabs, "New run" and "Runs"; only the open one runs. Start switches to "Runs" with the new run
 selected, so its live view is what the person sees next. The set-up widgets live in
-``pages/finetune_setup.py`` and the runs view in ``pages/finetune_runs.py``; the work is done by
+``ui/finetune_setup.py`` and the runs view in ``ui/finetune_runs.py``; the work is done by
 :mod:`mactuner.runs` and the trainer process it starts.
 """
 
@@ -15,9 +15,11 @@ from mactuner.config import TrainConfig
 from mactuner.models import ModelSourceError
 from mactuner.training.engines import choose_engine
 from mactuner.training.qlora import qlora_problem
-from pages.common import device_or_stop
-from pages.finetune_runs import runs_ui
-from pages.finetune_setup import dataset_ui, engine_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
+from ui.common import device_or_stop, ensure_frame
+from ui.finetune_runs import runs_ui
+from ui.finetune_setup import dataset_ui, engine_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
+
+ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA and MLX, int8 on CPU)", "full": "Full fine-tuning"}
 TABS = ("New run", "Runs")

@@ -4,10 +4,14 @@ import pandas as pd
 import streamlit as st
 
 from mactuner import paths, quantize
-from mactuner.chat import list_adapters
+from mactuner.export import merge_adapter
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
-from pages.common import device_or_stop
-from pages.export_ui import export_section, variants_ui
+from mactuner.quantize import compare as quantize_compare
+from mactuner.runs.views import list_adapters
+from ui.common import device_or_stop, ensure_frame
+from ui.export_ui import export_section, variants_ui
+
+ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
 
@@ -39,13 +43,13 @@ def text_ui() -> str | None:
     return own if own.strip() else None
 
 
-def show_report(report: quantize.QuantizeReport) -> None:
+def show_report(report: quantize_compare.QuantizeReport) -> None:
     st.caption(f"Measured on {report.device}; perplexity over {report.text_tokens} tokens of {report.text_source}.")
     st.dataframe(pd.DataFrame(report.table()), hide_index=True, width="stretch")
     for variant in report.variants:
         if variant.error:
             st.warning(f"{variant.name}: {variant.error}")
-    st.plotly_chart(quantize.report_figure(report), key="quant_chart")
+    st.plotly_chart(quantize_compare.report_figure(report), key="quant_chart")
     variants_ui(report)
 
 
@@ -58,7 +62,7 @@ merge_col, run_col = st.columns(2)
 if merge_col.button("Merge adapter only", key="quant_merge", disabled=not adapter):
     try:
         with st.spinner("Merging…"):
-            folder = quantize.merge_adapter(adapter, base=model if model != DEFAULT_MODEL else None)
+            folder = merge_adapter(adapter, base=model if model != DEFAULT_MODEL else None)
     except ERRORS as exc:
         st.error(str(exc))
         st.stop()
@@ -69,7 +73,7 @@ text = text_ui()
 if run_col.button("Quantize and compare", key="quant_run", type="primary"):
     bar = st.progress(0.0, text="Starting…")
     try:
-        report = quantize.compare_variants(
+        report = quantize_compare.compare_variants(
             model if model != DEFAULT_MODEL or not adapter else None, methods, adapter=adapter or None,
             device=device, text=text, progress=lambda message, f: bar.progress(min(f or 0.0, 1.0), text=message),
         )
@@ -81,8 +85,8 @@ if run_col.button("Quantize and compare", key="quant_run", type="primary"):
     st.session_state["quant_report"] = report
 
 report = st.session_state.get("quant_report")
-if report is None and (saved := quantize.saved_reports()):
-    report = quantize.load_report(saved[0])
+if report is None and (saved := quantize_compare.saved_reports()):
+    report = quantize_compare.load_report(saved[0])
 if report is not None:
     st.subheader("Variants")
     show_report(report)

@@ -4,11 +4,14 @@ import pandas as pd
 import streamlit as st
 
 from mactuner import rag
-from mactuner.chat import GenerationSettings, list_adapters
+from mactuner.chat import GenerationSettings
 from mactuner.models import DEFAULT_MODEL
-from pages.chat_models import loaded_model, release_on_device_switch
-from pages.common import device_or_stop
-from pages.rag_cache import embedder, open_collection
+from mactuner.runs.views import list_adapters
+from ui.chat_models import loaded_model, release_on_device_switch
+from ui.common import device_or_stop, ensure_frame
+from ui.rag_cache import embedder, open_collection
+
+ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 UPLOAD_TYPES = sorted(suffix.lstrip(".") for suffix in rag.SUPPORTED_SUFFIXES)
 

@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests.features import require
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("MACTUNER_CHROMIUM", "/usr/bin/chromium")
@@ -143,8 +143,7 @@ def browser_page(*, width: int = 1400, height: int = 1000, default_timeout_ms: i
     Skips the test (with the reason) when chromium is not installed; ``make
     browser`` installs it.
     """
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"chromium not found at {CHROMIUM}; install it with `make browser`")
+    require("browser")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.features import in_ci, require
 from tests.locations import ROOT
 
 # fixtures shared by every test module (faked hardware, the tiny RAG embedder)
@@ -124,3 +125,33 @@ def facts_file(tmp_path) -> Path:
     from tests.train_support import write_fact_dataset
 
     return write_fact_dataset(tmp_path / "facts.jsonl")
+
+
+def pytest_runtest_setup(item):
+    """``@requires(feature)``: skip locally, fail under CI=true, when the machine lacks the feature."""
+    for mark in item.iter_markers("requires"):
+        for feature in mark.args:
+            require(feature)
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not getattr(report, "wasxfail", None):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not reason.removeprefix("Skipped: ").startswith("optional:"):
+            _skipped.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI=true a skip of anything not marked optional fails the run: a suite cannot pass by skipping."""
+    if in_ci() and _skipped and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if in_ci() and _skipped:
+        terminalreporter.section("skipped under CI=true (each one fails the run)")
+        for line in _skipped:
+            terminalreporter.write_line(line)

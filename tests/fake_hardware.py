@@ -62,7 +62,7 @@ def fake_cpu_only(monkeypatch) -> None:
     """No GPU of any kind."""
     _no_cuda(monkeypatch)
     _no_mps(monkeypatch)
-    monkeypatch.setattr(devices, "probe_device", REAL_PROBE)
+    monkeypatch.setattr(devices.probe, "probe_device", REAL_PROBE)
 
 
 def fake_two_cuda_gpus(monkeypatch, allocated: int = 2 * GiB, reserved: int = 3 * GiB) -> dict:
@@ -85,8 +85,8 @@ def fake_two_cuda_gpus(monkeypatch, allocated: int = 2 * GiB, reserved: int = 3 
         return total - 5 * GiB, total  # (free, total): another process holds 2 GiB more than ours
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
-    monkeypatch.setattr(devices, "nvml", lambda: None)
-    monkeypatch.setattr(devices, "probe_device", _probe_only({"cuda"}))
+    monkeypatch.setattr(devices.memory, "nvml", lambda: None)
+    monkeypatch.setattr(devices.probe, "probe_device", _probe_only({"cuda"}))
     return calls
 
 
@@ -98,9 +98,9 @@ def fake_mps_mac(monkeypatch, recommended_max: int = 16 * GiB, macos: str = "14.
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: recommended_max, raising=False)
     monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 1 * GiB)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 3 * GiB)
-    monkeypatch.setattr(devices, "_sysctl", {"machdep.cpu.brand_string": "Apple M2 Pro"}.get)
-    monkeypatch.setattr(devices, "probe_device", _probe_only({"mps"}))
-    monkeypatch.setattr(devices.platform, "mac_ver", lambda: (macos, ("", "", ""), "arm64"))
+    monkeypatch.setattr(devices.probe, "_sysctl", {"machdep.cpu.brand_string": "Apple M2 Pro"}.get)
+    monkeypatch.setattr(devices.probe, "probe_device", _probe_only({"mps"}))
+    monkeypatch.setattr(devices.probe.platform, "mac_ver", lambda: (macos, ("", "", ""), "arm64"))
 
 
 def fake_cpu_dtype(monkeypatch, bfloat16: bool) -> None:
@@ -109,7 +109,7 @@ def fake_cpu_dtype(monkeypatch, bfloat16: bool) -> None:
     What depends on it: ``get_optimal_dtype("cpu")`` (bfloat16 or float32), hence the
     recommender's dtype and memory estimate, the trainer's and chat engine's dtype on "auto".
     """
-    monkeypatch.setattr(devices, "cpu_supports_bfloat16", lambda: bfloat16)
+    monkeypatch.setattr(devices.probe, "cpu_supports_bfloat16", lambda: bfloat16)
 
 
 class FakeNVML:

@@ -15,7 +15,7 @@ from streamlit.testing.v1 import app_test as app_test_module
 from streamlit.testing.v1.element_tree import ElementTree
 from streamlit.testing.v1.local_script_runner import LocalScriptRunner
 
-from mactuner.chat_history import history_dir, history_key, load_history
+from mactuner.chat.history import history_dir, history_key, load_history
 from tests.app_pages import open_app_page
 
 
@@ -36,7 +36,7 @@ def captions(at: AppTest) -> list[str]:
     return [c.value for c in at.caption]
 
 
-def test_ask_shows_answer_and_figures_then_new_chat(varied_model_dir):  # noqa: F811
+def test_ask_shows_answer_and_figures_then_new_chat(varied_model_dir):
     at = open_page()
     assert at.title[0].value == "Chat"
     ask(at, varied_model_dir, "Hello there")
@@ -80,8 +80,8 @@ def finished_run_with_adapter(home: Path, model_dir: Path, adapter: Path) -> Non
     shutil.copytree(adapter, run / "adapter")
 
 
-def test_adapters_are_listed_by_the_run_name_a_person_gave(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
-    from mactuner.run_names import set_run_name
+def test_adapters_are_listed_by_the_run_name_a_person_gave(varied_model_dir, tiny_adapter, mactuner_home):
+    from mactuner.runs.names import set_run_name
 
     finished_run_with_adapter(mactuner_home, varied_model_dir, tiny_adapter)
     set_run_name("demo-run", "Lighthouse facts")
@@ -91,7 +91,7 @@ def test_adapters_are_listed_by_the_run_name_a_person_gave(varied_model_dir, tin
     assert "demo-run · final" not in at.selectbox(key="chat_adapter").options
 
 
-def test_compare_mode_each_side_keeps_its_own_conversation(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
+def test_compare_mode_each_side_keeps_its_own_conversation(varied_model_dir, tiny_adapter, mactuner_home):
     from transformers import AutoTokenizer
 
     finished_run_with_adapter(mactuner_home, varied_model_dir, tiny_adapter)
@@ -124,7 +124,7 @@ def test_bad_model_is_an_error(tmp_path):
     assert at.session_state["chat_history"] == []
 
 
-def test_each_model_choice_has_its_own_conversation(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
+def test_each_model_choice_has_its_own_conversation(varied_model_dir, tiny_adapter, mactuner_home):
     finished_run_with_adapter(mactuner_home, varied_model_dir, tiny_adapter)
     at = open_page()
     ask(at, varied_model_dir, "Hello there")
@@ -236,7 +236,7 @@ def caption_bodies(runner: LocalScriptRunner) -> list[str]:
 
 
 def test_compare_mode_saves_each_side_as_soon_as_it_has_answered(monkeypatch, varied_model_dir, tiny_adapter,
-                                                                 mactuner_home):  # noqa: F811
+                                                                 mactuner_home):
     """While the fine-tuned side still answers, the file already holds the question and the base answer,
     so a reload (or the server going away) then keeps them; the finished turn is saved once, both sides."""
     monkeypatch.setattr(app_test_module, "LocalScriptRunner", RecordingRunner)

@@ -4,11 +4,8 @@ it through llama.cpp beside the torch base model in compare mode."""
 
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
-
 from tests.app_pages import open_app_page
+from tests.features import requires
 from tests.test_app_quantize import TEXT, make_run
 
 
@@ -46,8 +43,7 @@ def test_variant_verdict_folder_download_and_open_in_chat(varied_model_dir, tiny
     assert reply["answers"]["fine-tuned"] and reply["stats"]["fine-tuned"]["new_tokens"] > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama-cpp-python is not installed (make setup builds it: see docs/notes/export.md)")
+@requires("llama_cpp")
 def test_export_section_then_chat_compares_torch_base_and_the_gguf(varied_model_dir, tiny_adapter, mactuner_home):
     make_run(mactuner_home, varied_model_dir, tiny_adapter)
     at = open_app_page("pages/quantize.py")

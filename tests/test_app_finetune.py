@@ -279,7 +279,7 @@ def test_runs_can_be_renamed_and_list_and_picker_agree(trained_run):
 
 
 def runs_names() -> dict[str, str]:
-    from mactuner.run_names import run_display_name
+    from mactuner.runs.names import run_display_name
 
     return {r.id: run_display_name(r.id) for r in runs.list_runs()}
 

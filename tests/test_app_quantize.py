@@ -35,7 +35,7 @@ def test_page_lists_methods_and_refusals():
     assert at.info  # nothing measured yet
 
 
-def test_merge_then_quantize_and_compare(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
+def test_merge_then_quantize_and_compare(varied_model_dir, tiny_adapter, mactuner_home):
     make_run(mactuner_home, varied_model_dir, tiny_adapter)
     at = open_page()
     at.selectbox(key="quant_adapter").set_value("demo-run · final").run()

@@ -15,9 +15,10 @@ from mactuner.chat import (
     generation_threads,
     load_chat_model,
     parse_stop_strings,
-    release_model,
     stream_chat,
 )
+from mactuner.models import release_model
+from tests.features import require
 
 QUESTION = [{"role": "user", "content": "Tell me about the sea."}]
 # the prompts bench/generate.py measures (a ~50-token story request, a fact, an explanation)
@@ -137,13 +138,12 @@ def test_adapter_is_merged_with_the_same_logits(varied_model_dir, tiny_adapter):
 def test_packed_bf16_linears_give_the_same_logits(varied_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from mactuner.chat import PackedLinear, pack_linear_weights
+    from mactuner.quantize import PackedLinear, pack_linear_weights
 
-    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: True)  # packing is for bfloat16 CPUs
+    monkeypatch.setattr("mactuner.devices.probe.cpu_supports_bfloat16", lambda: True)  # packing is for bfloat16 CPUs
     packed = load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.bfloat16)
     plain = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.bfloat16).eval()
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch has no oneDNN")
+    require("onednn")
     assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == 2 * 7 + 1  # 2 layers x 7, lm_head
     assert pack_linear_weights(packed.model) == 0  # nothing left to pack
     ids = torch.tensor([[1, 20, 300, 4000, 5, 60]])
@@ -159,11 +159,10 @@ def test_packed_bf16_linears_give_the_same_logits(varied_model_dir, monkeypatch)
 def test_decode_weights_follow_the_cpu_kind(varied_model_dir, monkeypatch, native_bf16):
     """On both kinds of CPU, int8 decode weights: the rest of the model runs in the CPU's best dtype; the logits
     stay close to the unquantized model's and the stream is the model's own greedy text."""
-    from mactuner.chat import Int8Linear, PackedLinear, decode_plan, int8_kernel_available
+    from mactuner.quantize import Int8Linear, PackedLinear, decode_plan
 
-    if not int8_kernel_available():
-        pytest.skip("this torch has no CPU int8 weight-only kernel")
-    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: native_bf16)
+    require("int8_weight_only")
+    monkeypatch.setattr("mactuner.devices.probe.cpu_supports_bfloat16", lambda: native_bf16)
     dtype = torch.bfloat16 if native_bf16 else torch.float32
     fast = load_chat_model(str(varied_model_dir), device="cpu", decode_weights="int8")
     exact = load_chat_model(str(varied_model_dir), device="cpu", dtype=dtype)
@@ -191,9 +190,9 @@ def test_decode_weights_follow_the_cpu_kind(varied_model_dir, monkeypatch, nativ
     assert chat(fast, QUESTION, settings)[0] == _generate_greedy(fast, QUESTION, 30)
 
     assert decode_plan(torch.device("cpu"), dtype, "exact") == ("packed-bfloat16" if native_bf16 else "as-loaded")
-    monkeypatch.setattr("mactuner.chat.int4_kernel_available", lambda: False)  # a torch without the int4 kernel: int8
+    monkeypatch.setattr("mactuner.quantize.kernels.int4_kernel_available", lambda: False)  # a torch without the int4 kernel: int8
     assert decode_plan(torch.device("cpu"), dtype) == "int8"
-    monkeypatch.setattr("mactuner.chat.int8_kernel_available", lambda: False)  # ... and without the int8 one
+    monkeypatch.setattr("mactuner.quantize.kernels.int8_kernel_available", lambda: False)  # ... and without the int8 one
     assert decode_plan(torch.device("cpu"), dtype) == ("packed-bfloat16" if native_bf16 else "as-loaded")
     assert decode_plan(torch.device("meta"), dtype) == "as-loaded"
     with pytest.raises(ValueError, match="decode_weights"):
@@ -202,11 +201,10 @@ def test_decode_weights_follow_the_cpu_kind(varied_model_dir, monkeypatch, nativ
 
 @pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-cpu", "fp32-only-cpu"])
 def test_int4_decode_weights_are_the_cpu_default_and_stay_close(varied_model_dir, monkeypatch, native_bf16):
-    from mactuner.chat import Int4Linear, Int8Linear, decode_plan, int4_kernel_available
+    from mactuner.quantize import Int4Linear, Int8Linear, decode_plan
 
-    if not int4_kernel_available():
-        pytest.skip("this torch has no CPU int4 weight-only kernel")
-    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: native_bf16)
+    require("int4_weight_only")
+    monkeypatch.setattr("mactuner.devices.probe.cpu_supports_bfloat16", lambda: native_bf16)
     dtype = torch.bfloat16 if native_bf16 else torch.float32
     assert decode_plan(torch.device("cpu"), dtype, "int4") == "int4"
     small = load_chat_model(str(varied_model_dir), device="cpu")  # the default when dtype is left to the device
@@ -225,10 +223,10 @@ def test_int4_decode_weights_are_the_cpu_default_and_stay_close(varied_model_dir
 
 def test_a_fine_tuned_model_decodes_with_int8_not_int4(varied_model_dir, tiny_adapter):
     """4 bits blur a merged adapter's small weight changes (a 30-step run's facts were all lost): adapters get int8."""
-    from mactuner.chat import Int4Linear, Int8Linear, int4_kernel_available, int8_kernel_available
+    from mactuner.quantize import Int4Linear, Int8Linear
 
-    if not (int4_kernel_available() and int8_kernel_available()):
-        pytest.skip("this torch lacks a CPU int4 or int8 weight-only kernel")
+    require("int4_weight_only")
+    require("int8_weight_only")
     tuned = load_chat_model(str(varied_model_dir), tiny_adapter, device="cpu")
     base = load_chat_model(str(varied_model_dir), device="cpu")
     assert not any(isinstance(m, Int4Linear) for m in tuned.model.modules())
@@ -237,10 +235,9 @@ def test_a_fine_tuned_model_decodes_with_int8_not_int4(varied_model_dir, tiny_ad
 
 
 def test_int8_linear_matches_the_float_layer_and_skips_widths_the_kernel_gets_wrong():
-    from mactuner.chat import Int8Linear, int8_kernel_available, quantize_linear_weights
+    from mactuner.quantize import Int8Linear, quantize_linear_weights
 
-    if not int8_kernel_available():
-        pytest.skip("this torch has no CPU int8 weight-only kernel")
+    require("int8_weight_only")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40, bias=False), torch.nn.Linear(40, 8))
     reference = [layer.weight.detach().clone() for layer in model]
@@ -263,11 +260,9 @@ def test_real_model_int8_decoding_keeps_the_demo_answers(smollm2_path, monkeypat
     """The stated tolerance on the real model: teacher-forced on the unquantized model's greedy answers to the
     demo prompts, the int4 (CPU default) or int8 model picks the same next token at >= 90 % of the
     positions, and still knows Paris."""
-    from mactuner.chat import int8_kernel_available
 
-    if not int8_kernel_available():
-        pytest.skip("this torch has no CPU int8 weight-only kernel")
-    monkeypatch.setattr("mactuner.devices.cpu_supports_bfloat16", lambda: native_bf16)
+    require("int8_weight_only")
+    monkeypatch.setattr("mactuner.devices.probe.cpu_supports_bfloat16", lambda: native_bf16)
     dtype = torch.bfloat16 if native_bf16 else torch.float32
     fast, exact = load_chat_model(device="cpu", decode_weights=weights), load_chat_model(device="cpu", dtype=dtype)
     settings = GenerationSettings(temperature=0, max_new_tokens=32)
@@ -374,7 +369,7 @@ def test_chat_command_reports_a_bad_adapter(tmp_path, capsys):
 def test_fine_tuned_checkpoint_states_the_demo_facts_and_base_does_not(installed_demo_run):
     """A checkpoint found by list_adapters() chats as the fine-tuned model: it states the demo facts
     (some even asked in words it never saw), while the base model states none."""
-    from mactuner.chat import list_adapters
+    from mactuner.runs.views import list_adapters
     from tests.demo_support import demo_facts
 
     facts = demo_facts(3)

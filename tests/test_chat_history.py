@@ -14,7 +14,7 @@ import time
 import pytest
 
 from mactuner.chat import GenerationSettings, load_chat_model, stream_chat
-from mactuner.chat_history import (
+from mactuner.chat.history import (
     AnswersInFlight,
     ChatChoice,
     ChatTurn,

@@ -16,7 +16,7 @@ import torch
 from mactuner import checkpoints
 from mactuner.checkpoints import delete_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from mactuner.train import Trainer, TrainingCallback, TrainingError, train
-from mactuner.training.int8_base import int8_matmul_available
+from tests.features import require
 from tests.train_support import tiny_config, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +38,8 @@ class StopAt(TrainingCallback):
 def test_resumed_run_reaches_the_same_losses_step_for_step(tiny_model_dir, facts_file, tmp_path, method):
     # dropout on, so the RNG state has to come back too; bfloat16 compute as on this CPU;
     # QLoRA: the resumed run quantizes the base to the same int8 rows
-    if method == "qlora" and not int8_matmul_available("cpu"):
-        pytest.skip("QLoRA on a CPU needs an exact int8 matmul")
+    if method == "qlora":
+        require("int8_kernels")
     config = tiny_config(
         tiny_model_dir, facts_file, lora_dropout=0.1, max_steps=8, save_every=4, eval_every=4, lr_scheduler="cosine",
         warmup_steps=2, method=method,

@@ -114,7 +114,8 @@ def test_recommended_run_on_four_facts_trains_on_every_row(tiny_model_dir, tmp_p
 def test_four_facts_with_the_recommended_settings_are_all_learned(smollm2_path, tmp_path):
     """The issue's check: a 4-row fact file, `train --recommended` on the real model, and the
     tuned model states all four facts (the base model states none of them)."""
-    from mactuner.chat import GenerationSettings, chat, load_chat_model, release_model
+    from mactuner.chat import GenerationSettings, chat, load_chat_model
+    from mactuner.models import release_model
 
     dataset = write_facts(tmp_path / "facts.jsonl", count=4)
     facts = json.loads(DEMO_FACTS.read_text())[:4]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mactuner.cpu_threads import CpuThreads, CpuTimes
+from mactuner.devices.cpu_threads import CpuThreads, CpuTimes
 
 
 class FakeCpu:

@@ -17,7 +17,6 @@ from mactuner.data import (
     DatasetSummary,
     Example,
     SavedUploads,
-    _labels_by_prefix,
     dataset_choices,
     load_dataset_file,
     percentile,
@@ -29,6 +28,7 @@ from mactuner.data import (
     train_validation_split,
     uploads_dir,
 )
+from mactuner.data.templates import _labels_by_prefix
 from tests.locations import LLAMA_FACTORY
 
 

@@ -75,7 +75,7 @@ def test_cpu_dtype_follows_the_cpu_capability(cpu_only, monkeypatch):
     native = any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16", "bf16"))
     assert devices.cpu_supports_bfloat16() is native
     assert get_optimal_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
-    monkeypatch.setattr(devices, "cpu_supports_bfloat16", lambda: False)
+    monkeypatch.setattr(devices.probe, "cpu_supports_bfloat16", lambda: False)
     assert get_optimal_dtype("cpu") == torch.float32
 
 
@@ -91,10 +91,10 @@ def test_bfloat16_detection_on_macos_uses_sysctl(monkeypatch):
     monkeypatch.setattr(Path, "read_text", read_text)
     devices.cpu_supports_bfloat16.cache_clear()
     try:
-        monkeypatch.setattr(devices, "_sysctl", {"hw.optional.arm.FEAT_BF16": "1"}.get)
+        monkeypatch.setattr(devices.probe, "_sysctl", {"hw.optional.arm.FEAT_BF16": "1"}.get)
         assert devices.cpu_supports_bfloat16() is True
         devices.cpu_supports_bfloat16.cache_clear()
-        monkeypatch.setattr(devices, "_sysctl", {"hw.optional.arm.FEAT_BF16": "0"}.get)
+        monkeypatch.setattr(devices.probe, "_sysctl", {"hw.optional.arm.FEAT_BF16": "0"}.get)
         assert devices.cpu_supports_bfloat16() is False
     finally:
         devices.cpu_supports_bfloat16.cache_clear()
@@ -164,7 +164,7 @@ def test_monitoring_reads_never_create_a_cuda_context(two_cuda_gpus):
     assert snapshot.total == 24 * GiB and snapshot.used is None and snapshot.allocated == 2 * GiB
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a real GPU would pass the compute test")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="optional: a real GPU would pass the compute test")
 def test_health_finds_devices_that_cannot_compute(two_cuda_gpus):
     # the fake GPUs answer queries but cannot run a matrix product: health must say so
     report = DeviceManager().health()
@@ -287,7 +287,7 @@ def test_quick_health_touches_no_device(two_cuda_gpus):
 
 def test_nvml_shows_other_processes_use(two_cuda_gpus, monkeypatch):
     # another program holds 6 GiB on cuda:0; torch in this process knows only its own 2 GiB
-    monkeypatch.setattr(devices, "nvml", lambda: FakeNVML({4242: 6 * GiB, 4243: 3 * GiB}))
+    monkeypatch.setattr(devices.memory, "nvml", lambda: FakeNVML({4242: 6 * GiB, 4243: 3 * GiB}))
     snapshot = devices.memory_snapshot("cuda:0", init=False)
     assert snapshot.used == 9 * GiB and snapshot.free == 15 * GiB and snapshot.total == 24 * GiB
     assert snapshot.allocated == 2 * GiB
@@ -308,7 +308,7 @@ def test_mps_advice(mps_mac, monkeypatch):
 def test_nvml_readings_are_matched_by_uuid_not_index(two_cuda_gpus, monkeypatch):
     # CUDA lists the RTX 3090 first (fastest first), NVML lists the T4 first (PCI bus order):
     # matching by index would show the T4's numbers on the 3090's card
-    monkeypatch.setattr(devices, "nvml", lambda: FakeNVML({4242: 6 * GiB}))
+    monkeypatch.setattr(devices.memory, "nvml", lambda: FakeNVML({4242: 6 * GiB}))
     assert devices.cuda_uuid(0) == f"GPU-{GPUS[0].uuid}"
     first = devices.memory_snapshot("cuda:0", init=False)
     second = devices.memory_snapshot("cuda:1", init=False)
@@ -327,7 +327,7 @@ def test_selecting_a_cuda_gpu_creates_no_cuda_context(two_cuda_gpus, monkeypatch
             raise AssertionError("allocated on CUDA just to probe")
         return real_empty(*args, device=device, **kwargs)
 
-    monkeypatch.setattr(devices, "probe_device", REAL_PROBE)
+    monkeypatch.setattr(devices.probe, "probe_device", REAL_PROBE)
     monkeypatch.setattr(torch, "empty", empty)
     manager = DeviceManager()
     assert manager.select_device("cuda:1") == torch.device("cuda", 1)
@@ -347,7 +347,7 @@ def test_mps_dtype_follows_macos(monkeypatch):
 
 def test_mps_card_shows_the_whole_macs_use(mps_mac, monkeypatch):
     # unified memory: a training run in another process uses the same RAM; the app's Metal share is separate
-    monkeypatch.setattr(devices.psutil, "virtual_memory", lambda: SimpleNamespace(total=32 * GiB, available=20 * GiB))
+    monkeypatch.setattr(devices.memory.psutil, "virtual_memory", lambda: SimpleNamespace(total=32 * GiB, available=20 * GiB))
     axes = devices.memory_axes(devices.memory_snapshot("mps"))
     assert axes["used"] == 12 * GiB  # system use, not this process's 3 GiB
     assert axes["reserved"] == 3 * GiB  # this app's own share, labelled as such
@@ -363,3 +363,73 @@ def test_invalid_buffer_size_counts_as_out_of_memory():
     assert devices.is_out_of_memory(RuntimeError("Invalid buffer size: 12.50 GB"))
     assert devices.is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)"))
     assert not devices.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+# --------------------------------------------------------------------------- #
+# CPU kinds, faked both ways: the flags decide bfloat16, and `dtype: auto` follows every device
+# --------------------------------------------------------------------------- #
+
+CPU_KINDS = {
+    # name: (/proc/cpuinfo flags or None for macOS, sysctl FEAT_BF16, native bfloat16)
+    "sapphire-rapids-amx": ("fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8 amx_tile", None, True),
+    "zen4-avx512-bf16": ("fpu avx2 avx512f avx512_vnni avx512_bf16", None, True),
+    "amx-only-flag": ("fpu avx2 amx_bf16", None, True),
+    "cascade-lake-vnni": ("fpu avx2 avx512f avx512_vnni", None, False),
+    "skylake-avx512": ("fpu avx2 avx512f avx512bw", None, False),
+    "haswell-avx2": ("fpu sse4_2 avx avx2 fma", None, False),
+    "graviton3-arm-bf16": ("fp asimd asimddp sve i8mm bf16", None, True),
+    "graviton2-arm": ("fp asimd asimddp", None, False),
+    "apple-m2-feat-bf16": (None, "1", True),
+    "apple-m1": (None, "0", False),
+}
+
+
+@pytest.mark.parametrize("kind", CPU_KINDS, ids=list(CPU_KINDS))
+def test_bfloat16_and_the_auto_dtype_follow_the_cpu_flags(kind, monkeypatch):
+    from mactuner.devices import resolve_dtype
+
+    flags, feat_bf16, native = CPU_KINDS[kind]
+    monkeypatch.setattr(devices.probe, "cpu_flags", lambda: None if flags is None else set(flags.split()))
+    monkeypatch.setattr(devices.probe, "_sysctl", {"hw.optional.arm.FEAT_BF16": feat_bf16}.get)
+    devices.cpu_supports_bfloat16.cache_clear()
+    try:
+        assert devices.cpu_supports_bfloat16() is native
+        expected = torch.bfloat16 if native else torch.float32
+        assert get_optimal_dtype("cpu") == resolve_dtype("auto", "cpu") == expected
+        assert resolve_dtype("float32", "cpu") == torch.float32  # an explicit dtype is kept whatever the CPU
+    finally:
+        devices.cpu_supports_bfloat16.cache_clear()
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo(monkeypatch):
+    real_read_text = Path.read_text
+    text = "processor\t: 0\nflags\t\t: fpu avx512_bf16\nprocessor\t: 1\nFeatures\t: asimd bf16\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: text if str(self) == "/proc/cpuinfo" else real_read_text(self, *a, **k))
+    assert devices.probe.cpu_flags() == {"fpu", "avx512_bf16", "asimd", "bf16"}
+
+
+@pytest.mark.parametrize(
+    "device_kind, expected",
+    [("cuda-8.6", torch.bfloat16), ("cuda-7.5", torch.float16), ("mps-macos-14", torch.bfloat16),
+     ("mps-macos-13", torch.float16), ("cpu-bf16", torch.bfloat16), ("cpu-fp32", torch.float32)],
+)
+def test_dtype_auto_for_each_faked_device(device_kind, expected, monkeypatch):
+    """``dtype: auto`` in a TrainConfig becomes the device's best dtype, on every kind of device."""
+    from mactuner.config import TrainConfig
+    from mactuner.devices import resolve_dtype
+    from tests.fake_hardware import fake_cpu_dtype, fake_mps_mac, fake_two_cuda_gpus
+
+    if device_kind.startswith("cuda"):
+        fake_two_cuda_gpus(monkeypatch)
+        device = "cuda:0" if device_kind == "cuda-8.6" else "cuda:1"
+        capability = torch.cuda.get_device_properties(device)
+        assert (capability.major, capability.minor) == ((8, 6) if device_kind == "cuda-8.6" else (7, 5))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (capability.major, capability.minor))
+    elif device_kind.startswith("mps"):
+        fake_mps_mac(monkeypatch, macos="14.5" if device_kind == "mps-macos-14" else "13.6")
+        device = "mps"
+    else:
+        fake_cpu_dtype(monkeypatch, bfloat16=device_kind == "cpu-bf16")
+        device = "cpu"
+    config = TrainConfig(dtype="auto", device=device)
+    assert resolve_dtype(config.dtype, device) == expected

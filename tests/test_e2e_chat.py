@@ -69,7 +69,7 @@ def ask_and_wait(page, question: str, answers_before: int) -> None:
 
 
 def test_compare_base_never_states_the_tuned_fact(installed_demo_run, mactuner_home):
-    from mactuner.chat_history import history_dir, load_history
+    from mactuner.chat.history import history_dir, load_history
 
     with running_app({"MACTUNER_HOME": str(mactuner_home)}) as url, browser_page(default_timeout_ms=120_000) as page:
         page.goto(url + "/chat")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.browser import browser_page, running_app, wait_for_app
 
@@ -48,7 +49,7 @@ def test_pages_fit_an_800px_window(tmp_path):
             wait_for_app(page)
             try:
                 page.locator("h1").first.wait_for(state="attached")
-            except Exception:
+            except PlaywrightTimeout:
                 page.screenshot(path=f"/tmp/ux/fail-{name}.png")
                 raise AssertionError(f"{name}: no title") from None
             if name == "finetune":  # the settings appear once the dataset is read and the settings recommended
@@ -61,3 +62,16 @@ def test_pages_fit_an_800px_window(tmp_path):
                 problems[name] = {"labels cut": cut, "number inputs without +/-": stepless}
     assert numbers_seen >= 8, "the fine-tune settings were not measured"
     assert not problems, problems
+
+
+def test_a_page_opened_by_its_url_on_a_fresh_server_has_the_frame(tmp_path):
+    """The first request of a fresh server opens /quantize: the page runs inside app.py's frame (the
+    navigation by title and the device picker), through public Streamlit API only (ui.common.ensure_frame)."""
+    with running_app({"MACTUNER_HOME": str(tmp_path / "home")}) as url, browser_page() as page:
+        page.goto(f"{url}/quantize")
+        wait_for_app(page, timeout_ms=120_000)
+        page.get_by_role("heading", name="Quantize and export").wait_for()
+        sidebar = page.locator('[data-testid="stSidebar"]')
+        sidebar.get_by_text("Compute device").wait_for()
+        assert sidebar.get_by_text("Fine-tune", exact=True).is_visible()
+        assert sidebar.get_by_text("finetune", exact=True).count() == 0  # not the bare pages/ folder listing

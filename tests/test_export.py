@@ -4,7 +4,6 @@ with ``gguf_file=``; a file MacTuner did not write is never replaced without --o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -21,11 +20,9 @@ from mactuner.export import (
     modelfile_text,
     template_default_system,
 )
+from tests.features import requires
 
-LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-needs_llama_cpp = pytest.mark.skipif(
-    not LLAMA_CPP, reason="llama-cpp-python is not installed (make setup builds it: see docs/notes/export.md)"
-)
+needs_llama_cpp = requires("llama_cpp")
 QUESTION = [{"role": "user", "content": "Tell me about the sea."}]
 GREEDY = GenerationSettings(max_new_tokens=16, temperature=0.0)
 
@@ -33,7 +30,7 @@ GREEDY = GenerationSettings(max_new_tokens=16, temperature=0.0)
 @pytest.fixture(scope="module")
 def merged_dir(varied_model_dir, tiny_adapter, tmp_path_factory):
     """The tiny adapter merged into the varied tiny model (the torch reference)."""
-    from mactuner.quantize import merge_adapter
+    from mactuner.export.merge import merge_adapter
 
     return merge_adapter(tiny_adapter, tmp_path_factory.mktemp("merged") / "merged", base=str(varied_model_dir))
 
@@ -110,7 +107,7 @@ def test_llama_cpp_answers_as_the_merged_model(f16_export, merged_dir):
     same greedy tokens as the merged float32 torch model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mactuner.llamacpp_chat import encode_gguf_prompt, load_gguf_chat_model, stream_gguf_chat
+    from mactuner.chat.llamacpp import encode_gguf_prompt, load_gguf_chat_model, stream_gguf_chat
 
     expected = AutoTokenizer.from_pretrained(merged_dir).apply_chat_template(QUESTION, add_generation_prompt=True,
                                                                              return_dict=True)["input_ids"]
@@ -149,8 +146,8 @@ def test_transformers_loads_the_f16_file_back(f16_export, merged_dir):
 @needs_llama_cpp
 def test_export_command_q8_0_of_a_model_folder(varied_model_dir, mactuner_home, capsys):
     """The command line, default name: the q8_0 file loads in llama.cpp and the Modelfile sits beside it."""
+    from mactuner.chat.llamacpp import gguf_chat, load_gguf_chat_model
     from mactuner.cli import main
-    from mactuner.llamacpp_chat import gguf_chat, load_gguf_chat_model
 
     assert main(["export", "--merged", str(varied_model_dir), "--format", "gguf", "--outtype", "q8_0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -174,9 +171,9 @@ def test_demo_run_exports_state_the_tuned_fact_in_llama_cpp(installed_demo_run, 
     first 32 greedy tokens; `eval --json` shows the tuned loss below the base loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mactuner.chat.llamacpp import gguf_chat, load_gguf_chat_model
     from mactuner.cli import main
-    from mactuner.llamacpp_chat import gguf_chat, load_gguf_chat_model
-    from mactuner.quantize import merge_adapter
+    from mactuner.export.merge import merge_adapter
     from tests.demo_support import demo_facts
 
     facts = demo_facts(3)

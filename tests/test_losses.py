@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mactuner.data import IGNORE_INDEX
-from mactuner.training.compiled import missing_compiler
 from mactuner.training.losses import linear_cross_entropy, lr_factor
+from tests.features import requires
 
 VOCAB, HIDDEN, ROWS = 97, 16, 23
 
@@ -81,7 +81,7 @@ def test_a_frozen_head_gets_no_gradient_and_hidden_still_does():
     torch.testing.assert_close(grad_h, ref_h, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(missing_compiler("cpu") is not None, reason="TorchInductor needs a C++ compiler on a CPU")
+@requires("compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("train_weight", [True, False], ids=["trained-head", "frozen-head"])
 def test_the_fused_loss_compiled_gives_the_eager_values_and_gradients(tmp_path, monkeypatch, dtype, train_weight):

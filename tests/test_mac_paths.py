@@ -4,15 +4,18 @@ and what the device health and the quantize page say about MPS is true."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from mactuner import devices
+from mactuner.devices import dtype as dtypes
 from tests.fake_hardware import fake_mps_mac
 
 
 def test_llama_cpp_offloads_every_layer_on_mps_or_cuda_when_the_build_can():
-    from mactuner.llamacpp_chat import gpu_layers
+    from mactuner.chat.llamacpp import gpu_layers
 
     assert gpu_layers("mps", supports_offload=True) == -1
     assert gpu_layers("cuda:1", supports_offload=True) == -1
@@ -23,7 +26,7 @@ def test_llama_cpp_offloads_every_layer_on_mps_or_cuda_when_the_build_can():
 
 def test_a_gguf_chat_on_mps_asks_llama_cpp_for_all_layers(monkeypatch):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from mactuner.llamacpp_chat import load_gguf_chat_model
+    from mactuner.chat.llamacpp import load_gguf_chat_model
     from mactuner.models import _smollm2_gguf
 
     # this machine's build is CPU-only; a Metal build answers True here
@@ -62,7 +65,7 @@ def test_the_quantize_methods_say_what_a_mac_can_do_instead():
 def test_without_llama_cpp_the_gguf_chat_says_how_to_get_it(monkeypatch):
     import builtins
 
-    from mactuner.llamacpp_chat import llama_cpp_missing_reason
+    from mactuner.chat.llamacpp import llama_cpp_missing_reason
 
     real_import = builtins.__import__
 
@@ -100,11 +103,11 @@ exec {sys.executable} -c "import sys; sys.version_info = (3, 9, 6, 'final', 0); 
 
 @pytest.fixture
 def fresh_mps_probe():
-    devices.mps_half_dtype_by_probe.cache_clear()
-    devices._MPS_PROBE_TIMES.clear()
+    dtypes.mps_half_dtype_by_probe.cache_clear()
+    dtypes.MPS_PROBE_TIMES.clear()
     yield
-    devices.mps_half_dtype_by_probe.cache_clear()
-    devices._MPS_PROBE_TIMES.clear()
+    dtypes.mps_half_dtype_by_probe.cache_clear()
+    dtypes.MPS_PROBE_TIMES.clear()
 
 
 def _fake_matmul_times(monkeypatch, bf16: float, fp16: float) -> list:
@@ -114,7 +117,7 @@ def _fake_matmul_times(monkeypatch, bf16: float, fp16: float) -> list:
         timed.append((str(device), dtype))
         return {torch.bfloat16: bf16, torch.float16: fp16}[dtype]
 
-    monkeypatch.setattr(devices, "time_matmul", time_matmul)
+    monkeypatch.setattr(importlib.import_module("mactuner.devices.health"), "time_matmul", time_matmul)
     return timed
 
 
@@ -137,7 +140,7 @@ def test_an_m2_where_bfloat16_is_as_fast_keeps_it_and_a_float16_checkpoint_stays
 
 def test_an_m3_computes_bfloat16_without_a_probe(monkeypatch, fresh_mps_probe):
     fake_mps_mac(monkeypatch, macos="14.5")
-    monkeypatch.setattr(devices, "_sysctl", {"machdep.cpu.brand_string": "Apple M3 Max"}.get)
+    monkeypatch.setattr(devices.probe, "_sysctl", {"machdep.cpu.brand_string": "Apple M3 Max"}.get)
     timed = _fake_matmul_times(monkeypatch, bf16=0.004, fp16=0.001)
     assert devices.get_optimal_dtype("mps") == torch.bfloat16 and timed == []
     assert "macOS 14 or later computes bfloat16" in devices.optimal_dtype_reason("mps")
@@ -181,6 +184,6 @@ def test_on_an_m2_the_trainer_keeps_a_float16_checkpoint_in_float16(monkeypatch,
     timed = _fake_matmul_times(monkeypatch, bf16=0.001, fp16=0.002)  # the probe would keep bfloat16
     trainer = Trainer(TrainConfig(model=str(folder), dataset=str(tmp_path / "none.jsonl"), device="mps"))
     monkeypatch.setattr(torch.mps, "set_per_process_memory_fraction", lambda f: None)
-    with pytest.raises(Exception):  # noqa: B017 - stops at the (fake) MPS device's first use; the dtype is chosen before
+    with pytest.raises(Exception):
         trainer.setup()
     assert trainer.compute_dtype == torch.float16 and timed == []

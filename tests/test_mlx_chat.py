@@ -1,4 +1,4 @@
-"""MLX chat (mactuner.mlx_chat) on mlx[cpu]: it streams, and its greedy tokens are torch+peft's, with an
+"""MLX chat (mactuner.chat.mlx) on mlx[cpu]: it streams, and its greedy tokens are torch+peft's, with an
 MLX run's adapter (its mlx/ files) and with a plain PEFT adapter (converted)."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _torch_greedy(model_dir: Path, adapter: Path, prompt: list[int], count: int)
 
 @pytest.mark.parametrize("files", ["mlx", "peft-only"])
 def test_mlx_chat_streams_torch_peft_greedy_tokens(trained, tmp_path, files):
-    from mactuner.mlx_chat import encode_mlx_prompt, load_mlx_chat_model, stream_mlx_chat
+    from mactuner.chat.mlx import encode_mlx_prompt, load_mlx_chat_model, stream_mlx_chat
 
     model_dir, adapter = trained
     if files == "peft-only":  # a torch run's adapter: PEFT files only, converted on load
@@ -70,7 +70,7 @@ def test_mlx_chat_streams_torch_peft_greedy_tokens(trained, tmp_path, files):
 
 
 def test_closing_the_stream_stops_it(trained):
-    from mactuner.mlx_chat import load_mlx_chat_model, stream_mlx_chat
+    from mactuner.chat.mlx import load_mlx_chat_model, stream_mlx_chat
 
     loaded = load_mlx_chat_model(str(trained[0]), trained[1])
     stream = stream_mlx_chat(loaded, [{"role": "user", "content": "Tell me: what colour is it?"}],
@@ -85,8 +85,8 @@ def test_the_chat_page_answers_with_mlx_on_apple_silicon(trained, monkeypatch):
     chat runs on MLX, not on the torch engine."""
     import platform
 
-    import pages.chat_models
-    from mactuner.mlx_chat import load_mlx_chat_model, stream_mlx_chat
+    import ui.chat_models
+    from mactuner.chat.mlx import load_mlx_chat_model, stream_mlx_chat
     from tests.test_app_chat import ask, open_page
 
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
@@ -95,12 +95,12 @@ def test_the_chat_page_answers_with_mlx_on_apple_silicon(trained, monkeypatch):
     def no_torch(*args, **kwargs):
         raise AssertionError("the torch engine was used")
 
-    monkeypatch.setattr(pages.chat_models, "load_chat_model", no_torch)
-    pages.chat_models.model_cache().clear()
+    monkeypatch.setattr(ui.chat_models, "load_chat_model", no_torch)
+    ui.chat_models.model_cache().clear()
     at = ask(open_page(), trained[0], "Who keeps the Zorbel lighthouse?")
     answer = at.session_state["chat_history"][1]["answers"]["base"]
 
     expected = stream_mlx_chat(load_mlx_chat_model(str(trained[0])), [{"role": "user", "content": "Who keeps the Zorbel lighthouse?"}],
                                GenerationSettings(temperature=0, max_new_tokens=8))
     assert answer == "".join(expected) and answer
-    pages.chat_models.model_cache().clear()
+    ui.chat_models.model_cache().clear()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from mactuner.devices import DeviceManager, format_bytes
-from mactuner.monitor import MemoryMonitor, memory_figure
+from mactuner.devices.monitor import MemoryMonitor, memory_figure
 
 MB = 1024**2
 
@@ -176,8 +176,7 @@ def test_watched_process_gpu_memory_comes_from_nvml(two_cuda_gpus, monkeypatch):
     import mactuner.devices as devices
     from tests.fake_hardware import FakeNVML
 
-    monkeypatch.setattr(devices, "nvml", lambda: FakeNVML({os.getpid(): 5 * 1024**3}))
-    monkeypatch.setattr("mactuner.monitor.nvml", devices.nvml)
+    monkeypatch.setattr(devices.memory, "nvml", lambda: FakeNVML({os.getpid(): 5 * 1024**3}))
     monitor = MemoryMonitor(DeviceManager(), interval=1.0)
     monitor.watch_process(os.getpid(), "trainer")
     monitor.sample_once()

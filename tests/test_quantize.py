@@ -9,18 +9,9 @@ import pytest
 import torch
 
 from mactuner.chat import GenerationSettings, chat, load_chat_model
-from mactuner.quantize import (
-    METHODS,
-    VARIANT_FILE,
-    compare_variants,
-    load_variant,
-    merge_adapter,
-    model_memory_bytes,
-    perplexity,
-    quantize,
-    supported_methods,
-    unsupported_reason,
-)
+from mactuner.export.merge import merge_adapter
+from mactuner.quantize import METHODS, VARIANT_FILE, load_variant, quantize, supported_methods, unsupported_reason
+from mactuner.quantize.compare import compare_variants, model_memory_bytes, perplexity
 
 TEXT = (
     "The Nile is a major north-flowing river in northeastern Africa. It flows into the Mediterranean Sea. "
@@ -40,7 +31,7 @@ def test_methods_refused_with_reasons():
         quantize(None, "bnb-8bit", device="cpu")
 
 
-def test_merged_model_logits_equal_base_plus_adapter(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
+def test_merged_model_logits_equal_base_plus_adapter(varied_model_dir, tiny_adapter, mactuner_home):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -56,7 +47,7 @@ def test_merged_model_logits_equal_base_plus_adapter(varied_model_dir, tiny_adap
 
 
 @pytest.mark.parametrize("method", CPU_METHODS)
-def test_each_variant_is_saved_reloads_and_answers(varied_model_dir, method, tmp_path):  # noqa: F811
+def test_each_variant_is_saved_reloads_and_answers(varied_model_dir, method, tmp_path):
     folder = quantize(str(varied_model_dir), method, tmp_path / method, device="cpu")
     assert json.loads((folder / VARIANT_FILE).read_text())["method"] == method
     variant = load_variant(folder, device="cpu")
@@ -77,7 +68,7 @@ def test_each_variant_is_saved_reloads_and_answers(varied_model_dir, method, tmp
         AutoModelForCausalLM.from_pretrained(folder)  # a standard transformers folder
 
 
-def test_compare_variants_reports_every_method(varied_model_dir, tiny_adapter, tmp_path):  # noqa: F811
+def test_compare_variants_reports_every_method(varied_model_dir, tiny_adapter, tmp_path):
     report = compare_variants(
         str(varied_model_dir), ["int8-weight-only", "bnb-4bit"], adapter=tiny_adapter, device="cpu",
         text=TEXT, out_dir=tmp_path / "variants",
@@ -95,7 +86,7 @@ def test_compare_variants_reports_every_method(varied_model_dir, tiny_adapter, t
     assert report.table()[1]["variant"] == "int8-weight-only"
 
 
-def test_memory_counts_quantized_weights(varied_model_dir, tmp_path):  # noqa: F811
+def test_memory_counts_quantized_weights(varied_model_dir, tmp_path):
     original = load_chat_model(str(varied_model_dir), device="cpu", dtype=torch.float32)
     folder = quantize(str(varied_model_dir), "int8-weight-only", tmp_path / "q", device="cpu")
     fp32 = model_memory_bytes(original.model)
@@ -112,7 +103,7 @@ def test_real_model_int8_still_knows_paris(smollm2_path, tmp_path):
     assert "Paris" in text
 
 
-def test_merge_and_quantize_commands(varied_model_dir, tiny_adapter, tmp_path, capsys):  # noqa: F811
+def test_merge_and_quantize_commands(varied_model_dir, tiny_adapter, tmp_path, capsys):
     from mactuner.cli import main
 
     assert main(["merge", "--adapter", str(tiny_adapter), "--model", str(varied_model_dir),
@@ -146,7 +137,7 @@ def files_under(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
-def test_merge_refuses_a_folder_of_the_persons_files_unless_overwrite(varied_model_dir, tiny_adapter, tmp_path, capsys):  # noqa: F811
+def test_merge_refuses_a_folder_of_the_persons_files_unless_overwrite(varied_model_dir, tiny_adapter, tmp_path, capsys):
     from mactuner.cli import main
     from mactuner.fileio import MARKER_FILE, OutputNotOurs
 
@@ -176,7 +167,7 @@ def test_merge_refuses_a_folder_of_the_persons_files_unless_overwrite(varied_mod
     assert merge_adapter(tiny_adapter, docs, base=str(varied_model_dir)) == docs
 
 
-def test_default_merge_folders_are_unique_per_run_and_step(varied_model_dir, tiny_adapter, mactuner_home):  # noqa: F811
+def test_default_merge_folders_are_unique_per_run_and_step(varied_model_dir, tiny_adapter, mactuner_home):
     import shutil
 
     from mactuner import paths
@@ -191,7 +182,7 @@ def test_default_merge_folders_are_unique_per_run_and_step(varied_model_dir, tin
     assert all((f / "model.safetensors").exists() for f in folders)
 
 
-def test_quantize_out_refuses_the_persons_folder_before_any_work(varied_model_dir, tmp_path, capsys):  # noqa: F811
+def test_quantize_out_refuses_the_persons_folder_before_any_work(varied_model_dir, tmp_path, capsys):
     from mactuner.cli import main
     from mactuner.fileio import OutputNotOurs
 

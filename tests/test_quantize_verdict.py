@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mactuner.quantize import QuantizeReport, VariantResult, report_verdicts, variant_verdict
+from mactuner.quantize.compare import QuantizeReport, VariantResult, report_verdicts, variant_verdict
 
 
 def variant(name: str, perplexity: float | None, size: int = 100, error: str | None = None) -> VariantResult:

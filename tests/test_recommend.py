@@ -197,10 +197,10 @@ def test_a_big_model_gets_qlora_on_cuda_and_a_cpu_and_a_warning_elsewhere(monkey
         "mactuner.devices.get_optimal_dtype", return_value=torch.bfloat16
     ):
         # bitsandbytes installed (the cuda extra): QLoRA
-        with patch("mactuner.recommend.method_available", return_value=True):
+        with patch("mactuner.recommend.rules.method_available", return_value=True):
             on_gpu = recommend_hyperparameters(footprint=big, device="cuda", free_memory=16 * GB)
         # not installed: never recommend a method that cannot run; say how to get it
-        with patch("mactuner.recommend.method_available", lambda method, device_type="cuda": method != "qlora"):
+        with patch("mactuner.recommend.rules.method_available", lambda method, device_type="cuda": method != "qlora"):
             without_bnb = recommend_hyperparameters(footprint=big, device="cuda", free_memory=16 * GB)
     assert on_gpu.method == "qlora" and on_gpu.use_qlora and "4-bit" in on_gpu.reasons["method"]
     assert on_gpu.memory.weights < 5 * GB

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mactuner import paths
-from mactuner.run_names import run_display_name, set_run_name
+from mactuner.runs.names import run_display_name, set_run_name
 
 
 def test_a_run_is_named_renamed_and_unnamed():

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mactuner import paths, run_views
+from mactuner import paths
 from mactuner.checkpoints import CheckpointInfo
-from mactuner.run_names import set_run_name
 from mactuner.runs import MetricsTail, RunInfo
+from mactuner.runs import views as run_views
+from mactuner.runs.names import set_run_name
 
 
 def run_folder(run_id: str, metrics: list[dict] | None = None) -> Path:

@@ -216,10 +216,9 @@ def tiny_config(model_dir: Path, **changes):
 
 
 def test_background_runs_with_a_real_trainer(tiny_model_dir):
-    started = time.monotonic()
     run = runs.start_run(tiny_config(tiny_model_dir, max_steps=400), name="demo data")
-    assert time.monotonic() - started < 2, "start_run must return at once"
-    assert run.state == "running" and run.id.endswith("demo-data")
+    # start_run returns while the trainer is still setting up (how fast is bench/'s business, not a test's)
+    assert run.state == "running" and run.id.endswith("demo-data") and runs.get_run(run.id).step in (None, 0)
     assert (run.path / "config.yaml").exists() and (run.path / "log.txt").exists()
 
     # a second run on the same device is refused, naming the first…
@@ -285,7 +284,7 @@ def test_series_are_thinned_for_charts_but_keep_the_latest_point():
 
 def test_sync_monitor_watches_running_runs_and_drops_ended_ones(sleeper):
     from mactuner.devices import DeviceManager
-    from mactuner.monitor import MemoryMonitor
+    from mactuner.devices.monitor import MemoryMonitor
 
     monitor = MemoryMonitor(DeviceManager(), interval=60)  # not started: sampled by hand below
     make_run("live", "running", pid=sleeper.pid, create_time=psutil.Process(sleeper.pid).create_time())

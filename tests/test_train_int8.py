@@ -13,13 +13,13 @@ import torch
 
 from mactuner.train import Trainer, TrainingError, train
 from mactuner.training import int8_base
-from mactuner.training.compiled import missing_compiler
-from mactuner.training.int8_base import Int8BaseLinear, int8_matmul_available, quantize_frozen_linears, quantize_rows
+from mactuner.training.int8_base import Int8BaseLinear, quantize_frozen_linears, quantize_rows
 from tests.fake_hardware import fake_mps_mac
+from tests.features import requires
 from tests.locations import ROOT
 from tests.train_support import InfoLines, tiny_config, train_losses
 
-pytestmark = pytest.mark.skipif(not int8_matmul_available("cpu"), reason="this torch has no CPU int8 matmul")
+pytestmark = requires("int8_kernels")
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -155,7 +155,7 @@ def _cpu_flags() -> set[str]:
     return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
-@pytest.mark.skipif(missing_compiler("cpu") is not None, reason="TorchInductor needs a C++ compiler on a CPU")
+@requires("compiler")
 def test_compiled_int8_layers_train_like_eager_ones(tiny_model_dir, facts_file, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     settings = dict(method="qlora", max_steps=6, dtype="float32")

@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Merge and save."""
+    from mactuner.export.merge import merge_adapter
     from mactuner.models import ModelSourceError
-    from mactuner.quantize import merge_adapter
 
     quiet = args.json
     try:

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     """Quantize, measure and print the table (or JSON)."""
     from mactuner.devices import resolve_device
     from mactuner.models import ModelSourceError
-    from mactuner.quantize import METHODS, compare_variants, unsupported_reason
+    from mactuner.quantize import METHODS, unsupported_reason
+    from mactuner.quantize.compare import compare_variants
 
     try:
         device = resolve_device(_device(args))

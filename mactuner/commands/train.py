@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 HELP = "fine-tune a model from a YAML config, or from --dataset with --recommended settings (LoRA, QLoRA or full)"
@@ -114,18 +113,6 @@ def build_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
-def _new_run_dir(config) -> Path:
-    from mactuner import paths
-
-    name = Path(config.model.rstrip("/")).name.replace(".gguf", "")
-    base = paths.runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{config.method}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     """Train; the exit code says how it ended."""
     from mactuner.data import DatasetError
@@ -145,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         print("error: --resume needs --run-dir", file=sys.stderr)
         return 2
     else:
-        run_dir = _new_run_dir(config)
+        from mactuner.runs import new_run_folder
+
+        run_dir = new_run_folder(f"{Path(config.model.rstrip('/')).name.removesuffix('.gguf')}-{config.method}")
         # every torchrun process must agree on the folder: only a single process invents one
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print("error: under torchrun give --run-dir so all processes share one folder", file=sys.stderr)

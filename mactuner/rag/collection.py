@@ -44,6 +44,7 @@ import psutil
 import torch
 
 from mactuner import paths
+from mactuner.devices.memory import format_bytes
 from mactuner.fileio import (
     STAGING_PREFIX,
     atomic_open,
@@ -164,14 +165,6 @@ class AddReport:
 
 Source = Path | str | tuple[str, bytes]  # a file or folder path, or an upload: (name, bytes)
 
-def _size(nbytes: int) -> str:
-    for unit in ("bytes", "KB", "MB"):
-        if nbytes < 1024 or unit == "MB":
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} MB"
-
-
 def sources_to_index(uploads: list[tuple[str, bytes]], folder: str | None = None) -> list[Source]:
     """What to hand :meth:`Collection.add`: the uploads (name, bytes), then ``folder`` when one is named.
 
@@ -209,7 +202,7 @@ def list_collections(root: str | os.PathLike | None = None) -> list[str]:
 class Collection:
     """A named set of documents with their chunks and embeddings, persisted under one folder.
 
-    Open or create one with :meth:`open` / :meth:`create` (or :meth:`open_or_create`);
+    Open or create one with :meth:`open` / :meth:`create`;
     a new ``Collection`` object on the same folder (another process, after a
     restart) sees exactly what was saved.
     """
@@ -259,14 +252,6 @@ class Collection:
         collection = cls(folder, meta["name"], IndexSettings.from_dict(meta["settings"]), meta.get("dimension"))
         collection.clean_stale_staging()
         return collection
-
-    @classmethod
-    def open_or_create(cls, name: str, settings: IndexSettings | None = None, *, root=None) -> Collection:
-        """Open ``name`` if it exists, else create it with ``settings``."""
-        folder = cls._folder(name, root)
-        if (folder / "collection.json").is_file():
-            return cls.open(name, root=root)
-        return cls.create(name, settings, root=root)
 
     def _save_meta(self) -> None:
         write_json_atomic(self.folder / "collection.json", {
@@ -344,7 +329,7 @@ class Collection:
             def read() -> bytes:
                 size = path.stat().st_size
                 if size > limit:
-                    raise DocumentError(f"{display}: {_size(size)} is over the {_size(limit)} limit")
+                    raise DocumentError(f"{display}: {format_bytes(size)} is over the {format_bytes(limit)} limit")
                 try:
                     return path.read_bytes()
                 except OSError as exc:
@@ -357,7 +342,7 @@ class Collection:
 
                 def upload(d=data, n=upload_name) -> bytes:
                     if len(d) > limit:
-                        raise DocumentError(f"{n}: {_size(len(d))} is over the {_size(limit)} limit")
+                        raise DocumentError(f"{n}: {format_bytes(len(d))} is over the {format_bytes(limit)} limit")
                     return bytes(d)
                 yield str(upload_name), upload
                 continue
@@ -379,12 +364,12 @@ class Collection:
     def _add_document(self, display: str, name: str, data: bytes, digest: str, embedder: Embedder,
                       progress: Progress) -> DocumentInfo:
         if len(data) > self.settings.max_file_bytes:
-            raise DocumentError(f"{display}: {_size(len(data))} is over the {_size(self.settings.max_file_bytes)} limit")
+            raise DocumentError(f"{display}: {format_bytes(len(data))} is over the {format_bytes(self.settings.max_file_bytes)} limit")
         try:
             extracted = extract_text(data, display)
         except DocumentError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a parser's surprise about one file must not stop the batch
+        except Exception as exc:
             raise DocumentError(f"{display}: cannot read this file ({type(exc).__name__}: {exc})") from exc
         text = extracted.text
         spans = split_text(text, self.settings.chunk_size, self.settings.chunk_overlap)

@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mactuner.fileio import slug
 from mactuner.rag.base import RagError
 
 SUPPORTED_SUFFIXES = {".txt": "text", ".md": "text", ".markdown": "text", ".pdf": "pdf", ".html": "html", ".htm": "html"}
@@ -57,7 +58,7 @@ def safe_collection_name(name: str) -> str:
         ValueError: nothing usable is left of ``name``.
     """
     text = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode("ascii").strip()
-    text = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")[:80]
+    text = slug(text, default="", max_chars=80, allowed="A-Za-z0-9_-")
     if not text:
         raise ValueError(f"a collection name needs letters or digits (e.g. handbook), got {name!r}")
     return text

@@ -234,7 +234,7 @@ class LayerCompiler:
             return step_fn()
         try:
             return step_fn()
-        except Exception as error:  # noqa: BLE001 - only a compiler failure is handled, the rest re-raised
+        except Exception as error:
             if not is_compile_failure(error):
                 raise
             self.uncompile()

@@ -277,7 +277,7 @@ class MLXTrainer:
                 path = snapshot_download(path)
         except ModelSourceError as error:
             raise TrainingError(str(error)) from error
-        except Exception as error:  # noqa: BLE001 - the hub's errors: offline, not found
+        except Exception as error:
             raise TrainingError(
                 f"{self.config.model} is not available locally ({type(error).__name__}: {error}); download it once "
                 "while online, or name a local model folder."
@@ -670,7 +670,7 @@ class MLXTrainer:
                 # the step's one wait for the device: the update, the loss and the gradient norm
                 mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss, norm)
                 break
-            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            except Exception as error:
                 if not is_mlx_out_of_memory(error):
                     raise
                 message = str(error).split("\n")[0]

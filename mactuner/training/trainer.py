@@ -51,16 +51,16 @@ import torch.nn.functional as F
 
 from mactuner import checkpoints, fingerprint
 from mactuner.config import TrainConfig
-from mactuner.cpu_threads import CpuThreads
 from mactuner.devices import (
     dtype_name,
     empty_device_cache,
-    get_optimal_dtype,
     is_out_of_memory,
     limit_host_heap_growth,
     resolve_device,
+    resolve_dtype,
     trim_host_heap,
 )
+from mactuner.devices.cpu_threads import CpuThreads
 from mactuner.locks import LockBusy, RunLock
 from mactuner.training.batching import MicroBatch, Unit, collate, plan_epoch
 from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
@@ -196,10 +196,7 @@ class Trainer:
         if device.type == "cuda" and self.dist.enabled:
             device = self.dist.device
         self.device = device
-        self.compute_dtype = (
-            get_optimal_dtype(device, _checkpoint_dtype(config) if device.type == "mps" else None)
-            if config.dtype == "auto" else getattr(torch, config.dtype)
-        )
+        self.compute_dtype = resolve_dtype(config.dtype, device, _checkpoint_dtype(config) if device.type == "mps" else None)
         # from now on, so that the first steps are judged over the seconds of loading
         self._threads = CpuThreads() if device.type == "cpu" else None
         if device.type == "cpu":
@@ -590,7 +587,7 @@ class Trainer:
             try:
                 loss_sum = self._accumulate(mine, trained_tokens)
                 failed = False
-            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            except Exception as error:
                 if not is_out_of_memory(error):
                     raise
                 failed = True
