@@ -316,7 +316,7 @@ def test_merge_and_evaluate_work_on_an_mlx_run_unchanged(mlx_model_dir, facts, t
     from transformers import AutoModelForCausalLM
 
     from mactuner.evaluate import evaluate
-    from mactuner.quantize import merge_adapter
+    from mactuner.export import merge_adapter
 
     run_dir = tmp_path / "run"
     trainer = _trainer(mlx_config(mlx_model_dir, facts, max_steps=6), run_dir)
