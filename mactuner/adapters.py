@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mactuner.file_checks import check_adapter_files
 from mactuner.models import DEFAULT_MODEL
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,13 +52,15 @@ def describe_adapter(adapter: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_adapter(adapter: str | os.PathLike) -> Path:
-    """The adapter folder as a path, or ``FileNotFoundError`` saying it is not a PEFT adapter."""
+    """The adapter folder as a path; ``FileNotFoundError`` when it is not a PEFT adapter,
+    :class:`mactuner.file_checks.DamagedFile` (a ``ValueError``) when its weights file cannot be read."""
     path = Path(adapter).expanduser()
     if not is_adapter(path):
         raise FileNotFoundError(
             f"{path} is not an adapter folder (no {ADAPTER_CONFIG}). "
             "Pick a finished run's adapter/ folder or one of its checkpoints/step-N folders."
         )
+    check_adapter_files(path)  # a damaged or crafted weights file: a message, not a SafetensorError
     return path
 
 

@@ -65,7 +65,14 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def _folder_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    total = 0
+    for folder, _, names in os.walk(path):  # tolerates a checkpoint pruned while it is measured
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                continue
+    return total
 
 
 def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo | None:
@@ -77,15 +84,16 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo | None:
         return None
     try:
         state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        return None
+        created = float(state.get("created") or state_file.stat().st_mtime)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # pruned or deleted while read, or not a checkpoint's state
     return CheckpointInfo(
         path=path,
         step=int(match.group(1)),
         loss=state.get("loss"),
         val_loss=state.get("val_loss"),
         size_bytes=_folder_size(path),
-        created=float(state.get("created") or state_file.stat().st_mtime),
+        created=created,
     )
 
 
@@ -94,7 +102,11 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointInfo]:
     folder = checkpoints_dir(run_dir)
     if not folder.is_dir():
         return []
-    infos = [read_checkpoint(p) for p in folder.iterdir() if _NAME.match(p.name)]
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []  # the run was deleted meanwhile
+    infos = [read_checkpoint(p) for p in entries if _NAME.match(p.name)]
     return sorted((i for i in infos if i is not None), key=lambda i: i.step)
 
 

@@ -9,8 +9,10 @@ transformers. A command module defines ``add_arguments(parser)`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+from collections.abc import Iterator
 
 # command name -> module under mactuner.commands (each command's own HELP is shown once it is loaded;
 # these one-liners keep `--help` fast, without importing every command)
@@ -57,7 +59,33 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if not argv else 2
-    return int(args._run(args) or 0)
+    if args.command == "train":  # the trainer saves a checkpoint on SIGTERM itself
+        return int(args._run(args) or 0)
+    with _exit_on_sigterm():
+        return int(args._run(args) or 0)
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """While a command runs, SIGTERM ends it as an exception, so every ``finally`` runs: temporary
+    files and the converter's child process are cleaned up instead of left in the person's folder."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        print("error: stopped (SIGTERM); removing its temporary files.", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main_exit() -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from mactuner.safe_yaml import short_repr
+
 # kept in sync with mactuner.models.DEFAULT_MODEL; not imported from there so that
 # reading a config does not import torch
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -121,7 +123,7 @@ class TrainConfig:
     log_every: int = field(default=1, metadata={"help": "Steps between progress reports."})
 
     # where and how precisely
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:N or mps; None picks the best one."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:N or mps; None: the remembered device, else the best one (MPS > CUDA > CPU)."})
     dtype: str = field(
         default="auto",
         metadata={"help": "Compute precision: auto (the device's best), float32, bfloat16 or float16."},
@@ -135,59 +137,59 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Check every value; the error names the field, the bad value and what is allowed."""
         if not isinstance(self.model, str) or not self.model.strip():
-            raise ValueError(f"model must name a model, got {self.model!r}")
+            raise ValueError(f"model must name a model, got {short_repr(self.model)}")
         if not isinstance(self.dataset, str):
-            raise ValueError(f"dataset must be a file path, got {self.dataset!r}")
+            raise ValueError(f"dataset must be a file path, got {short_repr(self.dataset)}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {short_repr(self.method)}")
         if self.lr_scheduler not in SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+            raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {short_repr(self.lr_scheduler)}")
         if self.compile not in COMPILE_CHOICES:
-            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {short_repr(self.compile)}")
         if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {short_repr(self.engine)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {short_repr(self.dtype)}")
         for name in ("lora_rank", "max_length", "batch_size", "grad_accum", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+                raise ValueError(f"{name} must be a positive whole number, got {short_repr(value)}")
         for name in ("eval_every", "save_every", "keep_last", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+                raise ValueError(f"{name} must be a whole number >= 0, got {short_repr(value)}")
         for name in ("max_steps", "warmup_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "max_steps" else 0)):
-                raise ValueError(f"{name} must be None or a whole number >= {1 if name == 'max_steps' else 0}, got {value!r}")
+                raise ValueError(f"{name} must be None or a whole number >= {1 if name == 'max_steps' else 0}, got {short_repr(value)}")
         if not _is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
-            raise ValueError(f"learning_rate must be between 0 and 1, got {self.learning_rate!r}")
+            raise ValueError(f"learning_rate must be between 0 and 1, got {short_repr(self.learning_rate)}")
         if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+            raise ValueError(f"lora_alpha must be positive, got {short_repr(self.lora_alpha)}")
         if not _is_number(self.epochs) or self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs!r}")
+            raise ValueError(f"epochs must be positive, got {short_repr(self.epochs)}")
         for name in ("lora_dropout", "val_fraction", "warmup_ratio"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+                raise ValueError(f"{name} must be in [0, 1), got {short_repr(value)}")
         if not _is_number(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise ValueError(f"weight_decay must be >= 0, got {short_repr(self.weight_decay)}")
         if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
-            raise ValueError(f"max_grad_norm must be None or positive, got {self.max_grad_norm!r}")
+            raise ValueError(f"max_grad_norm must be None or positive, got {short_repr(self.max_grad_norm)}")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
-                raise ValueError(f"target_modules must be a list of module names or 'all-linear', got {self.target_modules!r}")
+                raise ValueError(f"target_modules must be a list of module names or 'all-linear', got {short_repr(self.target_modules)}")
         elif not (
             isinstance(self.target_modules, list)
             and self.target_modules
             and all(isinstance(m, str) and m for m in self.target_modules)
         ):
-            raise ValueError(f"target_modules must be a list of module names or 'all-linear', got {self.target_modules!r}")
+            raise ValueError(f"target_modules must be a list of module names or 'all-linear', got {short_repr(self.target_modules)}")
         if self.device is not None and not (isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps")):
-            raise ValueError(f"device must be None, cpu, cuda, cuda:N or mps, got {self.device!r}")
+            raise ValueError(f"device must be None, cpu, cuda, cuda:N or mps, got {short_repr(self.device)}")
         for name in ("assistant_only_loss", "packing", "gradient_checkpointing", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be true or false, got {short_repr(getattr(self, name))}")
 
     @property
     def effective_batch_size(self) -> int:
@@ -204,7 +206,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown setting(s) {short_repr(', '.join(map(str, unknown)))}; known settings: {', '.join(sorted(known))}")
         values = dict(values)
         # YAML reads 2e-4 as a string (YAML 1.1 wants a dot); accept what a person naturally writes
         for f in dataclasses.fields(cls):
@@ -224,8 +226,10 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainConfig:
         """Read a YAML config written by :meth:`save` or by hand (unset keys keep their defaults)."""
+        from mactuner.safe_yaml import load_yaml_file
+
         path = Path(path)
-        values = yaml.safe_load(path.read_text()) or {}
+        values = load_yaml_file(path) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a config must be a mapping of settings, got {type(values).__name__}")
         return cls.from_dict(values)

@@ -20,7 +20,6 @@ settings, final losses and eval results of several runs for the Compare view.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -249,6 +248,9 @@ def evaluate(
     started = time.perf_counter()
     device = resolve_device(device)
     adapter = Path(adapter).expanduser()
+    from mactuner.file_checks import check_adapter_files
+
+    check_adapter_files(adapter)  # a damaged weights file is said before minutes of work, not after
     examples, dataset_name, rows_source, max_length = evaluation_rows(adapter, dataset)
     examples = examples[:max_rows]
     if not examples:
@@ -314,8 +316,8 @@ def save_eval(result: EvalResult, run_dir: str | os.PathLike | None = None) -> P
 def load_eval(run_dir: str | os.PathLike) -> EvalResult | None:
     """The run's saved evaluation, or ``None`` when it has none (or it cannot be read)."""
     try:
-        return EvalResult.from_dict(json.loads((Path(run_dir) / EVAL_FILE).read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
+        return EvalResult.from_dict(fileio.read_regular_json(Path(run_dir) / EVAL_FILE))
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
 
 
@@ -334,11 +336,12 @@ def compare_runs(run_ids: list[str]) -> list[dict[str, Any]]:
     for run_id in run_ids:
         run = runs.get_run(run_id)
         try:
-            import yaml
+            from mactuner.safe_yaml import load_yaml_file
 
-            config = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")) or {}
+            config = load_yaml_file(run.path / "config.yaml") or {}
         except (OSError, ValueError):
             config = {}
+        config = config if isinstance(config, dict) else {}
         result = load_eval(run.path)
         row: dict[str, Any] = {"run": run.id, "state": run.state, "steps": run.step}
         row.update({name: config.get(name) for name in COMPARED_SETTINGS})

@@ -98,5 +98,7 @@ def run_is_locked(run_dir: str | os.PathLike) -> bool:
         probe.acquire(timeout=0)
     except Timeout:
         return True
+    except OSError:
+        return False  # the run folder was deleted meanwhile (or is read-only): nobody holds it
     probe.release()
     return False

@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,12 +173,14 @@ def resolve_model_source(source: str | os.PathLike | None = None) -> ResolvedSou
             raise ModelSourceError(
                 f"{text} is a file but not a .gguf model; name a model folder, a .gguf file or a hub id."
             )
+        _check_gguf(path)
         return ResolvedSource(text, "gguf", str(path.resolve()), gguf_file=str(path.resolve()))
     if path.is_dir():
         if (path / "config.json").exists():
             return ResolvedSource(text, "folder", str(path.resolve()))
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
+            _check_gguf(ggufs[0])
             return ResolvedSource(text, "gguf", str(ggufs[0].resolve()), gguf_file=str(ggufs[0].resolve()))
         if len(ggufs) > 1:
             names = ", ".join(g.name for g in ggufs)
@@ -194,6 +197,27 @@ def resolve_model_source(source: str | os.PathLike | None = None) -> ResolvedSou
             f"{text!r} is neither an existing file or folder nor a Hugging Face hub id (like 'HuggingFaceTB/SmolLM2-135M-Instruct')."
         )
     return ResolvedSource(text, "hub", text)
+
+
+_checked_ggufs: dict[tuple[str, int, int], None] = {}  # (path, size, mtime) of GGUF files whose header was walked
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse a GGUF file whose header cannot be true before a reader trusts its lengths."""
+    from mactuner.file_checks import DamagedFile, check_gguf_header
+
+    if _is_builtin_gguf(str(path.resolve())):
+        return  # the built-in model's own file
+    try:
+        info = path.stat()
+        key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
+        if key not in _checked_ggufs:
+            check_gguf_header(path)
+            _checked_ggufs[key] = None
+    except DamagedFile as error:
+        raise ModelSourceError(str(error)) from None
+    except OSError as error:
+        raise ModelSourceError(f"Cannot read {path}: {error.strerror or error}") from None
 
 
 def _offline() -> bool:
@@ -285,7 +309,7 @@ def load_config(
         return AutoConfig.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
     except ModelSourceError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, IndexError, struct.error) as exc:
         raise _explain_load_error(resolved, exc) from exc
 
 
@@ -451,7 +475,7 @@ def load_model(
         if progress:
             progress(f"Loading the weights of {resolved.source} ({str(dtype).replace('torch.', '')})…", 0.2)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, struct.error) as exc:
         raise _explain_load_error(resolved, exc) from exc
     if tokenizer.pad_token is None:
         # batching needs a pad token; padded positions are masked, so any token serves

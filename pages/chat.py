@@ -26,10 +26,12 @@ from mactuner.runs.views import list_adapters
 from ui.chat_models import answer_stream, loaded_model, release_on_device_switch
 from ui.common import device_or_stop, ensure_frame
 from ui.export_ui import chat_source_ui
+from ui.model_text import show_model_text, stream_model_text
 
 ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
 HISTORY = "chat_history"  # this session's copy of the saved conversation of the model choice (turns as in chat_history)
+NOTES = "chat_history_notes"  # what load_history said about a damaged conversation file
 IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight
 STOP_WAIT_S = 30.0  # how long the run after a Stop waits for the stopped answer to be saved
 
@@ -82,7 +84,7 @@ def show_history(history: list[dict], names: list[str]) -> None:
     for message in history:
         with st.chat_message(message["role"]):
             if message["role"] == "user":
-                st.markdown(message["content"])
+                show_model_text(message["content"])
                 continue
             for column, who in zip(side_columns(names), names):
                 with column:
@@ -91,7 +93,7 @@ def show_history(history: list[dict], names: list[str]) -> None:
                     if who not in message["answers"]:
                         st.caption("No answer: stopped before this side's turn.")
                         continue
-                    st.markdown(message["answers"][who])
+                    show_model_text(message["answers"][who])
                     answer_footer(message["stats"].get(who, {}))
 
 
@@ -102,7 +104,10 @@ def history_ui(choice: ChatChoice) -> list[dict]:
     """
     if not answers_in_flight().wait(STOP_WAIT_S):
         st.caption(":orange[The answer you stopped is still being saved; it shows at your next click.]")
-    st.session_state[HISTORY] = load_history(choice.key)
+    notes = st.session_state.setdefault(NOTES, [])  # a repaired file is said for the rest of the session
+    st.session_state[HISTORY] = load_history(choice.key, notes=notes)
+    for note in notes:
+        st.warning(note, icon=":material/warning:")
     return st.session_state[HISTORY]
 
 
@@ -110,13 +115,13 @@ def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, sett
     """Ask every model of ``choice``, streaming each answer under a Stop button; each side's answer is saved
     as soon as it ends, and the question however the run ends.
 
-    Stop (or any click) interrupts this run at its next Streamlit call (``st.write_stream``'s next
-    piece) with Streamlit's stop or rerun exception: the side's ``finally`` records its answer so far
+    Stop (or any click) interrupts this run at its next Streamlit call (each piece the
+    answer draws) with Streamlit's stop or rerun exception: the side's ``finally`` records its answer so far
     as stopped and merges it into the file, while :func:`answers_in_flight` holds the next run.
     """
     with answers_in_flight().writing(), ChatTurn(choice, prompt) as turn:
         with st.chat_message("user"):
-            st.markdown(prompt)
+            show_model_text(prompt)
         with st.chat_message("assistant"):
             stop = st.empty()
             stop.button("Stop", key="chat_stop_answer", icon=":material/stop_circle:",
@@ -129,7 +134,7 @@ def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, sett
                     try:
                         loaded = loaded_model(choice.model, choice.adapter_of(who), device, who)
                         stream = answer_stream(loaded, turn.conversation(history, who), settings)
-                        st.write_stream(stream)
+                        stream_model_text(stream)
                     except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory
                         st.error(str(exc))
                         st.stop()

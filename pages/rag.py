@@ -9,6 +9,7 @@ from mactuner.models import DEFAULT_MODEL
 from mactuner.runs.views import list_adapters
 from ui.chat_models import loaded_model, release_on_device_switch
 from ui.common import device_or_stop, ensure_frame
+from ui.model_text import show_model_text, stream_model_text
 from ui.rag_cache import embedder, open_collection
 
 ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
@@ -136,12 +137,12 @@ try:
         answer = rag.ask(collection, question, embedder(collection.settings.embedding_model, str(device)),
                          loaded_model(model, adapter, device, "Chat model"), top_k=top_k,
                          settings=GenerationSettings(max_new_tokens=max_new, temperature=0.0))
-        st.write_stream(answer)
+        stream_model_text(answer)
         st.session_state["rag_last"] = answer.to_record()
         show_checks(st.session_state["rag_last"])
         show_sources(st.session_state["rag_last"]["sources"])
     elif last := st.session_state.get("rag_last"):
-        st.markdown(f"**{last['question']}**\n\n{last['answer']}")
+        show_model_text(f"**{last['question']}**\n\n{last['answer']}")
         show_checks(last)
         show_sources(last["sources"])
 except (rag.RagError, ValueError, RuntimeError, OSError) as exc:

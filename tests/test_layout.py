@@ -11,10 +11,11 @@ from tests.locations import ROOT
 
 # bottom first; a module may import its own layer and the ones below (docs/architecture.md draws the same)
 LAYERS = [
-    ("mactuner", "mactuner.paths", "mactuner.fileio", "mactuner.locks"),
+    ("mactuner", "mactuner.paths", "mactuner.fileio", "mactuner.locks", "mactuner.safe_yaml", "mactuner.safe_text",
+     "mactuner.file_checks"),
     ("mactuner.devices", "mactuner.settings"),
     ("mactuner.models", "mactuner.config", "mactuner.data", "mactuner.adapters", "mactuner.fingerprint",
-     "mactuner.checkpoints", "mactuner.quantize.kernels", "mactuner.quantize.methods", "mactuner.quantize"),
+     "mactuner.checkpoints", "mactuner.run_folder", "mactuner.quantize.kernels", "mactuner.quantize.methods", "mactuner.quantize"),
     ("mactuner.training", "mactuner.train", "mactuner.recommend"),
     ("mactuner.runs", "mactuner.chat", "mactuner.rag", "mactuner.export", "mactuner.evaluate",
      "mactuner.quantize.compare"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_source_kinds(tiny_model_dir, tmp_path):
     assert resolve_model_source(str(tiny_model_dir)).kind == "folder"
     assert resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
     gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF")
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))  # an empty but complete header (a cut one is refused)
     assert resolve_model_source(str(gguf)).kind == "gguf"
     # a folder with one .gguf and no config.json means that file
     assert resolve_model_source(str(tmp_path)).gguf_file == str(gguf.resolve())

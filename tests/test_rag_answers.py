@@ -148,6 +148,6 @@ def test_the_built_in_model_answers_most_questions_right(wiki, smollm2_path):
         right += hit
         evidence = answer.evidence
         shown += hit or bool(evidence and any(k.lower() in evidence.sentence.lower() for k in item["keywords"]))
-    # bench/rag_answers.py measures the prompt on all 34 questions (docs/notes/ragprompt.md); this is its floor
+    # bench/rag_answers.py measures the prompt on all 34 questions (docs/benchmarks.md, "RAG answers"); this is its floor
     assert right >= 4, f"only {right}/{len(picked)} answers right"
     assert shown == len(picked), f"the right fact is on the page for only {shown}/{len(picked)} questions"

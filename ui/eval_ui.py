@@ -7,10 +7,11 @@ import pandas as pd
 import streamlit as st
 
 from mactuner import evaluate, runs
+from mactuner.data import DatasetError
 from mactuner.models import ModelSourceError
 from ui.common import selected_device
 
-ERRORS = (ModelSourceError, OSError, RuntimeError, ValueError)
+ERRORS = (ModelSourceError, DatasetError, OSError, RuntimeError, ValueError)
 
 
 def show_eval(result: evaluate.EvalResult) -> None:

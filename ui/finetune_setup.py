@@ -87,6 +87,8 @@ def summary_ui(summary: data.DatasetSummary, max_length: int) -> None:
                   help="median / 95th percentile")
         st.metric("Truncated rows", summary.rows_longer_than(max_length), width=INPUT_WIDTH,
                   help=f"rows longer than the max length ({max_length} tokens)")
+    if summary.sampled_rows:
+        st.caption(f"Token lengths from an even sample of {summary.sampled_rows:,} rows; counts scaled to the file.")
     st.plotly_chart(data.token_length_figure(summary, max_length), key="finetune_histogram")
     for problem in summary.problems[:5]:
         st.warning(problem)

@@ -33,7 +33,9 @@ import contextlib
 import hashlib
 import json
 import re
+import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,14 +119,84 @@ def history_file(key: str) -> Path:
     return history_dir() / f"{key}.json"
 
 
-def load_history(key: str) -> list[dict[str, Any]]:
-    """The saved conversation of ``key``; empty when there is none or the file cannot be read."""
+def load_history(key: str, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """The saved conversation of ``key``; empty when there is none.
+
+    A file that cannot be read whole (cut mid-line by a disk error, a sync program, a hand
+    edit) is never dropped: it is copied to ``KEY.damaged-TIME.json`` beside it, the turns
+    that can still be read are kept and written back, and a sentence saying so is appended
+    to ``notes`` (the page shows it).
+    """
+    turns, damaged = _read_history(key)
+    if not damaged:
+        return turns
+    with _locked(key):
+        return _repair(key, notes)
+
+
+def _read_history(key: str) -> tuple[list[dict[str, Any]], bool]:
+    """The conversation's turns, and whether the file was damaged (then: the turns that could be read)."""
     try:
-        data = json.loads(history_file(key).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
+        text = history_file(key).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return [], False
+    except OSError:
+        return [], False  # unreadable right now (a folder, no permission): not ours to copy
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return _readable_turns(text), True
     turns = data.get("history") if isinstance(data, dict) else None
-    return [t for t in turns if _is_turn(t)] if isinstance(turns, list) else []
+    if not isinstance(turns, list):
+        return [], True
+    return [t for t in turns if _is_turn(t)], False
+
+
+def _readable_turns(text: str) -> list[dict[str, Any]]:
+    """The whole turns at the start of a damaged file's ``"history"`` list."""
+    decoder = json.JSONDecoder()
+    start = text.find('"history"')
+    start = text.find("[", start) if start >= 0 else -1
+    turns: list[dict[str, Any]] = []
+    if start < 0:
+        return turns
+    at = start + 1
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        try:
+            turn, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return turns
+        if _is_turn(turn):
+            turns.append(turn)
+
+
+def _repair(key: str, notes: list[str] | None) -> list[dict[str, Any]]:
+    """Under the conversation's lock: keep a copy of a damaged file and write back what could be read."""
+    turns, damaged = _read_history(key)
+    if not damaged:
+        return turns  # another tab repaired it meanwhile
+    file = history_file(key)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    copy, n = file.with_name(f"{key}.damaged-{stamp}.json"), 1
+    while copy.exists():
+        n += 1
+        copy = file.with_name(f"{key}.damaged-{stamp}-{n}.json")
+    shutil.copy2(file, copy)
+    text = file.read_text(encoding="utf-8", errors="replace")
+    choice = {}
+    for name in ("model", "adapter"):
+        if found := re.search(rf'"{name}":\s*("(?:[^"\\\\]|\\\\.)*")', text[: max(text.find('"history"'), 0)]):
+            with contextlib.suppress(ValueError):
+                choice[name] = json.loads(found.group(1))
+    save_history(key, turns, **choice)
+    asked = sum(1 for t in turns if t.get("role") == "user")
+    if notes is not None:
+        kept = f"{asked} of its turns were recovered" if asked else "no turn could be read"
+        notes.append(f"The saved conversation was damaged (cut short or edited); {kept}. "
+                     f"The damaged file is kept as {copy.name} in {copy.parent}.")
+    return turns
 
 
 def save_history(key: str, history: list[dict[str, Any]], **choice: Any) -> Path:
@@ -172,7 +244,7 @@ def save_turn(key: str, question: dict[str, Any], reply: dict[str, Any], **choic
     if not turn_id or reply.get("id") != turn_id:
         raise ValueError("a question and its reply must share an id; make them with new_turn()")
     with _locked(key):
-        history = load_history(key)
+        history = _repair(key, None)
         at = next((i for i, turn in enumerate(history) if turn.get("role") == "user" and turn.get("id") == turn_id), None)
         if at is None:
             history += [question, reply]

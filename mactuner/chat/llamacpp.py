@@ -100,6 +100,9 @@ def load_gguf_chat_model(path: str | os.PathLike, *, n_ctx: int | None = None, n
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pick a .gguf file.")
+    from mactuner.file_checks import check_gguf_header
+
+    check_gguf_header(path)  # lengths no file could hold are refused here, not handed to llama.cpp
     threads = n_threads or generation_threads(_cpu()) or 1
     offload = gpu_layers(device)
     try:

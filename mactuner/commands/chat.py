@@ -19,14 +19,14 @@ HELP = "chat with the base model or a fine-tuned adapter (streams the answer)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, adapter, device, one-shot prompt and generation settings."""
-    parser.add_argument("--model", help="base model: built-in default, hub id or local folder")
+    parser.add_argument("--model", help="base model: the built-in default, a hub id, a local folder or a .gguf file")
     parser.add_argument("--adapter", help="PEFT adapter folder (a run's adapter/ or checkpoints/step-N)")
     parser.add_argument("--device", help="cpu, mps, cuda or cuda:N (default: remembered, else automatic)")
     parser.add_argument("--prompt", help="answer this once and exit (no REPL)")
     parser.add_argument("--system", help="system prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the likeliest tokens up to this probability (default 0.9)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--json", action="store_true", help="with --prompt: print {answer, stats} as JSON")
 

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, save and print."""
+    from mactuner.data import DatasetError
     from mactuner.evaluate import evaluate, save_eval
     from mactuner.models import ModelSourceError
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                           max_rows=max(1, args.max_rows),
                           progress=None if quiet else (lambda message, _f: print(message, file=sys.stderr)))
         saved = None if args.no_save else save_eval(result)
-    except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:
+    except (ModelSourceError, DatasetError, OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -3,8 +3,8 @@
 Makes the quantized variants of a model (or of an adapter merged into its base)
 under ``MACTUNER_HOME/exports`` and measures each one against the unquantized
 reference: size on disk, memory after load, tokens/s, perplexity on held-out
-text (default: a slice of the shared ``wiki_demo.txt``; ``--text-file`` for
-your own). A method the device cannot run is listed with the reason.
+text (default: 8,000 characters of ``mactuner/demo/held_out.txt``; ``--text-file``
+for your own). A method the device cannot run is listed with the reason.
 ``--list`` shows the methods and whether this device supports them. An existing
 ``--out`` folder holding files MacTuner did not create is refused (nothing is
 deleted) unless ``--overwrite`` is given.
@@ -24,15 +24,15 @@ HELP = "quantize a base or merged model and compare the variants (size, memory, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Model or adapter, methods, device, text and output."""
-    parser.add_argument("--model", help="base model or model folder (default: the built-in model)")
+    parser.add_argument("--model", help="base model: a hub id, a local folder or a .gguf file (default: the built-in model)")
     parser.add_argument("--adapter", help="adapter to merge first; the merged model is then quantized")
     parser.add_argument(
         "--method", action="append", dest="methods",
         help="int8-dynamic, int8-weight-only, int4-weight-only, bnb-8bit, bnb-4bit (repeatable; default: all the device supports)",
     )
     parser.add_argument("--device", help="cpu, mps, cuda or cuda:N (default: remembered, else automatic)")
-    parser.add_argument("--text-file", help="held-out text for perplexity")
-    parser.add_argument("--out", help="output folder for the variants")
+    parser.add_argument("--text-file", help="held-out text for perplexity (default: 8,000 characters of mactuner/demo/held_out.txt)")
+    parser.add_argument("--out", help="output folder for the variants (default: MACTUNER_HOME/exports/MODEL-variants)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into --out even if it holds files MacTuner did not create")
     parser.add_argument("--list", action="store_true", help="list the methods and exit")

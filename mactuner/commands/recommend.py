@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --dataset, --device, --free-memory-gb, --trust-remote-code, --json."""
     parser.add_argument("--model", default=None, help="hub id, local folder or .gguf file (default: the built-in model)")
     parser.add_argument("--dataset", default=None, help="dataset file whose token lengths shape the settings")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: remembered, else the best available)")
     parser.add_argument("--free-memory-gb", type=float, default=None, help="plan for this much free memory instead of measuring it")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")

@@ -1,7 +1,7 @@
 """``python -m mactuner train CONFIG.yaml [--run-dir RUN] [--resume] [--max-steps N …]``
 or, without a YAML file, ``python -m mactuner train --dataset FILE [--model M] [--device D] --recommended``.
 
-Trains in the foreground, writing the run folder (see ARCHITECTURE.md). Every
+Trains in the foreground, writing the run folder (see docs/architecture.md). Every
 ``TrainConfig`` field can be overridden on the command line
 (``--learning-rate 1e-4``, ``--no-packing``, ``--device cpu``). Without a config
 file the run starts from ``TrainConfig``'s defaults, or with ``--recommended``
@@ -127,7 +127,14 @@ def run(args: argparse.Namespace) -> int:
     from mactuner.training.engines import make_trainer
 
     if args.run_dir:
+        from mactuner.run_folder import NotARunFolder, check_run_folder
+
         run_dir = Path(args.run_dir)
+        try:
+            check_run_folder(run_dir)
+        except NotARunFolder as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     elif args.resume:
         print("error: --resume needs --run-dir", file=sys.stderr)
         return 2

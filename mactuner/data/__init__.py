@@ -24,9 +24,12 @@ from mactuner.data.base import (
     Example,
 )
 from mactuner.data.readers import (
+    MAX_DATASET_BYTES,
+    MAX_DATASET_ROWS,
     load_dataset_file,
 )
 from mactuner.data.summary import (
+    SUMMARY_SAMPLE_ROWS,
     DatasetSummary,
     percentile,
     summarize_dataset,
@@ -60,7 +63,10 @@ __all__ = [
     "Example",
     "FORMATS",
     "IGNORE_INDEX",
+    "MAX_DATASET_BYTES",
+    "MAX_DATASET_ROWS",
     "MAX_UPLOAD_NAME_BYTES",
+    "SUMMARY_SAMPLE_ROWS",
     "SavedUploads",
     "UPLOADS_DIR",
     "dataset_choices",

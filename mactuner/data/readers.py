@@ -19,6 +19,12 @@ from typing import Any
 
 from mactuner.data.base import EXTENSIONS, FORMATS, DataProblem, DatasetError, DatasetLoad, Example
 
+# what one dataset may hold: the app reads it into the process that serves every tab, so a small
+# file that expands (an 84 KB Parquet file of one repeated row held 800,000 rows, 1.7 GB) is refused
+# from what it says about itself before it is read
+MAX_DATASET_ROWS = 200_000
+MAX_DATASET_BYTES = 256 * 2**20  # the text (or a Parquet file's uncompressed data)
+
 # ShareGPT speaker names → chat roles
 _ROLE_ALIASES = {
     "human": "user",
@@ -201,11 +207,34 @@ def _read_csv(path: Path, text: str, problems: list[DataProblem]) -> list[_Row]:
     return rows
 
 
+def _too_many(path: Path, rows: int) -> DatasetError:
+    return DatasetError(
+        f"{path.name} holds {rows:,} rows; MacTuner reads at most {MAX_DATASET_ROWS:,} rows from one dataset. "
+        "Keep a sample of the rows in a smaller file (or split it) and choose that."
+    )
+
+
+def _too_big(path: Path, size: int, what: str) -> DatasetError:
+    return DatasetError(
+        f"{path.name} holds {size / 1e6:,.1f} MB of {what}; MacTuner reads at most {MAX_DATASET_BYTES / 1e6:,.0f} MB "
+        "from one dataset. Keep a sample of the rows in a smaller file (or split it) and choose that."
+    )
+
+
 def _read_parquet(path: Path) -> list[_Row]:
     import pyarrow.parquet as pq
 
     try:
+        # the footer says how many rows and how many bytes the file expands to: checked before reading
+        metadata = pq.ParquetFile(path).metadata
+        if metadata.num_rows > MAX_DATASET_ROWS:
+            raise _too_many(path, metadata.num_rows)
+        size = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+        if size > MAX_DATASET_BYTES:
+            raise _too_big(path, size, "data once uncompressed")
         table = pq.read_table(path)
+    except DatasetError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise DatasetError(f"{path.name}: not a readable Parquet file ({exc}).") from None
     return [_Row(i + 1, row) for i, row in enumerate(table.to_pylist())]
@@ -224,14 +253,21 @@ def _read_rows(path: Path, problems: list[DataProblem]) -> list[_Row]:
         if path.stat().st_size == 0:
             raise DatasetError(f"{path.name} is empty: it holds no rows.")
         return _read_parquet(path)
+    size = path.stat().st_size
+    if size > MAX_DATASET_BYTES:
+        raise _too_big(path, size, "text")
     text = _read_text(path)
     if suffix == ".jsonl":
-        return _read_jsonl(path, text, problems)
-    if suffix == ".json":
-        return _read_json(path, text, problems)
-    if suffix == ".csv":
-        return _read_csv(path, text, problems)
-    return _read_txt(path, text)
+        rows = _read_jsonl(path, text, problems)
+    elif suffix == ".json":
+        rows = _read_json(path, text, problems)
+    elif suffix == ".csv":
+        rows = _read_csv(path, text, problems)
+    else:
+        rows = _read_txt(path, text)
+    if len(rows) + len(problems) > MAX_DATASET_ROWS:
+        raise _too_many(path, len(rows) + len(problems))
+    return rows
 
 
 

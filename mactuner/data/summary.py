@@ -15,6 +15,8 @@ from mactuner.data.templates import encode_examples
 # ---------------------------------------------------------------------------
 # summary and split
 
+SUMMARY_SAMPLE_ROWS = 20_000  # a larger dataset's summary (token lengths, truncation) comes from this many rows
+
 
 @dataclass
 class DatasetSummary:
@@ -34,6 +36,9 @@ class DatasetSummary:
         trained_tokens: tokens that take the loss, after truncation.
         rows_without_trained_tokens: rows whose trained part is cut off entirely by
             the truncation (they teach nothing; raise the max length).
+        sampled_rows: for a dataset of more than :data:`SUMMARY_SAMPLE_ROWS` rows, how many
+            (evenly spaced) were tokenised: the lists and statistics are the sample's, the
+            counts (rows, truncated, trained tokens) are scaled to the whole file.
     """
 
     path: str
@@ -52,14 +57,16 @@ class DatasetSummary:
     trained_lengths: list[int]
     trained_tokens: int
     rows_without_trained_tokens: int
+    sampled_rows: int | None = None  # rows tokenised for the statistics when the dataset is larger than that
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
 
     def rows_longer_than(self, max_length: int) -> int:
-        """Usable rows that a max length of ``max_length`` tokens would truncate."""
-        return sum(1 for n in self.token_lengths if n > max_length)
+        """Usable rows that a max length of ``max_length`` tokens would truncate (scaled up from a sample)."""
+        count = sum(1 for n in self.token_lengths if n > max_length)
+        return round(count * self.rows / len(self.token_lengths)) if self.sampled_rows and self.token_lengths else count
 
 
 def token_length_figure(summary: DatasetSummary, max_length: int):
@@ -87,15 +94,25 @@ def summarize_dataset(
 ) -> DatasetSummary:
     """Row count, format, token-length statistics and truncation for ``load`` under ``tokenizer``."""
     problems = list(load.problems)
-    encoded = encode_examples(load.examples, tokenizer, assistant_only_loss, problems)
+    examples, sampled = load.examples, None
+    if len(examples) > SUMMARY_SAMPLE_ROWS:
+        # tokenising every row of a large file would hold the page for minutes: an even sample tells the same
+        step = len(examples) / SUMMARY_SAMPLE_ROWS
+        examples, sampled = [examples[int(i * step)] for i in range(SUMMARY_SAMPLE_ROWS)], SUMMARY_SAMPLE_ROWS
+    encoded = encode_examples(examples, tokenizer, assistant_only_loss, problems)
     for p in problems:
         p.file = p.file or load.path.name
     lengths = [len(ids) for ids, _ in encoded]
     trained_lengths = [sum(1 for x in labels[:max_length] if x != IGNORE_INDEX) for _ids, labels in encoded]
+    scale = len(load.examples) / len(examples) if examples else 1.0
+
+    def scaled(count: int) -> int:
+        return round(count * scale)
+
     return DatasetSummary(
         path=str(load.path),
         format=load.format,
-        rows=len(encoded),
+        rows=scaled(len(encoded)),
         total_rows=load.total_rows,
         problems=[str(p) for p in problems],
         max_length=max_length,
@@ -105,10 +122,11 @@ def summarize_dataset(
         median_tokens=float(statistics.median(lengths)) if lengths else 0.0,
         p95_tokens=percentile(lengths, 95),
         max_tokens=max(lengths, default=0),
-        truncated_rows=sum(1 for n in lengths if n > max_length),
+        truncated_rows=scaled(sum(1 for n in lengths if n > max_length)),
         trained_lengths=trained_lengths,
-        trained_tokens=sum(trained_lengths),
-        rows_without_trained_tokens=sum(1 for n in trained_lengths if n == 0),
+        trained_tokens=scaled(sum(trained_lengths)),
+        rows_without_trained_tokens=scaled(sum(1 for n in trained_lengths if n == 0)),
+        sampled_rows=sampled,
     )
 
 

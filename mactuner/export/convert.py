@@ -17,10 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 TAG_KEY = "mactuner.export"  # a GGUF metadata key marking files MacTuner wrote (llama.cpp ignores unknown keys)
+
+PAUSE_ENV = "MACTUNER_CONVERT_PAUSE_S"  # tests: seconds to pause once the output file is half written
 
 
 def _report(message: str, fraction: float | None) -> None:
@@ -81,6 +85,10 @@ def convert(model_dir: Path, outfile: Path, outtype: str, name: str | None = Non
             model.gguf_writer.add_string(TAG_KEY, tag)
         model.gguf_writer.write_header_to_file(path=outfile)
         model.gguf_writer.write_kv_data_to_file()
+        pause = float(os.environ.get(PAUSE_ENV) or 0)
+        if pause > 0:  # tests: hold the half-written file open (a person stops the export now)
+            _report("Paused (MACTUNER_CONVERT_PAUSE_S)…", None)
+            time.sleep(pause)
         count = sum(len(t) for t in model.gguf_writer.tensors)
         model.gguf_writer.write_tensors_to_file(progress=True)
         model.gguf_writer.close()

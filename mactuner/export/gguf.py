@@ -177,17 +177,27 @@ def _convert(model_dir: Path, tmp: Path, outtype: str, name: str, tag: dict, pro
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     done = False
     assert process.stdout is not None
-    for line in process.stdout:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if "done" in event:
-            done = True
-        elif progress:
-            fraction = event.get("fraction")
-            progress(event.get("message", ""), None if fraction is None else start + span * float(fraction))
-    stderr = process.stderr.read() if process.stderr else ""
+    try:
+        for line in process.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if "done" in event:
+                done = True
+            elif progress:
+                fraction = event.get("fraction")
+                progress(event.get("message", ""), None if fraction is None else start + span * float(fraction))
+        stderr = process.stderr.read() if process.stderr else ""
+    finally:
+        # stopped (SIGTERM, Ctrl+C, an error in progress): the converter stops too, before its file is removed
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     if process.wait() != 0 or not done:
         tail = "\n".join(stderr.strip().splitlines()[-8:])
         raise ExportError(f"llama.cpp's converter failed on {model_dir}:\n{tail}")
@@ -242,8 +252,9 @@ def export_gguf(
     _check_target(target, overwrite, lambda p: gguf_tag(p) is not None)
     _check_target(sidecar, overwrite, _modelfile_is_ours)
     target.parent.mkdir(parents=True, exist_ok=True)
+    fileio.sweep_stale_temps(target.parent)  # what a killed export left there (its pid is in the name)
     if not out:
-        fileio.mark_as_ours(target.parent, "GGUF exports written by MacTuner")
+        fileio.mark_as_ours(target.parent, "GGUF exports written by MacTuner", listing=False)
 
     adapter_path = Path(adapter).expanduser() if adapter else None
     if adapter_path is not None and not adapter_path.is_dir():

@@ -91,9 +91,9 @@ def run_system_prompt(adapter: str | os.PathLike | None) -> str | None:
     if not config_file.is_file():
         return None
     try:
-        import yaml
+        from mactuner.safe_yaml import load_yaml_file
 
-        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        config = load_yaml_file(config_file) or {}
         if isinstance(config.get("system_prompt"), str) and config["system_prompt"].strip():
             return config["system_prompt"]
         from mactuner.data import load_dataset_file

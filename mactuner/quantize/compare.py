@@ -243,7 +243,7 @@ def compare_variants(
     out_dir = fileio.prepare_output(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / fileio.MARKER_FILE).exists():
-        fileio.mark_as_ours(out_dir, "quantized variants and their report")
+        fileio.mark_as_ours(out_dir, "quantized variants and their report", listing=False)
     steps = 1 + len(methods)
 
     def step(i: int, message: str) -> None:

@@ -51,6 +51,9 @@ from mactuner.fileio import (
     write_folder_atomically,
     write_json_atomic,
 )
+from mactuner.fileio import (
+    inside as fileio_inside,
+)
 from mactuner.rag.base import Progress, RagError
 from mactuner.rag.chunking import split_text
 from mactuner.rag.embedder import DEFAULT_EMBEDDING_MODEL, Embedder
@@ -111,6 +114,9 @@ class IndexSettings:
         if unknown:
             raise ValueError(f"unknown index settings: {', '.join(unknown)}")
         return cls(**data)
+
+
+DOCUMENT_ID = re.compile(r"[0-9a-f]{12}")  # what _add_document names a document (and its folder)
 
 
 @dataclass
@@ -271,7 +277,12 @@ class Collection:
             if meta.parent.name.startswith("."):  # a document still being written (or left by a crash)
                 continue
             try:
-                docs.append(DocumentInfo(**json.loads(meta.read_text(encoding="utf-8"))))
+                info = DocumentInfo(**json.loads(meta.read_text(encoding="utf-8")))
+                # the id names the folder that Remove deletes: only MacTuner's own ids, equal to the
+                # folder's own name, are believed (a planted "../../elsewhere" is not a document)
+                if not (DOCUMENT_ID.fullmatch(meta.parent.name) and info.id == meta.parent.name):
+                    raise ValueError("the id is not its folder's name")
+                docs.append(info)
             except (OSError, ValueError, TypeError):  # unreadable: left out, and named by the next load
                 self._unreadable.add(meta.parent.name)
         return sorted(docs, key=lambda d: (d.added_at, d.id))
@@ -348,9 +359,7 @@ class Collection:
                 continue
             path = Path(source).expanduser()
             if path.is_dir():
-                files = sorted(p for p in path.rglob("*") if p.is_file()
-                               and not any(part.startswith(".") for part in p.relative_to(path).parts))
-                for file in files:
+                for file in _folder_files(path, report):
                     display = str(file.relative_to(path))
                     if file.suffix.lower() not in SUPPORTED_SUFFIXES:
                         report.skipped.append((display, f"{display}: unsupported file type, skipped"))
@@ -429,7 +438,10 @@ class Collection:
         if len(matches) > 1:
             raise RagError(f"{len(matches)} documents are named {document!r}; remove one by id "
                            f"({', '.join(d.id for d in matches)})")
-        shutil.rmtree(self.folder / "documents" / matches[0].id)
+        folder = self.folder / "documents" / matches[0].id
+        if folder.is_symlink() or folder.resolve().parent != (self.folder / "documents").resolve():
+            raise RagError(f"{matches[0].name}: its folder is not inside collection {self.name!r}; nothing removed")
+        shutil.rmtree(folder)
         with self._lock:
             self._rows = self._matrix = self._index = None
         return matches[0]
@@ -582,6 +594,31 @@ class Collection:
                     entry.unlink(missing_ok=True)
                 removed.append(entry)
         return removed
+
+
+def _folder_files(root: Path, report: AddReport) -> list[Path]:
+    """The files under ``root`` (hidden names left out), sorted; a link is followed only when it stays inside.
+
+    A link to a file or folder outside ``root`` would copy a file the person did not choose into
+    the collection (and into answers): it is skipped and listed in ``report.skipped``.
+    """
+    files = []
+    for folder, subfolders, names in os.walk(root, followlinks=False):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(names) + [d for d in subfolders if Path(folder, d).is_symlink()]:
+            if name.startswith("."):
+                continue
+            path = Path(folder, name)
+            display = str(path.relative_to(root))
+            if path.is_symlink():
+                if not fileio_inside(path, root):
+                    report.skipped.append((display, f"{display}: a link that leaves the folder, skipped"))
+                    continue
+                if path.is_dir():
+                    continue  # a link to a folder inside: its files are listed from where they are
+            if path.is_file():
+                files.append(path)
+    return sorted(files, key=lambda p: str(p.relative_to(root)))
 
 
 # what fileio's unique_temp_name puts in a name: ".<pid>-<thread id>-<8 hex>.tmp"

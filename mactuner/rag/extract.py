@@ -141,6 +141,18 @@ _PDF_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, OSEr
                ArithmeticError, RecursionError, MemoryError, zlib.error, UnicodeError)
 
 
+MAX_PDF_PAGES = 5_000  # a PDF with more pages is refused before any is read
+MAX_DOCUMENT_CHARACTERS = 10_000_000  # text extracted from one PDF (about 5,000 dense pages)
+# and at most this many characters per byte of the file beyond the first million characters: compressed
+# text is ~3-5 characters a byte, so a small file whose pages reuse one stream stops early
+MAX_CHARACTERS_PER_BYTE = 20
+
+
+def pdf_character_cap(size: int) -> int:
+    """How many characters of text MacTuner extracts at most from a PDF of ``size`` bytes."""
+    return min(MAX_DOCUMENT_CHARACTERS, max(1_000_000, MAX_CHARACTERS_PER_BYTE * size))
+
+
 def _pdf_to_text(data: bytes, name: str) -> ExtractedText:
     from pypdf import PdfReader
     from pypdf.errors import LimitReachedError, PyPdfError
@@ -149,12 +161,22 @@ def _pdf_to_text(data: bytes, name: str) -> ExtractedText:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             raise DocumentError(f"{name}: the PDF is encrypted; save an unprotected copy and add that")
+        count = len(reader.pages)
+        if count > MAX_PDF_PAGES:
+            raise DocumentError(f"{name}: {count:,} pages; MacTuner indexes PDFs of at most {MAX_PDF_PAGES:,} pages. "
+                                "Split it and add the parts.")
+        cap = pdf_character_cap(len(data))
         pages, starts, offset = [], [], 0
-        for page in reader.pages:
+        for number, page in enumerate(reader.pages, start=1):
             text = (page.extract_text() or "").strip()
             starts.append(offset)
             pages.append(text)
             offset += len(text) + 2  # the "\n\n" joining pages
+            if offset > cap:  # pages may share one stream: a small file, endless text
+                raise DocumentError(
+                    f"{name}: refused: its text runs past {cap:,} characters by page {number} of {count:,}, "
+                    f"the most MacTuner extracts from a {len(data) / 1e3:,.0f} KB PDF. Split it, or add the "
+                    "pages you need.")
     except DocumentError:
         raise
     except LimitReachedError as exc:

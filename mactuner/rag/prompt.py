@@ -1,6 +1,6 @@
 """Asking a collection: the prompt a small chat model follows, the streamed answer, and its evidence.
 
-The prompt (see ``docs/notes/rag.md`` for the measurements behind it) is built
+The prompt (see ``docs/benchmarks.md``, "RAG answers", for the measurements behind it) is built
 for models as small as the built-in SmolLM2-135M-Instruct: a short system
 instruction, then one user turn holding the numbered sources, the question and a
 one-line cue to answer from the sources. Small models copy long instructions and
@@ -30,14 +30,15 @@ import numpy as np
 from mactuner.rag.chunking import split_sentences
 from mactuner.rag.collection import Collection, SearchHit
 from mactuner.rag.embedder import Embedder
+from mactuner.safe_text import safe_markdown
 
 RAG_SYSTEM_PROMPT = (
     "Answer the question in one or two sentences, using only the sources. "
     "Cite the source you used by its number, like [1]."
 )
 # the line after the question: without it SmolLM2-135M answers from its own memory far more often
-# (docs/notes/rag.md: 1 of 6 hard questions right without it, 3 of 5 with it). Re-measured on 34 questions
-# against the old prompt and eight other short layouts (docs/notes/ragprompt.md, `python -m bench.rag_answers
+# (docs/benchmarks.md: 1 of 6 hard questions right without it, 3 of 5 with it). Re-measured on 34 questions
+# against the old prompt and eight other short layouts (docs/benchmarks.md, `python -m bench.rag_answers
 # --variants all`): 22/34 right, the old prompt 20/34, none of the others more than one question better.
 ANSWER_CUE = "Answer from the sources above."
 
@@ -216,14 +217,17 @@ def support_note(record: dict[str, Any]) -> str | None:
 
 def evidence_note(evidence: dict[str, Any]) -> str:
     """Markdown showing an :meth:`Evidence.to_dict` under an answer that does not repeat its top source."""
-    return (f"**Evidence** from source [{evidence['source']}] {evidence['file']} · {evidence['position']}:\n\n"
-            f"> {evidence['sentence']}\n\nThe answer above does not repeat the top source; this is its "
+    # the sentence and the file name are the documents' own text: shown, never fetched or linked
+    sentence = " ".join(safe_markdown(str(evidence["sentence"])).split())
+    return (f"**Evidence** from source [{evidence['source']}] {safe_markdown(str(evidence['file']))} · "
+            f"{evidence['position']}:\n\n> {sentence}\n\nThe answer above does not repeat the top source; this is its "
             "sentence closest to the question.")
 
 
 def source_title(number: int, hit: dict[str, Any]) -> str:
     """A source's heading: ``[1] handbook.md · line 12, chunk 0 · score 0.734`` (``hit`` a :meth:`SearchHit.to_dict`)."""
-    return f"[{number}] {hit['file']} · {hit['position']} · score {hit['score']:.3f}"
+    # an expander's label is Markdown: the file name (the documents' own) is shown, never fetched or linked
+    return f"[{number}] {safe_markdown(str(hit['file']))} · {hit['position']} · score {hit['score']:.3f}"
 
 
 def ask(collection: Collection, question: str, embedder: Embedder, loaded, *, top_k: int = 4,

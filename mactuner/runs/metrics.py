@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mactuner import fileio
 from mactuner.runs.store import run_path
 
 TAIL_MAX_POINTS = 2000
@@ -43,7 +44,7 @@ def read_metrics(run: str | os.PathLike, offset: int = 0, max_bytes: int | None 
     """
     path = run_path(run) / "metrics.jsonl"
     try:
-        with open(path, "rb") as handle:
+        with fileio.open_regular(path) as handle:
             handle.seek(offset)
             data = handle.read(max_bytes if max_bytes else -1)
             if max_bytes and len(data) == max_bytes and b"\n" not in data:
@@ -53,6 +54,8 @@ def read_metrics(run: str | os.PathLike, offset: int = 0, max_bytes: int | None 
                 data += more
     except FileNotFoundError:
         return MetricsChunk([], 0)
+    except OSError:
+        return MetricsChunk([], offset)  # not a regular file (a planted pipe), or unreadable right now
     end = data.rfind(b"\n") + 1
     records = []
     for line in data[:end].splitlines():
@@ -128,7 +131,7 @@ class MetricsTail:
         """Read what was appended since the last call; returns the number of new records."""
         try:
             size = (self.path / "metrics.jsonl").stat().st_size
-        except FileNotFoundError:
+        except OSError:
             size = 0
         if size < self.offset:  # the file was replaced by a shorter one: start over
             self._reset()

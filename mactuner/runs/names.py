@@ -8,10 +8,9 @@ atomically), so renaming touches nothing else.
 
 from __future__ import annotations
 
-import json
 import os
 
-from mactuner.fileio import write_json_atomic
+from mactuner.fileio import read_regular_json, write_json_atomic
 from mactuner.runs.store import run_path
 
 NAME_FILE = "name.json"
@@ -47,7 +46,7 @@ def run_display_name(run: str | os.PathLike) -> str:
     """The name a person gave ``run``, or its id when it has none."""
     path = run_path(run)
     try:
-        name = json.loads((path / NAME_FILE).read_text(encoding="utf-8")).get("name")
+        name = read_regular_json(path / NAME_FILE, max_bytes=100_000).get("name")
     except (OSError, ValueError, AttributeError):
         name = None
     return name.strip() if isinstance(name, str) and name.strip() else path.name

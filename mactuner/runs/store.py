@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
-from mactuner import fileio, locks, paths
+from mactuner import fileio, locks, paths, run_folder, safe_yaml
 
 STATES = ("running", "finished", "failed", "cancelled")
 LOG_TAIL_LINES = 20
@@ -103,7 +102,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = fileio.read_regular_json(path, max_bytes=1_000_000)  # never a pipe (it would block), never huge
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -126,7 +125,7 @@ def _as_epoch(value: Any) -> float | None:
 def tail_lines(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64_000) -> str:
     """The last ``lines`` lines of a text file ("" if it does not exist), reading only its end."""
     try:
-        with open(path, "rb") as handle:
+        with fileio.open_regular(path) as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
             handle.seek(max(0, size - max_bytes))
@@ -192,9 +191,11 @@ def new_run_folder(label: str | None = None) -> Path:
         candidate = paths.runs_dir() / (base if n == 1 else f"{base}-{n}")
         try:
             candidate.mkdir()
-            return candidate
         except FileExistsError:
             n += 1
+            continue
+        run_folder.mark_run_folder(candidate)  # MacTuner's own: a trainer may write there
+        return candidate
 
 
 def run_path(run: str | os.PathLike) -> Path:
@@ -216,8 +217,8 @@ def _load_config_dict(path: Path) -> dict[str, Any]:
         cached = _config_cache.get(file)
         if cached and cached[0] == mtime:
             return cached[1]
-        data = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError):
+        data = safe_yaml.load_yaml_file(file)
+    except (OSError, ValueError):
         return {}
     data = data if isinstance(data, dict) else {}
     _config_cache[file] = (mtime, data)
@@ -310,7 +311,7 @@ def _judge(path: Path, status: dict[str, Any], launch: dict[str, Any]) -> _Verdi
 
 def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any], _Verdict]:
     status_file = path / "status.json"
-    if not status_file.exists():
+    if not status_file.is_file():  # missing (deleted meanwhile), or a pipe or folder: not a run's status
         raise RunError(f"{path} is not a training run (no status.json).")
     status = _read_json(status_file)
     launch = _read_json(path / "process.json")
@@ -402,6 +403,14 @@ def reconcile_run(run: str | os.PathLike, lock_timeout: float = 2.0) -> RunInfo:
             return _record_verdict(path)
     except locks.LockBusy:
         return _info(path, status, launch, verdict)
+    except OSError as error:
+        # a full disk (or a read-only one) must not hide the run: report the verdict, say why it is not
+        # recorded; the next listing with room records it
+        if not path.is_dir():
+            raise RunError(f"{path} was deleted meanwhile.") from None
+        verdict.message = (f"{verdict.message or ''} MacTuner could not record this in status.json: "
+                           f"{error.strerror or error}.").strip()
+        return _info(path, status, launch, verdict)
 
 
 def list_runs() -> list[RunInfo]:
@@ -411,16 +420,26 @@ def list_runs() -> list[RunInfo]:
 
 def _list_runs(read) -> list[RunInfo]:
     runs = []
-    for path in paths.runs_dir().iterdir():
+    try:
+        entries = list(paths.runs_dir().iterdir())
+    except FileNotFoundError:
+        return []
+    for path in entries:
         # hidden names are folders being deleted; links are not MacTuner's own runs
-        if not path.name.startswith(".") and path.is_dir() and not path.is_symlink() and (path / "status.json").exists():
+        if not path.name.startswith(".") and path.is_dir() and not path.is_symlink() and (path / "status.json").is_file():
             try:
                 runs.append(read(path))
-            except RunError:
-                continue
+            except (RunError, FileNotFoundError):
+                continue  # not a run, or deleted while it was read (another tab, a person)
+
+    def created(run: RunInfo) -> float:
+        try:
+            return (run.path / "config.yaml").stat().st_mtime
+        except OSError:
+            return 0.0
+
     # newest first by creation (config.yaml is written once, at the start), so a resumed run keeps its place
-    runs.sort(key=lambda r: ((r.path / "config.yaml").stat().st_mtime if (r.path / "config.yaml").exists() else 0.0, r.id),
-              reverse=True)
+    runs.sort(key=lambda r: (created(r), r.id), reverse=True)
     return runs
 
 

@@ -2,7 +2,7 @@
 
 The trainer calls every callback with plain dicts; :class:`RunFolderWriter` is
 the callback that keeps ``RUN/metrics.jsonl`` and ``RUN/status.json`` (see
-ARCHITECTURE.md), :class:`PrintProgress` the one that prints a line per report.
+docs/architecture.md), :class:`PrintProgress` the one that prints a line per report.
 """
 
 from __future__ import annotations

@@ -17,3 +17,7 @@ class NonFiniteLoss(TrainingError):
 
 class RunFolderBusy(TrainingError):
     """Another trainer holds the run folder; nothing was changed."""
+
+
+class RunFolderNotOurs(TrainingError):
+    """The run folder holds files MacTuner did not write as a run; nothing was changed."""

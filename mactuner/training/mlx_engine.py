@@ -51,10 +51,11 @@ from mactuner import checkpoints, fingerprint
 from mactuner.config import TrainConfig
 from mactuner.data import IGNORE_INDEX
 from mactuner.locks import LockBusy, RunLock
+from mactuner.run_folder import NotARunFolder, check_run_folder, mark_run_folder
 from mactuner.training.batching import Unit, plan_epoch
 from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
 from mactuner.training.engines import MLX_INSTALL, mlx_installed
-from mactuner.training.errors import NonFiniteLoss, OutOfMemory, RunFolderBusy, TrainingError
+from mactuner.training.errors import NonFiniteLoss, OutOfMemory, RunFolderBusy, RunFolderNotOurs, TrainingError
 from mactuner.training.losses import lr_factor
 from mactuner.training.trainer import NON_FINITE_STEPS, StepOutcome, TrainResult
 
@@ -256,14 +257,20 @@ class MLXTrainer:
         self._set_up = True
 
     def _take_run_lock(self) -> None:
+        """As the torch trainer: a folder of the person's own files is never written into; then the lock."""
         if self.run_dir is None:
             return
+        try:
+            check_run_folder(self.run_dir)
+        except NotARunFolder as error:
+            raise RunFolderNotOurs(str(error)) from None
         lock = RunLock(self.run_dir)
         try:
             lock.acquire()
         except LockBusy as error:
             raise RunFolderBusy(f"{error} This trainer stopped without changing anything.") from None
         self._lock = lock
+        mark_run_folder(self.run_dir)
 
     def _model_folder(self) -> Path:
         """A local transformers folder for ``config.model`` (the default and .gguf files are converted once)."""
@@ -827,7 +834,7 @@ class MLXTrainer:
         self._emit("on_train_end", {"state": state, "step": self.step, "message": message})
 
     def _record_failure(self, error: BaseException) -> None:
-        if isinstance(error, RunFolderBusy):
+        if isinstance(error, (RunFolderBusy, RunFolderNotOurs)):
             return
         if isinstance(error, KeyboardInterrupt):
             message = "Interrupted."

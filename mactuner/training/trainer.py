@@ -62,11 +62,12 @@ from mactuner.devices import (
 )
 from mactuner.devices.cpu_threads import CpuThreads
 from mactuner.locks import LockBusy, RunLock
+from mactuner.run_folder import NotARunFolder, check_run_folder, mark_run_folder
 from mactuner.training.batching import MicroBatch, Unit, collate, plan_epoch
 from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
 from mactuner.training.compiled import LayerCompiler, decoder_layers
 from mactuner.training.distributed import Distributed, init_distributed
-from mactuner.training.errors import NonFiniteLoss, OutOfMemory, RunFolderBusy, TrainingError
+from mactuner.training.errors import NonFiniteLoss, OutOfMemory, RunFolderBusy, RunFolderNotOurs, TrainingError
 from mactuner.training.int8_base import quantize_frozen_linears
 from mactuner.training.losses import LOSS_CHUNK_TOKENS, linear_cross_entropy, lr_factor
 from mactuner.training.master_weights import MasterWeights
@@ -258,12 +259,18 @@ class Trainer:
         """Hold ``RUN/.trainer.lock`` (rank 0 only: the processes of one torchrun share a folder)."""
         if self.run_dir is None or int(os.environ.get("RANK", "0")) != 0:
             return
+        try:
+            # a folder of the person's own files is never written into (not even a lock file)
+            check_run_folder(self.run_dir)
+        except NotARunFolder as error:
+            raise RunFolderNotOurs(str(error)) from None
         lock = RunLock(self.run_dir)
         try:
             lock.acquire()
         except LockBusy as error:
             raise RunFolderBusy(f"{error} This trainer stopped without changing anything.") from None
         self._lock = lock
+        mark_run_folder(self.run_dir)
 
     def _load_model(self) -> None:
         config = self.config
@@ -844,7 +851,7 @@ class Trainer:
 
     def _record_failure(self, error: BaseException) -> None:
         """Tell the callbacks (and so status.json) that the run failed, once; a busy folder is left untouched."""
-        if isinstance(error, RunFolderBusy):
+        if isinstance(error, (RunFolderBusy, RunFolderNotOurs)):
             return
         self._end("failed", _describe(error))
 
