@@ -28,6 +28,9 @@ SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_CHOICES = ("auto", "on", "off")
 ENGINES = ("auto", "torch", "mlx")
+OBJECTIVES = ("sft", "dpo", "orpo", "kto")
+DPO_LOSSES = ("sigmoid", "ipo")
+TRACKERS = ("none", "tensorboard", "mlflow")
 
 
 @dataclass
@@ -65,6 +68,31 @@ class TrainConfig:
             "help": "Pack several rows into each max_length sequence (no padding at all, rows still never see "
             "each other); False groups rows of similar length into each batch instead."
         },
+    )
+
+    # what to learn: supervised answers or preferences between answers
+    objective: str = field(
+        default="sft",
+        metadata={
+            "help": "sft (learn the answers), dpo (prefer the chosen answer of each pair over the rejected one, "
+            "against the base model), orpo (learn the chosen answer and prefer it, no reference pass) or kto "
+            "(single answers labelled good or bad)."
+        },
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "Preference strength (dpo, orpo, kto): higher keeps closer to the base model (dpo, kto) "
+                  "or weighs the preference more against learning the chosen answer (orpo)."},
+    )
+    dpo_loss: str = field(
+        default="sigmoid",
+        metadata={"help": "DPO loss: sigmoid (the DPO paper's) or ipo (squared, per-token log-ratios; less prone to overfitting)."},
+    )
+    kto_desirable_weight: float = field(
+        default=1.0, metadata={"help": "KTO: weight of the answers labelled good (raise it when they are fewer)."}
+    )
+    kto_undesirable_weight: float = field(
+        default=1.0, metadata={"help": "KTO: weight of the answers labelled bad (raise it when they are fewer)."}
     )
 
     # how to train
@@ -134,6 +162,16 @@ class TrainConfig:
         metadata={"help": "Run Python code shipped with the model. Only for models whose authors you trust."},
     )
 
+    # where else the run shows up
+    report_to: list[str] | str = field(
+        default="none",
+        metadata={"help": "Trackers that also log the run: none, tensorboard, mlflow, or a list of them."},
+    )
+    mlflow_tracking_uri: str | None = field(
+        default=None,
+        metadata={"help": "MLflow tracking URI; None logs to mlruns/ under MacTuner's data folder."},
+    )
+
     def __post_init__(self) -> None:
         """Check every value; the error names the field, the bad value and what is allowed."""
         if not isinstance(self.model, str) or not self.model.strip():
@@ -148,6 +186,21 @@ class TrainConfig:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {short_repr(self.compile)}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {short_repr(self.engine)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {short_repr(self.objective)}")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise ValueError(f"dpo_loss must be one of {', '.join(DPO_LOSSES)}, got {short_repr(self.dpo_loss)}")
+        for name in ("beta", "kto_desirable_weight", "kto_undesirable_weight"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a positive number, got {short_repr(value)}")
+        trackers = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        if not (isinstance(trackers, list) and trackers and all(t in TRACKERS for t in trackers)):
+            raise ValueError(f"report_to must be one of {', '.join(TRACKERS)} or a list of them, got {short_repr(self.report_to)}")
+        if "none" in trackers and len(trackers) > 1:
+            raise ValueError(f"report_to cannot list none with a tracker, got {short_repr(self.report_to)}")
+        if self.mlflow_tracking_uri is not None and not (isinstance(self.mlflow_tracking_uri, str) and self.mlflow_tracking_uri.strip()):
+            raise ValueError(f"mlflow_tracking_uri must be None or a URI, got {short_repr(self.mlflow_tracking_uri)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {short_repr(self.dtype)}")
         for name in ("lora_rank", "max_length", "batch_size", "grad_accum", "log_every"):
@@ -190,6 +243,17 @@ class TrainConfig:
         for name in ("assistant_only_loss", "packing", "gradient_checkpointing", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {short_repr(getattr(self, name))}")
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers to log to (``report_to`` as a list, without ``none``)."""
+        listed = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [t for t in listed if t != "none"]
+
+    @property
+    def preference(self) -> bool:
+        """True when the objective learns from preferences (dpo, orpo, kto) rather than answers (sft)."""
+        return self.objective != "sft"
 
     @property
     def effective_batch_size(self) -> int:

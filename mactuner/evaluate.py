@@ -160,6 +160,12 @@ def evaluation_rows(adapter: str | os.PathLike, dataset: str | os.PathLike | Non
         return load.examples, str(dataset), "file", max_length
     if config is None:
         raise ValueError(f"{adapter} is not inside a run folder (no config.yaml beside it); pass --dataset FILE.")
+    if config.preference:
+        raise ValueError(
+            f"This run trained with objective {config.objective} on preference pairs, which have no single answer to "
+            "compare losses on: its held-out rewards and preference accuracy are in the run's validation records (the "
+            "Preference accuracy chart). To compare answers, evaluate on a question/answer file (--dataset FILE)."
+        )
     load = load_dataset_file(config.dataset, config.dataset_format)
     train, validation = train_validation_split(load.examples, config.val_fraction, config.seed)
     if validation:

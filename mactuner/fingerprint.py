@@ -58,6 +58,11 @@ TRAINING_FIELDS = (
     "weight_decay",
     "max_grad_norm",
     "seed",
+    "objective",
+    "beta",
+    "dpo_loss",
+    "kto_desirable_weight",
+    "kto_undesirable_weight",
 )
 
 

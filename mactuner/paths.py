@@ -52,3 +52,27 @@ def exports_dir() -> Path:
     path = home() / "exports"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` as a person should read it on screen: ``~/…`` under their home folder, ``$MACTUNER_HOME/…``
+    under a MacTuner home kept elsewhere, otherwise as given (a folder the person named themselves).
+
+    Reads nothing and creates nothing (unlike :func:`home`).
+    """
+    target = Path(path).expanduser()
+    ours = Path(os.environ.get("MACTUNER_HOME") or Path.home() / ".mactuner").expanduser()
+    for base, shown in ((ours, "$MACTUNER_HOME"), (Path.home(), "~")):
+        # a MacTuner home inside the person's home folder reads best as ~/…
+        if _inside(target, base) and not (shown != "~" and _inside(ours, Path.home())):
+            relative = target.absolute().relative_to(base.absolute()).as_posix()
+            return shown if relative == "." else f"{shown}/{relative}"
+    return str(path)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.absolute().relative_to(folder.absolute())
+    except ValueError:
+        return False
+    return True

@@ -23,6 +23,9 @@ from mactuner.chat.history import (
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.runs.views import list_adapters
+from mactuner.safe_text import safe_markdown
+from ui.chat_choice import recent_ui, restore_ui, restored_note
+from ui.chat_compare import compare_answers
 from ui.chat_models import answer_stream, loaded_model, release_on_device_switch
 from ui.common import device_or_stop, ensure_frame
 from ui.export_ui import chat_source_ui
@@ -33,6 +36,7 @@ ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 HISTORY = "chat_history"  # this session's copy of the saved conversation of the model choice (turns as in chat_history)
 NOTES = "chat_history_notes"  # what load_history said about a damaged conversation file
 IN_FLIGHT = "chat_answers_in_flight"  # this session's AnswersInFlight
+CONVERSATION_PX = 520  # the conversation's box: the page around it stays about one window high
 STOP_WAIT_S = 30.0  # how long the run after a Stop waits for the stopped answer to be saved
 
 
@@ -42,15 +46,20 @@ def answers_in_flight() -> AnswersInFlight:
 
 
 def model_ui() -> ChatChoice:
-    """Base model, adapter and compare mode."""
-    left, right = st.columns(2)
-    model = left.text_input("Base model", DEFAULT_MODEL, key="chat_model",
-                            help="The built-in model, a Hugging Face id or a local folder.")
+    """Base model, adapter and compare mode (as last used, see :func:`restore_ui`)."""
     adapters = {choice.label: str(choice.path) for choice in list_adapters()}
+    restore_ui(adapters)
+    left, right = st.columns(2)
+    st.session_state.setdefault("chat_model", DEFAULT_MODEL)  # a value, not a default: restore_ui may set it
+    model = left.text_input("Base model", key="chat_model",
+                            help="The built-in model, a Hugging Face id or a local folder.")
     label = right.selectbox("Fine-tuned adapter", ["(none)", *adapters], key="chat_adapter",
                             help="A finished run's adapter or one of its checkpoints.")
     adapter = chat_source_ui() or adapters.get(label, "")  # an exported model replaces the adapter
     compare = st.toggle("Compare base and fine-tuned side by side", key="chat_compare", disabled=not adapter)
+    recent_ui(adapters)
+    if note := restored_note():
+        st.caption(note)
     return ChatChoice(model, adapter, compare)
 
 
@@ -111,9 +120,27 @@ def history_ui(choice: ChatChoice) -> list[dict]:
     return st.session_state[HISTORY]
 
 
-def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, settings) -> None:
-    """Ask every model of ``choice``, streaming each answer under a Stop button; each side's answer is saved
-    as soon as it ends, and the question however the run ends.
+def answer_one(turn: ChatTurn, history: list[dict], choice: ChatChoice, device, settings) -> None:
+    """The one model of ``choice`` answers, streamed; saved however it ends."""
+    [who] = choice.sides
+    stream = None
+    try:
+        loaded = loaded_model(choice.model, choice.adapter_of(who), device, who)
+        stream = answer_stream(loaded, turn.conversation(history, who), settings)
+        stream_model_text(stream)
+    except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory
+        st.error(str(exc))
+        st.stop()
+    finally:
+        if stream is not None:
+            turn.record(who, stream)  # saved now, stopped or not
+    answer_footer(turn.reply["stats"][who])
+
+
+def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, settings, stop) -> None:
+    """Ask every model of ``choice`` (in Compare mode both at once, :func:`compare_answers`), with a Stop
+    button in ``stop`` (an ``st.empty`` above the conversation); each side's answer is saved as soon as it
+    ends, and the question however the run ends.
 
     Stop (or any click) interrupts this run at its next Streamlit call (each piece the
     answer draws) with Streamlit's stop or rerun exception: the side's ``finally`` records its answer so far
@@ -123,25 +150,13 @@ def answer_ui(prompt: str, history: list[dict], choice: ChatChoice, device, sett
         with st.chat_message("user"):
             show_model_text(prompt)
         with st.chat_message("assistant"):
-            stop = st.empty()
             stop.button("Stop", key="chat_stop_answer", icon=":material/stop_circle:",
                         help="End the answer being written.")
-            for column, who in zip(side_columns(choice.sides), choice.sides):
-                with column:
-                    if choice.compare:
-                        st.caption(who)
-                    stream = None
-                    try:
-                        loaded = loaded_model(choice.model, choice.adapter_of(who), device, who)
-                        stream = answer_stream(loaded, turn.conversation(history, who), settings)
-                        stream_model_text(stream)
-                    except (ModelSourceError, OSError, RuntimeError, ValueError) as exc:  # e.g. out of memory
-                        st.error(str(exc))
-                        st.stop()
-                    finally:
-                        if stream is not None:
-                            turn.record(who, stream)  # saved now: the next side may be stopped or never end
-                    answer_footer(turn.reply["stats"][who])
+            if choice.compare:
+                compare_answers(turn, history, choice, device, settings, answer_footer,
+                                lambda slot, text: slot.markdown(safe_markdown(text)))
+            else:
+                answer_one(turn, history, choice, device, settings)
             stop.empty()
     history += turn.pair
 
@@ -157,9 +172,15 @@ except ValueError as exc:
     st.error(str(exc))
     st.stop()
 history = history_ui(choice)
-show_history(history, choice.sides)
-if prompt := st.chat_input("Ask something", key="chat_input"):
-    answer_ui(prompt, history, choice, device, settings)
-st.button("New chat", key="chat_new", disabled=not history, on_click=clear_history,
-          args=(choice.key, answers_in_flight(), STOP_WAIT_S),  # after any answer still being saved
-          help="Forget this conversation (it is kept per model choice, across reloads).")
+prompt = st.chat_input("Ask something", key="chat_input")  # drawn pinned to the window's bottom
+# Stop and the conversation sit right under the pickers, in a box of its own height that follows the newest
+# answer: changing the adapter higher up never leaves the answer being written below the fold
+controls = st.container(horizontal=True)
+stop = controls.empty()
+controls.button("New chat", key="chat_new", disabled=not (history or prompt), on_click=clear_history,
+                args=(choice.key, answers_in_flight(), STOP_WAIT_S),  # after any answer still being saved
+                help="Forget this conversation (it is kept per model choice, across reloads).")
+with st.container(height=CONVERSATION_PX if history or prompt else "content", key="chat_conversation"):
+    show_history(history, choice.sides)
+    if prompt:
+        answer_ui(prompt, history, choice, device, settings, stop)

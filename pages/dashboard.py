@@ -7,6 +7,7 @@ import streamlit as st
 
 from mactuner.devices import DeviceInfo, dtype_name, format_bytes, get_optimal_dtype
 from mactuner.devices.monitor import DeviceSample, memory_figure
+from mactuner.display import health_rows, plural, table_for_people
 from mactuner.runs import sync_monitor
 from ui.common import device_manager, device_or_stop, ensure_frame, memory_monitor
 
@@ -61,7 +62,7 @@ def live_memory() -> None:
     history = monitor.history(str(device), since=time.time() - CHART_WINDOW_S)
     processes = {pid: rows for pid, rows in monitor.process_history().items() if rows[-1].time > time.time() - CHART_WINDOW_S}
     st.plotly_chart(memory_figure(history, processes, title=f"Memory of {device} over time"), key="memory_chart")
-    st.caption(f"{len(history)} samples, one every {monitor.interval:g} s")
+    st.caption(f"{plural(len(history), 'sample')}, one every {monitor.interval:g} s")
     if monitor.last_error:
         st.warning(f"The memory monitor could not read everything: {monitor.last_error}")
 
@@ -90,7 +91,9 @@ elif report["status"] == "ok":
 else:
     st.error("A device failed its test: see the advice below.")
 if report["tested"]:
-    st.dataframe(pd.DataFrame(report["devices"]).drop(columns=["name"], errors="ignore"), hide_index=True)
+    st.dataframe(pd.DataFrame(table_for_people(health_rows(report["devices"]))), hide_index=True, key="health_table")
+    st.caption("The test times a small matrix product (the core of every model) on each device, in float32 and "
+               "in the number type MacTuner uses there; fewer milliseconds is faster.")
 for advice in report["advice"]:
     st.warning(advice)
 with st.expander("Troubleshooting"):

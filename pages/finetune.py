@@ -15,9 +15,21 @@ from mactuner.config import TrainConfig
 from mactuner.models import ModelSourceError
 from mactuner.training.engines import choose_engine
 from mactuner.training.qlora import qlora_problem
+from ui import finetune_preference as preference
 from ui.common import device_or_stop, ensure_frame
 from ui.finetune_runs import runs_ui
-from ui.finetune_setup import dataset_ui, engine_ui, memory_ui, model_ui, recommend, settings_ui, summarize, summary_ui
+from ui.finetune_setup import (
+    dataset_ui,
+    engine_ui,
+    footprint_for,
+    memory_ui,
+    model_ui,
+    recommend,
+    settings_ui,
+    summarize,
+    summary_ui,
+    tokenizer_for,
+)
 
 ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
@@ -64,11 +76,16 @@ def setup_ui() -> None:
     if not model or dataset is None:
         st.info("Choose a model and a dataset to see the recommended settings.")
         return
+    objective = preference.objective_ui(str(dataset))
     try:
         mtime = Path(dataset).stat().st_mtime
         # the model's footprint first: its errors say best what is wrong with the model
-        recommended = recommend(model, str(dataset), device, mtime)
-        summary = summarize(str(dataset), model, mtime)
+        if objective == "sft":
+            recommended = recommend(model, str(dataset), device, mtime)
+            summary = summarize(str(dataset), model, mtime)
+        else:
+            recommended = preference.recommend(model, str(dataset), device, mtime, footprint_for(model))
+            summary = preference.summarize(str(dataset), model, objective, mtime, tokenizer_for(model))
     except (ModelSourceError, data.DatasetError, OSError, ValueError) as exc:
         st.error(str(exc))
         st.stop()
@@ -86,7 +103,12 @@ def setup_ui() -> None:
         st.stop()
     defaults = {**TrainConfig().to_dict(), **recommended.train_config_values()}
     settings = settings_ui(defaults, recommended.reasons, method, device)
-    summary_ui(summary, settings["max_length"])
+    if objective != "sft":
+        settings.update(objective=objective, **preference.settings_ui(objective))
+        preference.summary_ui(summary, settings["max_length"])
+    else:
+        summary_ui(summary, settings["max_length"])
+    settings.update(preference.trackers_ui())
     try:
         config = TrainConfig(**{**defaults, **settings, "model": model, "dataset": str(dataset), "method": method,
                                 "device": device, "engine": engine})

@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from mactuner import paths, quantize
+from mactuner.display import table_for_people
 from mactuner.export import merge_adapter
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.quantize import compare as quantize_compare
@@ -44,8 +45,9 @@ def text_ui() -> str | None:
 
 
 def show_report(report: quantize_compare.QuantizeReport) -> None:
-    st.caption(f"Measured on {report.device}; perplexity over {report.text_tokens} tokens of {report.text_source}.")
-    st.dataframe(pd.DataFrame(report.table()), hide_index=True, width="stretch")
+    st.caption(f"Measured on {report.device}; perplexity over {report.text_tokens} tokens of "
+               f"{paths.display_path(report.text_source) if '/' in report.text_source else report.text_source}.")
+    st.dataframe(pd.DataFrame(table_for_people(report.table())), hide_index=True, width="stretch")
     for variant in report.variants:
         if variant.error:
             st.warning(f"{variant.name}: {variant.error}")
@@ -55,7 +57,7 @@ def show_report(report: quantize_compare.QuantizeReport) -> None:
 
 st.title("Quantize and export")
 device = device_or_stop()
-st.caption(f"Quantizing and measuring on **{device}**. Files go to `{paths.exports_dir()}`.")
+st.caption(f"Quantizing and measuring on **{device}**. Files go to `{paths.display_path(paths.exports_dir())}`.")
 
 model, adapter = source_ui()
 merge_col, run_col = st.columns(2)
@@ -66,7 +68,7 @@ if merge_col.button("Merge adapter only", key="quant_merge", disabled=not adapte
     except ERRORS as exc:
         st.error(str(exc))
         st.stop()
-    st.success(f"Merged model saved to `{folder}` — loads with plain `AutoModelForCausalLM.from_pretrained`.")
+    st.success(f"Merged model saved to `{paths.display_path(folder)}` — loads with plain `AutoModelForCausalLM.from_pretrained`.")
 
 methods = methods_ui(device)
 text = text_ui()

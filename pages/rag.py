@@ -96,13 +96,17 @@ def answer_settings_ui() -> tuple[str, str, int, int]:
     return model, adapter, top_k, max_new
 
 
-def show_checks(last: dict) -> None:
-    """Under the answer: which sources it states (when it cites none), or the top source's best sentence
-    as evidence when it does not state what that source says."""
+def show_warning(last: dict, slot=None) -> None:
+    """Before the answer: that it does not state its top source, with that source's sentence closest to the
+    question (``slot``: the place kept above an answer that was streamed before it could be checked)."""
+    if warning := rag.answer_warning(last):
+        (slot or st).warning(warning, icon=":material/report:")
+
+
+def show_note(last: dict) -> None:
+    """Under the answer: where its words come from, when it states its top source and cites none."""
     if note := rag.support_note(last):
         st.caption(note)
-    if evidence := last.get("evidence"):
-        st.info(rag.evidence_note(evidence))
 
 
 def show_sources(sources: list[dict]) -> None:
@@ -137,13 +141,17 @@ try:
         answer = rag.ask(collection, question, embedder(collection.settings.embedding_model, str(device)),
                          loaded_model(model, adapter, device, "Chat model"), top_k=top_k,
                          settings=GenerationSettings(max_new_tokens=max_new, temperature=0.0))
+        slot = st.empty()  # the check goes above the answer, once the answer is complete
         stream_model_text(answer)
-        st.session_state["rag_last"] = answer.to_record()
-        show_checks(st.session_state["rag_last"])
-        show_sources(st.session_state["rag_last"]["sources"])
+        st.session_state["rag_last"] = last = answer.to_record()
+        show_warning(last, slot)
+        show_note(last)
+        show_sources(last["sources"])
     elif last := st.session_state.get("rag_last"):
-        show_model_text(f"**{last['question']}**\n\n{last['answer']}")
-        show_checks(last)
+        show_model_text(f"**{last['question']}**")
+        show_warning(last)
+        show_model_text(last["answer"])
+        show_note(last)
         show_sources(last["sources"])
 except (rag.RagError, ValueError, RuntimeError, OSError) as exc:
     st.error(str(exc))

@@ -228,6 +228,29 @@ def test_the_page_right_after_stop_shows_the_stopped_answer(monkeypatch, mactune
 
 # --- Compare mode: each side is saved as soon as it has answered ---------------------------------
 
+class PacedStream:
+    """A real chat stream handing out its pieces at most one per 20 ms, as a slower model would."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def __iter__(self):
+        for piece in self.stream:
+            time.sleep(0.02)
+            yield piece
+
+    @property
+    def text(self):
+        return self.stream.text
+
+    @property
+    def stats(self):
+        return self.stream.stats
+
+    def close(self):
+        self.stream.close()
+
+
 def caption_bodies(runner: LocalScriptRunner) -> list[str]:
     """The captions a script run has drawn so far (its forward messages, as the browser receives them)."""
     return [m.delta.new_element.markdown.body for m in runner.forward_msgs()
@@ -240,6 +263,18 @@ def test_compare_mode_saves_each_side_as_soon_as_it_has_answered(monkeypatch, va
     """While the fine-tuned side still answers, the file already holds the question and the base answer,
     so a reload (or the server going away) then keeps them; the finished turn is saved once, both sides."""
     monkeypatch.setattr(app_test_module, "LocalScriptRunner", RecordingRunner)
+    # both sides answer at once (ui.chat_compare): the fine-tuned side is paced so that the base side
+    # surely ends first, and the file can be read while the fine-tuned side still answers
+    import ui.chat_compare
+
+    streams = []
+
+    def paced_tuned_side(loaded, messages, settings):
+        streams.append(real_answer_stream(loaded, messages, settings))
+        return PacedStream(streams[-1]) if len(streams) % 2 == 0 else streams[-1]  # base first, then fine-tuned
+
+    real_answer_stream = ui.chat_compare.answer_stream
+    monkeypatch.setattr(ui.chat_compare, "answer_stream", paced_tuned_side)
     finished_run_with_adapter(mactuner_home, varied_model_dir, tiny_adapter)
 
     def compare_page() -> AppTest:
@@ -258,8 +293,8 @@ def test_compare_mode_saves_each_side_as_soon_as_it_has_answered(monkeypatch, va
     answering = threading.Thread(target=at.run, daemon=True)
     answering.start()
     deadline = time.monotonic() + 120
-    while not (RecordingRunner.runs and "fine-tuned" in caption_bodies(RecordingRunner.runs[0])):
-        assert time.monotonic() < deadline and answering.is_alive(), "the fine-tuned side never began"
+    while not (RecordingRunner.runs and [c for c in caption_bodies(RecordingRunner.runs[0]) if c.endswith(" tokens")]):
+        assert time.monotonic() < deadline and answering.is_alive(), "no side ended"
         time.sleep(0.005)
     [run] = RecordingRunner.runs
     key = history_key(str(varied_model_dir), str(mactuner_home / "runs" / "demo-run" / "adapter"), compare=True)

@@ -4,9 +4,13 @@ it through llama.cpp beside the torch base model in compare mode."""
 
 from __future__ import annotations
 
+import re
+
+from mactuner.quantize import compare as quantize_compare
 from tests.app_pages import open_app_page
 from tests.features import requires
 from tests.test_app_quantize import TEXT, make_run
+from ui.export_ui import verdict_badge
 
 
 def ask(at, question: str, tokens: int = 8):
@@ -26,11 +30,14 @@ def test_variant_verdict_folder_download_and_open_in_chat(varied_model_dir, tiny
     at.text_area(key="quant_text").input(TEXT)
     at.button(key="quant_run").click().run()
     assert not at.exception, at.exception
+    # the verdict shown is the one the library reaches from these measurements, as a text badge (no emoji)
+    expected = quantize_compare.report_verdicts(at.session_state["quant_report"])["int8-dynamic"]
     verdict = next(m.value for m in at.markdown if m.value.startswith("**int8-dynamic**"))
-    assert "perplexity" in verdict and any(w in verdict for w in ("recommended", "usable", "check its answers"))
-    assert any("within 5 % is good" in c.value for c in at.caption)  # the thresholds are stated
-    folder = mactuner_home / "exports" / "demo-run-adapter-variants" / "int8-dynamic"
-    assert any(c.value == f"Saved under `{folder}`" for c in at.caption)  # the variant's own folder
+    assert verdict == f"**int8-dynamic** {verdict_badge(expected)} {expected.text}" and expected.level in verdict
+    assert ("favours" in expected.text) == bool(expected.favoured) and not re.search("[\U0001F000-\U0001FAFF\u2600-\u27BF]", verdict)
+    assert any("within 5 % is as good" in c.value and "speed" in c.value for c in at.caption)  # the limits
+    # the variant's own folder, relative to MacTuner's home (no absolute path on screen)
+    assert any(c.value == "Saved under `$MACTUNER_HOME/exports/demo-run-adapter-variants/int8-dynamic`" for c in at.caption)
     assert len(at.get("download_button")) >= 2  # merged and int8-dynamic zips
 
     at.button(key="quant_chat_int8-dynamic").click().run()
@@ -52,8 +59,10 @@ def test_export_section_then_chat_compares_torch_base_and_the_gguf(varied_model_
     assert not at.exception, at.exception
     path = mactuner_home / "exports" / "gguf" / "demo-run-final-f16.gguf"
     assert path.is_file() and (mactuner_home / "exports" / "gguf" / "demo-run-final-f16.Modelfile").is_file()
-    assert any(f"Saved to `{path}`" in s.value for s in at.success)
-    assert any("ollama create" in c.value for c in at.code)
+    # MacTuner's own folder shown from its home, and the command names the Modelfile the download saves
+    assert any("Saved to `$MACTUNER_HOME/exports/gguf/demo-run-final-f16.gguf`" in s.value for s in at.success)
+    assert any("cd $MACTUNER_HOME/exports/gguf\nollama create my-model -f demo-run-final-f16.Modelfile" in c.value
+               for c in at.code)
 
     at.button(key="export_open_chat").click().run()
     assert not at.exception, at.exception

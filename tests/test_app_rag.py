@@ -57,7 +57,12 @@ def test_index_a_folder_ask_and_remove(tiny_embedder_dir, tiny_model_dir, tmp_pa
     # the tiny random model's answer does not state what the source says: the page shows the source's
     # sentence that best matches the question as the answer's evidence
     assert last["evidence"]["source"] == 1 and last["evidence"]["sentence"] in last["sources"][0]["text"]
-    assert any("Evidence" in i.value and last["evidence"]["sentence"] in i.value for i in at.info)
+    # said before the answer, not after it (issue 21): the warning comes first on the page
+    [warning] = [w for w in at.warning if "check the evidence" in w.value]
+    assert last["evidence"]["sentence"] in warning.value and "Matches" not in warning.value
+    texts = [str(getattr(e, "value", "")) for e in at.main if e.type in ("warning", "markdown")]
+    answer_at = texts.index("**Sources**") - 1  # the streamed answer is drawn just above the sources
+    assert texts.index(warning.value) < answer_at, "the evidence warning must come before the answer"
 
     at.selectbox(key="rag_remove_choice").select(rag.Collection.open("notes").documents()[0].id)
     button(at, "rag_remove").click().run()

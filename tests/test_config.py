@@ -46,6 +46,13 @@ NON_DEFAULT = dict(
     dtype="bfloat16",
     seed=7,
     trust_remote_code=True,
+    objective="dpo",
+    beta=0.25,
+    dpo_loss="ipo",
+    kto_desirable_weight=1.33,
+    kto_undesirable_weight=0.75,
+    report_to=["tensorboard", "mlflow"],
+    mlflow_tracking_uri="http://localhost:5000",
 )
 
 

@@ -20,6 +20,7 @@ from mactuner.export import (
     modelfile_text,
     template_default_system,
 )
+from mactuner.fileio import STAGING_PREFIX
 from tests.features import requires
 
 needs_llama_cpp = requires("llama_cpp")
@@ -44,10 +45,12 @@ def f16_export(varied_model_dir, tiny_adapter, tmp_path_factory):
     with pytest.raises(ExportError, match="not written by MacTuner"):
         export_gguf(tiny_adapter, model=str(varied_model_dir), outtype="f16", out=target)
     assert target.read_bytes() == b"my own notes"
-    steps = []
+    steps, messages = [], []
     result = export_gguf(tiny_adapter, model=str(varied_model_dir), outtype="f16", out=target, overwrite=True,
-                         progress=lambda message, fraction: steps.append(fraction))
+                         progress=lambda message, fraction: (steps.append(fraction), messages.append(message)))
     assert [f for f in steps if f is not None] == sorted(f for f in steps if f is not None) and steps[-1] == 1.0
+    # what the page shows while it works: no hidden staging folder's name (issue 21), no absolute path
+    assert not [m for m in messages if STAGING_PREFIX in m or str(folder) in m], messages
     return result
 
 

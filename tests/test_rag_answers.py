@@ -68,23 +68,49 @@ def test_a_stray_answer_gets_the_top_sources_best_sentence_as_evidence(tiny_embe
     # what the page keeps to show the answer again after a rerun: all of it, JSON-ready
     record = answer.to_record()
     assert record == {"question": question, "answer": text, "evidence": evidence.to_dict(), "citations": [],
-                      "supported_by": [], "sources": [hit.to_dict() for hit in answer.sources]}
+                      "supported_by": [], "quoted": [], "sources": [hit.to_dict() for hit in answer.sources]}
     assert json.loads(json.dumps(record)) == record
     assert rag.support_note(record) is None  # it states no source
-    assert "> The Karsk lighthouse was built in 1821 by the harbour guild." in rag.evidence_note(record["evidence"])
+    warning = rag.answer_warning(record)  # shown before the answer
+    assert warning.startswith("**Not found in the sources: check the evidence.**")
+    assert "> The Karsk lighthouse was built in 1821 by the harbour guild." in warning
 
 
-def test_the_notes_under_an_answer_say_what_mactuner_checked():
-    # the model cited nothing, but its answer states sources 2 and 1: MacTuner says so, and that it checked
-    assert rag.support_note({"supported_by": [2, 1], "citations": []}) == (
-        "Matches [2], [1] (checked by MacTuner: the model did not cite a source)")
-    assert rag.support_note({"supported_by": [1], "citations": [1]}) is None  # it cited its source itself
-    assert rag.support_note({"supported_by": [], "citations": []}) is None
+def test_the_notes_say_what_mactuner_checked_and_never_read_as_a_verdict():
     evidence = {"source": 1, "file": "karsk.txt", "position": "line 1, chunk 0", "score": 0.8,
                 "sentence": "The Karsk lighthouse was built in 1821."}
-    assert rag.evidence_note(evidence) == (
-        "**Evidence** from source [1] karsk.txt · line 1, chunk 0:\n\n> The Karsk lighthouse was built in 1821.\n\n"
-        "The answer above does not repeat the top source; this is its sentence closest to the question.")
+    # issue 21: a wrong answer copied from source [2] was tagged "Matches [2]" and its evidence came after it.
+    # Now the page says first that it is not what the top source says, and that it quotes a lower-ranked one
+    wrong = {"supported_by": [2], "quoted": [2], "citations": [], "evidence": evidence}
+    assert rag.support_note(wrong) is None
+    assert rag.answer_warning(wrong) == (
+        "**Not what the top source says: check the evidence.** The answer below quotes source [2], which "
+        "matched the question less well.\n\nEvidence from source [1] karsk.txt · line 1, chunk 0 (its sentence "
+        "closest to the question):\n\n> The Karsk lighthouse was built in 1821.")
+    stray = {"supported_by": [], "quoted": [], "citations": [], "evidence": evidence}
+    assert rag.answer_warning(stray).startswith("**Not found in the sources: check the evidence.** The answer "
+                                                "below does not state what the top source [1] says.")
+    # an answer that states its top source: no warning; the note says where its words come from, not that it is right
+    quoting = {"supported_by": [1], "quoted": [1], "citations": [], "evidence": None}
+    assert rag.answer_warning(quoting) is None
+    assert rag.support_note(quoting) == ("Quotes source [1] word for word (checked by MacTuner; whether it answers "
+                                         "the question is for you to judge)")
+    sharing = {"supported_by": [1, 3], "quoted": [], "citations": [], "evidence": None}
+    assert rag.support_note(sharing) == ("Uses the words of source [1], [3] without quoting it (checked by "
+                                         "MacTuner, which compares words, not facts)")
+    assert not any("Matches" in (rag.support_note(r) or "") + (rag.answer_warning(r) or "")
+                   for r in (wrong, stray, quoting, sharing))
+    assert rag.support_note({"supported_by": [], "citations": [], "evidence": None}) is None
+
+
+@pytest.mark.parametrize("answer, quoted", [
+    ("The Karsk lighthouse was built in 1821 [1].", True),  # five words in a row, citation aside
+    ("It was finished in 1821 for the guild.", False),  # shares words, but never five in a row
+    ("Built in 1821.", True),  # a short answer found whole
+    ("1821.", False),  # too short to quote anything
+])
+def test_an_answer_quotes_a_source_only_word_for_word(answer, quoted):
+    assert rag.quotes_source(answer, "The Karsk lighthouse was built in 1821 by the harbour guild.") is quoted
     hit = rag.SearchHit(score=0.73449, document_id="d", file="handbook.pdf", chunk=7, start=0, end=10, line=40, page=3,
                         text="…")
     assert rag.source_title(2, hit.to_dict()) == "[2] handbook.pdf · page 3, chunk 7 · score 0.734"

@@ -59,7 +59,7 @@ def test_headline_shows_the_stage_then_step_and_eta():
     resumed = RunInfo(id="r", path=path, state="running", step=5, total_steps=10, started_at=2000.0)
     assert run_views.progress_headline(resumed, tail) == "running · step 5/10 · ETA –"
     stopped = RunInfo(id="r", path=path, state="cancelled", step=5, total_steps=None)
-    assert run_views.progress_headline(stopped, tail) == "cancelled · step 5/? · ETA –"
+    assert run_views.progress_headline(stopped, tail) == "cancelled · step 5/?"  # no "ETA –" on a stopped run
 
 
 @pytest.mark.parametrize(("state", "step", "message", "note"), [

@@ -63,10 +63,13 @@ def _release(loaded) -> None:
 
 
 def loaded_model(model: str, adapter: str, device, label: str):
-    """The cached model, loaded with a progress bar the first time; the oldest is dropped past MAX_MODELS."""
+    """The cached model, loaded with a progress bar the first time; the one used least lately is dropped past
+    MAX_MODELS (so Compare's two models, taken one after the other, never drop each other)."""
     cache = model_cache()
     key = (model, adapter, str(device), dtype_name(get_optimal_dtype(device)))
-    if key not in cache:
+    if key in cache:
+        cache[key] = cache.pop(key)  # now the latest used
+    else:
         bar = st.progress(0.0, text=f"{label}: loading…")
         try:
             loaded = _load(model, adapter, device,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from mactuner import evaluate, runs
+from mactuner import evaluate, paths, runs
 from mactuner.data import DatasetError
+from mactuner.display import table_for_people
 from mactuner.models import ModelSourceError
 from ui.common import selected_device
 
@@ -16,19 +17,32 @@ ERRORS = (ModelSourceError, DatasetError, OSError, RuntimeError, ValueError)
 
 def show_eval(result: evaluate.EvalResult) -> None:
     """The saved evaluation: loss / perplexity / hit rates of both models, then the answers side by side."""
-    st.caption(f"{result.rows} {result.rows_source} of `{result.dataset}` on {result.device}; "
+    st.caption(f"{result.rows} {result.rows_source} of `{paths.display_path(result.dataset)}` on {result.device}; "
                f"loss and perplexity over the answer tokens (lower is better).")
-    summary = pd.DataFrame(result.summary()["rows"]).dropna(axis=1, how="all")
+    summary = pd.DataFrame(result.summary()["rows"]).dropna(axis=1, how="all").to_dict("records")
+    summary = pd.DataFrame(table_for_people(summary))
     st.dataframe(summary, hide_index=True, key="eval_summary")
     if result.answers:
-        columns = ["prompt", "reference", "base_answer", "tuned_answer"]
-        if result.short_references:
-            columns += ["base_keyword", "tuned_keyword"]
-        table = pd.DataFrame([{c: getattr(a, c) for c in columns} for a in result.answers])
-        st.dataframe(table.rename(columns=lambda c: c.replace("_", " ")), hide_index=True, key="eval_answers")
-        if result.short_references:
-            st.caption("Keyword hit: every word of the reference that the question does not already contain "
-                       "(stop words aside) appears in the answer.")
+        answers_ui(result)
+
+
+def answers_ui(result: evaluate.EvalResult) -> None:
+    """Each prompt with the base and the tuned answer side by side in plain, wrapping text: every column
+    stays on screen at any window width (a wide table hid the tuned answers off its right edge)."""
+    st.markdown("**Answers** (greedy, on the same prompts)")
+    with st.container(height=min(120 + 110 * len(result.answers), 560), key="eval_answers"):
+        for number, row in enumerate(result.answers, start=1):
+            prompt, base, tuned = st.columns([3, 4, 4])
+            prompt.text(f"{number}. {row.prompt}")
+            prompt.text("expected: " + " ".join(row.reference.split())[:300])
+            for column, who, answer, hit in ((base, "base", row.base_answer, row.base_keyword),
+                                             (tuned, "tuned", row.tuned_answer, row.tuned_keyword)):
+                column.caption(who + ("" if hit is None else (" · keyword hit" if hit else " · keyword missed")))
+                column.text(answer.strip() or "(empty answer)")
+            st.divider()
+    if result.short_references:
+        st.caption("Keyword hit: every word of the reference that the question does not already contain "
+                   "(stop words aside) appears in the answer.")
 
 
 def evaluate_ui(run: runs.RunInfo) -> None:
@@ -63,8 +77,8 @@ def compare_ui() -> None:
         if len(chosen) < 2:
             st.caption("Pick two or more finished runs.")
             return
-        rows = evaluate.compare_runs(chosen)
-        # one column per run, settings read across; a missing figure shows as "–"
-        table = pd.DataFrame(rows).set_index("run").T.map(lambda v: "–" if v is None or v != v else str(v))
+        rows = table_for_people(evaluate.compare_runs(chosen))
+        # one column per run, settings read across (as text: each row holds its own kind of value)
+        table = pd.DataFrame(rows).set_index("run").T.map(str)
         st.dataframe(table, key="finetune_compare_table")
         st.plotly_chart(evaluate.loss_curves_figure(chosen), key="finetune_compare_chart")

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from mactuner import export
+from mactuner import export, paths
 from mactuner.models import DEFAULT_MODEL, ModelSourceError
 from mactuner.quantize import compare as quantize_compare
 
 CHAT_OPEN = "chat_open"  # session key: a model path the Chat page selects on its next run
+CHAT_OPEN_ADAPTER = "chat_open_adapter"  # session key: a run's adapter the Chat page selects on its next run
 ERRORS = (export.ExportError, ModelSourceError, OSError, RuntimeError, ValueError)
 OUTTYPE_HELP = {"f16": "f16 — 16-bit, the reference quality", "bf16": "bf16 — 16-bit, bfloat16 weights",
                 "q8_0": "q8_0 — 8-bit, half the size; check its answers (llama.cpp garbles the built-in 135M model's)"}
@@ -38,7 +39,7 @@ def export_section(model: str, adapter: str) -> None:
     out = right.text_input("Save as (a .gguf path; empty: the default below)", key="export_out")
     overwrite = right.checkbox("Overwrite", key="export_overwrite",
                                help="Replace an existing file MacTuner did not write (never done without this).")
-    st.caption(f"Default file: `{export.default_gguf_path(label, outtype)}` — unique per run and step; "
+    st.caption(f"Default file: `{paths.display_path(export.default_gguf_path(label, outtype))}` — unique per run and step; "
                "an Ollama Modelfile is written beside it.")
     if st.button("Export GGUF", key="export_run", type="primary"):
         bar = st.progress(0.0, text="Starting…")
@@ -60,34 +61,52 @@ def export_section(model: str, adapter: str) -> None:
 def exported_ui(done: dict) -> None:
     """Where the export was saved, its downloads, how to run it elsewhere, and Open in Chat."""
     path, modelfile = Path(done["path"]), Path(done["modelfile"])
-    st.success(f"Saved to `{path}` ({done['size_bytes'] / 1e6:.0f} MB, {done['outtype']}, {done['seconds']:.0f} s).")
+    st.success(f"Saved to `{paths.display_path(path)}` ({done['size_bytes'] / 1e6:.0f} MB, {done['outtype']}, {done['seconds']:.0f} s).")
     cols = st.columns(3)
     cols[0].download_button("Download .gguf", lambda: path.read_bytes(), file_name=path.name,
                             mime="application/octet-stream", on_click="ignore", key="export_download")
-    cols[1].download_button("Download Modelfile", lambda: modelfile.read_bytes(), file_name="Modelfile",
+    cols[1].download_button("Download Modelfile", lambda: modelfile.read_bytes(), file_name=modelfile.name,
                             mime="text/plain", on_click="ignore", key="export_download_modelfile")
     if cols[2].button("Open in Chat", key="export_open_chat"):
         open_in_chat(path)
-    st.code(f"cd {path.parent}\nollama create my-model -f {modelfile.name} && ollama run my-model\n"
+    st.code(f"cd {paths.display_path(path.parent)}\nollama create my-model -f {modelfile.name} && ollama run my-model\n"
             f"llama-cli -m {path.name} -cnv    # llama.cpp; LM Studio: lms import {path.name}", language="bash")
+
+
+# a verdict's level as a text badge (no emoji: they render as empty boxes without an emoji font)
+BADGE_COLOURS = {"recommended": "green", "trade-off": "blue", "check its answers": "orange",
+                 "not recommended": "red", "no gain": "gray", "failed": "red"}
+
+
+def verdict_badge(verdict: quantize_compare.Verdict) -> str:
+    """Markdown for a verdict's level as a coloured text badge, e.g. ``:green-badge[recommended]``."""
+    colour = BADGE_COLOURS.get(verdict.level)
+    return f":{colour}-badge[{verdict.level}]" if colour else ""
+
+
+def verdict_legend(reference: str) -> str:
+    """How the verdicts are reached, with the limits the library uses."""
+    good, acceptable, worse = (f"{(limit - 1) * 100:.0f} %" for limit, _ in quantize_compare.VERDICT_THRESHOLDS)
+    return (f"Verdicts weigh quality (perplexity), speed (tokens/s) and size on disk against **{reference}**, and "
+            f"say which the variant favours. Quality: within {good} is as good, within {acceptable} a little "
+            f"worse, within {worse} check its answers, beyond that not recommended. Speed counts beyond "
+            f"±{(quantize_compare.SPEED_MARGIN - 1) * 100:.0f} %, size beyond ±{(quantize_compare.SIZE_MARGIN - 1) * 100:.0f} %.")
 
 
 def variants_ui(report: quantize_compare.QuantizeReport) -> None:
     """Each variant: its verdict, its own folder, a zip download and Open in Chat."""
     verdicts = quantize_compare.report_verdicts(report)
-    lo, hi = quantize_compare.VERDICT_THRESHOLDS[0][0], quantize_compare.VERDICT_THRESHOLDS[-1][0]
-    st.caption(f"Verdicts compare perplexity with **{report.variants[0].name}**: within {(lo - 1) * 100:.0f} % is good, "
-               f"within {(quantize_compare.VERDICT_THRESHOLDS[1][0] - 1) * 100:.0f} % acceptable, "
-               f"within {(hi - 1) * 100:.0f} % worse (check its answers), beyond that not recommended.")
+    st.caption(verdict_legend(report.variants[0].name))
+    if highlights := quantize_compare.report_highlights(report):
+        st.caption(highlights[0].upper() + highlights[1:] + ".")
     rows = [v for v in report.variants if v.error is None and v.path]
     for i, variant in enumerate(rows):
         verdict = verdicts[variant.name]
         with st.container(border=True):
             text, download, chat = st.columns([4, 1, 1])
-            icon = {"good": "✅", "acceptable": "🆗", "worse": "⚠️", "not recommended": "⛔"}.get(verdict.level, "•")
-            text.markdown(f"**{variant.name}** {icon} {verdict.text}")
-            text.caption(f"Saved under `{variant.path}`" if i or variant.name != "base"
-                         else f"The base model itself: `{variant.path}`")
+            text.markdown(f"**{variant.name}** {verdict_badge(verdict)} {verdict.text}")
+            shown = paths.display_path(variant.path)
+            text.caption(f"Saved under `{shown}`" if i or variant.name != "base" else f"The base model itself: `{shown}`")
             if variant.name != "base" and Path(variant.path).is_dir():
                 download.download_button("Download (.zip)", lambda p=variant.path: export.folder_zip_bytes(p),
                                          file_name=f"{Path(variant.path).name}.zip", mime="application/zip",

@@ -7,13 +7,20 @@ logic is in :mod:`mactuner.runs` and :mod:`mactuner.runs.views`. Not a page itse
 import streamlit as st
 
 from mactuner import runs
+from mactuner.display import table_for_people
 from mactuner.runs import views as run_views
 from mactuner.runs.names import run_display_name, set_run_name
 from ui.common import memory_monitor
 from ui.eval_ui import compare_ui, evaluate_ui
+from ui.export_ui import CHAT_OPEN_ADAPTER
+from ui.finetune_preference import reward_charts_ui
 
 MAX_POINTS = 1000  # per chart trace: a long run's charts stay light to redraw every second
 LIVE_REFRESH_S = 1.0  # while a run trains
+# px: the shown columns fit an 800 px window beside the sidebar (a long run name is cut; the picker has it whole)
+RUNS_TABLE_WIDTHS = {"run": st.column_config.Column(width=150), "state": st.column_config.Column(width=75),
+                     "step": st.column_config.Column(width=55), "loss": st.column_config.Column(width=60),
+                     "val loss": st.column_config.Column(width=65)}
 IDLE_REFRESH_S = 3.0  # otherwise: only to notice a run started in another tab (each redraw costs server CPU)
 
 
@@ -33,20 +40,22 @@ def charts_ui(tail: runs.MetricsTail) -> None:
     with right:
         chart("Gradient norm", {"grad norm": series("grad_norm")}, "finetune_chart_grad")
         chart("Memory (MiB)", {"memory": tail.memory_series(MAX_POINTS)}, "finetune_chart_mem", "seconds")
+    reward_charts_ui(tail, chart, MAX_POINTS)  # DPO / ORPO / KTO runs
 
 
 def actions_ui(run: runs.RunInfo) -> None:
-    """Cancel, resume, delete, download, as the run's state allows."""
-    cols = st.columns(4)
+    """Cancel, resume, delete, download and Open in Chat, as the run's state allows: one row of buttons,
+    each as wide as its label (they wrap in a narrow window instead of cutting their labels)."""
+    row = st.container(horizontal=True)
     try:
-        if run.is_running and cols[0].button("Cancel (saves a checkpoint)", key="finetune_cancel"):
+        if run.is_running and row.button("Cancel (saves a checkpoint)", key="finetune_cancel"):
             runs.cancel_run(run.id)
             st.toast(f"Asked {run.id} to stop; it saves a checkpoint first.")
-        if run.state in ("cancelled", "failed") and cols[0].button("Resume", key="finetune_resume"):
+        if run.state in ("cancelled", "failed") and row.button("Resume", key="finetune_resume"):
             runs.resume_run(run.id, force=st.session_state.get("finetune_force", False))
             st.toast(f"Resuming {run.id}.")
         if not run.is_running:
-            with cols[1].popover("Delete run"):
+            with row.popover("Delete run"):
                 if st.button(f"Delete {run.id} and its checkpoints", key="finetune_delete"):
                     runs.delete_run(run.id)
                     st.rerun()
@@ -55,8 +64,14 @@ def actions_ui(run: runs.RunInfo) -> None:
     except runs.RunError as exc:
         st.warning(str(exc))
     if (run.path / "adapter").is_dir():
-        cols[2].download_button("Download adapter (.zip)", lambda: runs.export_adapter_zip(run.id).read_bytes(),
-                                file_name=f"{run.id}-adapter.zip", mime="application/zip", on_click="ignore")
+        row.download_button("Download adapter (.zip)", lambda: runs.export_adapter_zip(run.id).read_bytes(),
+                            file_name=f"{run.id}-adapter.zip", mime="application/zip", on_click="ignore",
+                            key="finetune_download")
+    if run.state == "finished" and (run.path / "adapter" / "adapter_config.json").is_file():
+        if row.button("Open in Chat", key="finetune_open_chat", icon=":material/chat:",
+                      help="Chat with this run's final adapter."):
+            st.session_state[CHAT_OPEN_ADAPTER] = str(run.path / "adapter")  # the Chat page selects it
+            st.switch_page("pages/chat.py")
 
 
 def checkpoints_ui(run: runs.RunInfo) -> None:
@@ -65,7 +80,7 @@ def checkpoints_ui(run: runs.RunInfo) -> None:
     if not found:
         st.caption("No checkpoint yet.")
         return
-    st.dataframe(run_views.checkpoint_table(found), hide_index=True, key="finetune_checkpoints")
+    st.dataframe(table_for_people(run_views.checkpoint_table(found)), hide_index=True, key="finetune_checkpoints")
     if not run.is_running:
         left, right = st.columns([1, 3])
         step = left.selectbox("Checkpoint", [c.step for c in found], index=len(found) - 1, key="finetune_ckpt",
@@ -127,8 +142,12 @@ def runs_view(live: bool) -> None:
         st.info("No runs yet: set one up in the New run tab and start it.")
         return
     by_id = {r.id: r for r in all_runs}
-    st.dataframe(run_views.runs_table(all_runs), hide_index=True, key="finetune_runs_table")
+    st.dataframe(table_for_people(run_views.runs_table(all_runs)), hide_index=True, key="finetune_runs_table",
+                 column_order=run_views.RUNS_TABLE_SHOWN, column_config=RUNS_TABLE_WIDTHS)
     if st.session_state.get("finetune_select") in by_id:
         st.session_state["finetune_run"] = st.session_state.pop("finetune_select")
+    if st.session_state.get("finetune_run") not in by_id:  # a new session (a reload): the training run first
+        st.session_state["finetune_run"] = next((r.id for r in all_runs if r.is_running), all_runs[0].id)
     run_id = st.selectbox("Runs", list(by_id), key="finetune_run", format_func=lambda i: run_views.run_label(by_id[i]))
+    st.caption(run_views.run_details(by_id[run_id]))
     run_ui(by_id[run_id])

@@ -143,7 +143,7 @@ def _ask(args) -> int:
     if args.json:
         evidence = answer.evidence
         print(json.dumps({"question": args.question, "answer": answer.text, "citations": answer.citations,
-                          "supported_by": answer.supported_by,
+                          "supported_by": answer.supported_by, "quoted": answer.quoted,
                           "evidence": evidence.to_dict() if evidence else None,
                           "sources": [h.to_dict() for h in answer.sources],
                           "model": loaded.source, "device": str(embedder.device),

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = (f.metadata.get("help") or "").replace("%", "%%")
         if f.type == "bool":
             overrides.add_argument(_option(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif f.name == "target_modules":
+        elif f.name in ("target_modules", "report_to"):
             overrides.add_argument(_option(f.name), dest=f.name, default=None, help=help_text + " (comma-separated)")
         else:
             overrides.add_argument(_option(f.name), dest=f.name, default=None, metavar="VALUE", help=help_text)
@@ -62,6 +62,9 @@ def _convert(name: str, type_name: str, text: str):
         return None
     if name == "target_modules":
         return text if text == "all-linear" else [m.strip() for m in text.split(",") if m.strip()]
+    if name == "report_to":  # one tracker, or several comma-separated
+        listed = [m.strip() for m in text.split(",") if m.strip()]
+        return listed[0] if len(listed) == 1 else listed
     if type_name.startswith("int"):
         return int(text)
     if type_name.startswith("float"):

@@ -69,7 +69,8 @@ def convert(model_dir: Path, outfile: Path, outtype: str, name: str | None = Non
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }
     tqdm.tqdm = _ByteProgress  # the writer imports tqdm.tqdm when it starts writing
-    _report(f"Reading {model_dir.name}…", 0.0)
+    # the folder may be a hidden staging merge (a temp name): say the model's name instead
+    _report(f"Reading {name or 'the model'}…", 0.0)
     with torch.inference_mode():
         hparams = ModelBase.load_hparams(model_dir, False)
         architecture = get_model_architecture(hparams, ModelType.TEXT)

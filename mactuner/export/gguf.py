@@ -288,7 +288,7 @@ def export_gguf(
         tmp.unlink(missing_ok=True)
         shutil.rmtree(scratch, ignore_errors=True)
     if progress:
-        progress(f"Saved {target}.", 1.0)
+        progress(f"Saved {target.name}.", 1.0)
     return GGUFExport(target, sidecar, outtype, source, target.stat().st_size, time.perf_counter() - started, system)
 
 

@@ -72,22 +72,62 @@ class QuantizeReport:
         ]
 
 
-# perplexity of a variant over its reference's: the verdict's thresholds (stated on the page and in the README)
+# the verdict's limits (stated on the page and in the README). Quality: perplexity of a variant over its
+# reference's; speed: its tokens/s over the reference's; size: the reference's bytes on disk over its own.
 VERDICT_THRESHOLDS = ((1.05, "good"), (1.25, "acceptable"), (1.5, "worse"))
+SPEED_MARGIN = 1.1  # faster or slower only beyond 10 %: one short answer's timing is noisy
+SIZE_MARGIN = 1.2  # smaller or larger only beyond 20 %
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """Whether a variant is worth using, judged on perplexity against the unquantized reference."""
+    """Whether a variant is worth using against the unquantized reference, weighing quality, speed and size.
 
-    level: str  # "reference", "good", "acceptable", "worse", "not recommended", "failed", "unknown"
-    text: str  # e.g. "perplexity 2.8× worse: not recommended"
+    ``level`` is one of ``"reference"``, ``"recommended"`` (as good, and faster or smaller without being
+    slower), ``"trade-off"`` (faster or smaller, paid for in speed or a little quality), ``"check its
+    answers"`` (quality clearly worse), ``"not recommended"`` (quality far worse, whatever it gains),
+    ``"no gain"`` (neither faster nor smaller), ``"failed"`` or ``"unknown"``. ``favoured`` names what the
+    variant gains (``"speed"``, ``"size"``) and ``costs`` what it pays (``"speed"``, ``"quality"``).
+    """
+
+    level: str
+    text: str  # e.g. "perplexity +3 %, 2.0× smaller, 1.7× slower: a trade-off: favours size over speed"
     ratio: float | None = None  # variant perplexity / reference perplexity
+    favoured: tuple[str, ...] = ()
+    costs: tuple[str, ...] = ()
+
+
+def _quality(ratio: float) -> str:
+    return next((level for limit, level in VERDICT_THRESHOLDS if ratio <= limit), "poor")
+
+
+def _speed_text(speed: float | None) -> str | None:
+    if speed is None:
+        return None
+    if speed >= SPEED_MARGIN:
+        return f"{speed:.1f}× faster"
+    return f"{1 / speed:.1f}× slower" if speed <= 1 / SPEED_MARGIN else "same speed"
+
+
+def _size_text(size: float | None) -> str | None:
+    if size is None:
+        return None
+    if size >= SIZE_MARGIN:
+        return f"{size:.1f}× smaller"
+    return f"{1 / size:.1f}× larger" if size <= 1 / SIZE_MARGIN else "same size"
 
 
 def variant_verdict(variant: VariantResult, reference: VariantResult | None) -> Verdict:
-    """A one-line verdict for ``variant``: within 5 % of the reference's perplexity is *good*, within 25 %
-    *acceptable*, within 50 % *worse* (check its answers), beyond that *not recommended*."""
+    """A one-line verdict for ``variant`` against ``reference`` that weighs quality, speed and size, and says
+    which it favoured.
+
+    Quality is the perplexity ratio: within 5 % *good*, within 25 % *acceptable*, within 50 % *worse*,
+    beyond *poor*. Speed counts beyond ±10 % of the reference's tokens/s, size beyond ±20 % of its bytes.
+    A variant that gains neither speed nor size is *no gain*; poor quality is *not recommended* and worse
+    quality *check its answers* whatever it gains; good quality with no speed lost is *recommended*;
+    anything else that gains is a *trade-off*. The text gives the figures, the verdict and what it
+    favours over what (e.g. "favours size over speed").
+    """
     if variant.error:
         return Verdict("failed", f"not made: {variant.error}")
     if reference is None or variant is reference:
@@ -95,19 +135,62 @@ def variant_verdict(variant: VariantResult, reference: VariantResult | None) -> 
     if variant.perplexity is None or not reference.perplexity:
         return Verdict("unknown", "no perplexity measured")
     ratio = variant.perplexity / reference.perplexity
+    speed = (variant.tokens_per_second / reference.tokens_per_second
+             if variant.tokens_per_second and reference.tokens_per_second else None)
+    size = reference.size_bytes / variant.size_bytes if variant.size_bytes and reference.size_bytes else None
+    quality = _quality(ratio)
+    favoured = tuple(name for name, gain, margin in (("speed", speed, SPEED_MARGIN), ("size", size, SIZE_MARGIN))
+                     if gain is not None and gain >= margin)
+    costs = tuple(name for name, lost in (("speed", speed is not None and speed <= 1 / SPEED_MARGIN),
+                                          ("size", size is not None and size <= 1 / SIZE_MARGIN),
+                                          ("quality", quality != "good")) if lost)
+    if not favoured:
+        level = "no gain"
+    elif quality == "poor":
+        level = "not recommended"
+    elif quality == "worse":
+        level = "check its answers"
+    elif costs:
+        level = "trade-off"
+    else:
+        level = "recommended"
     change = f"{(ratio - 1) * 100:+.0f} %" if ratio < 1.5 else f"{ratio:.1f}× worse"
-    smaller = f", {reference.size_bytes / variant.size_bytes:.1f}× smaller" if variant.size_bytes and reference.size_bytes else ""
-    for limit, level in VERDICT_THRESHOLDS:
-        if ratio <= limit:
-            advice = {"good": "recommended", "acceptable": "usable", "worse": "check its answers before use"}[level]
-            return Verdict(level, f"perplexity {change}{smaller}: {advice}", ratio)
-    return Verdict("not recommended", f"perplexity {change}{smaller}: not recommended", ratio)
+    figures = ", ".join(t for t in (f"perplexity {change}", _size_text(size), _speed_text(speed)) if t)
+    if not favoured:
+        why = f"neither faster nor smaller than {reference.name}"
+    elif not costs:
+        why = f"favours {' and '.join(favoured)} at no cost"
+    else:
+        why = f"favours {' and '.join(favoured)} over {' and '.join(costs)}"
+    advice = {"trade-off": "a trade-off"}.get(level, level)
+    return Verdict(level, f"{figures}: {advice}: {why}", ratio, favoured, costs)
 
 
 def report_verdicts(report: QuantizeReport) -> dict[str, Verdict]:
     """Variant name → verdict, against the report's first (unquantized) variant."""
     reference = report.variants[0] if report.variants and report.variants[0].error is None else None
     return {v.name: variant_verdict(v, reference) for v in report.variants}
+
+
+def report_highlights(report: QuantizeReport) -> str | None:
+    """One line naming the fastest, the smallest and the best-perplexity variant (made ones only), e.g.
+    ``fastest: int8-dynamic (51.2 tokens/s) · smallest: int4-weight-only (98 MB) · best perplexity: merged
+    (23.30)``; None when fewer than two variants were measured."""
+    made = [v for v in report.variants if v.error is None]
+    if len(made) < 2:
+        return None
+    parts = []
+    timed = [v for v in made if v.tokens_per_second]
+    if timed:
+        fast = max(timed, key=lambda v: v.tokens_per_second)
+        parts.append(f"fastest: {fast.name} ({fast.tokens_per_second:.1f} tokens/s)")
+    small = min(made, key=lambda v: v.size_bytes or float("inf"))
+    parts.append(f"smallest: {small.name} ({small.size_bytes / 1e6:.0f} MB)")
+    measured = [v for v in made if v.perplexity is not None]
+    if measured:
+        best = min(measured, key=lambda v: v.perplexity)
+        parts.append(f"best perplexity: {best.name} ({best.perplexity:.2f})")
+    return " · ".join(parts)
 
 
 def folder_size(folder: str | os.PathLike) -> int:

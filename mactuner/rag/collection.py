@@ -193,7 +193,9 @@ def document_rows(docs: list[DocumentInfo]) -> list[dict[str, Any]]:
 
 def documents_summary(docs: list[DocumentInfo], settings: IndexSettings) -> str:
     """``3 documents · 41 chunks · chunks of 800 characters, overlap 120``."""
-    return (f"{len(docs)} documents · {sum(d.chunks for d in docs)} chunks · chunks of "
+    from mactuner.display import plural
+
+    return (f"{plural(len(docs), 'document')} · {plural(sum(d.chunks for d in docs), 'chunk')} · chunks of "
             f"{settings.chunk_size} characters, overlap {settings.chunk_overlap}")
 
 

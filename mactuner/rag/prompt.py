@@ -117,6 +117,27 @@ def overlaps_source(answer: str, source: str, question: str = "", *, threshold: 
     return len(own & content_words(source)) / len(own) >= threshold
 
 
+QUOTE_WORDS = 5  # consecutive words an answer must share with a source, in order, to "quote" it
+
+
+def _plain_words(text: str) -> list[str]:
+    return re.findall(r"[^\W_]+", re.sub(r"\[\d+\]", " ", text).lower())
+
+
+def quotes_source(answer: str, source: str, *, min_words: int = QUOTE_WORDS) -> bool:
+    """Whether ``answer`` repeats ``min_words`` consecutive words of ``source`` word for word (case, punctuation
+    and ``[n]`` citations aside); a shorter answer must appear whole. An answer under 3 words quotes nothing.
+
+    This says where the answer's words come from, not whether it answers the question.
+    """
+    words = _plain_words(answer)
+    if len(words) < 3:
+        return False
+    n = min(min_words, len(words))
+    text = f" {' '.join(_plain_words(source))} "
+    return any(f" {' '.join(words[i:i + n])} " in text for i in range(len(words) - n + 1))
+
+
 @dataclass
 class Evidence:
     """The sentence of a source that best matches the question."""
@@ -195,33 +216,72 @@ class RagAnswer:
         """
         return None if self.grounded else self.support
 
+    @property
+    def quoted(self) -> list[int]:
+        """The numbers of the sources the answer repeats word for word (see :func:`quotes_source`)."""
+        return [n for n, hit in enumerate(self.sources, start=1) if quotes_source(self.text, hit.text)]
+
     def to_record(self) -> dict[str, Any]:
         """The answer as a JSON-ready record, read once the stream is exhausted: ``question``, ``answer``
-        (the text), ``evidence`` (:meth:`Evidence.to_dict` or None), ``citations``, ``supported_by`` and
-        ``sources`` (each :meth:`SearchHit.to_dict`). The RAG page keeps it to show the answer again."""
+        (the text), ``evidence`` (:meth:`Evidence.to_dict` or None), ``citations``, ``supported_by``,
+        ``quoted`` and ``sources`` (each :meth:`SearchHit.to_dict`). The RAG page keeps it to show the answer
+        again."""
         return {"question": self.question, "answer": self.text,
                 "evidence": self.evidence.to_dict() if self.evidence else None, "citations": self.citations,
-                "supported_by": self.supported_by, "sources": [hit.to_dict() for hit in self.sources]}
+                "supported_by": self.supported_by, "quoted": self.quoted,
+                "sources": [hit.to_dict() for hit in self.sources]}
+
+
+def _numbers(numbers: list[int]) -> str:
+    return ", ".join(f"[{n}]" for n in numbers)
 
 
 def support_note(record: dict[str, Any]) -> str | None:
-    """For an answer (a :meth:`RagAnswer.to_record`) that cites no source: which sources it states, or None.
+    """A line under an answer (a :meth:`RagAnswer.to_record`) that states its top source, saying where its
+    words come from, or None.
 
-    None too when it cites its sources itself, or states none of them.
+    "Quotes source [1]" only when it repeats the source word for word (:func:`quotes_source`); an answer
+    that shares the top source's words without quoting it "uses the words of" it. Neither is a verdict that
+    the answer is right, and the note says so. None for an answer that does not state its top source (see
+    :func:`answer_warning`, shown before such an answer instead).
     """
-    if not record.get("supported_by") or record.get("citations"):
+    if record.get("evidence") or not record.get("supported_by"):
         return None
-    return (f"Matches {', '.join(f'[{n}]' for n in record['supported_by'])} (checked by MacTuner: the model "
-            "did not cite a source)")
+    quoted = record.get("quoted") or []
+    if quoted:
+        return (f"Quotes source {_numbers(quoted)} word for word (checked by MacTuner; whether it answers "
+                "the question is for you to judge)")
+    return (f"Uses the words of source {_numbers(record['supported_by'])} without quoting it (checked by "
+            "MacTuner, which compares words, not facts)")
+
+
+def answer_warning(record: dict[str, Any]) -> str | None:
+    """For an answer that does not state what its top source says (a record with ``evidence``): Markdown to
+    show *before* the answer, saying so and giving the top source's sentence closest to the question.
+    None for an answer that states its top source.
+
+    A small model often answers from the wrong chunk or from its own memory, confidently; the person
+    should read the retrieved fact first, not after the answer.
+    """
+    evidence = record.get("evidence")
+    if not evidence:
+        return None
+    elsewhere = [n for n in record.get("quoted") or [] if n != evidence["source"]]
+    if elsewhere:
+        headline = (f"**Not what the top source says: check the evidence.** The answer below quotes source "
+                    f"{_numbers(elsewhere)}, which matched the question less well.")
+    else:
+        headline = ("**Not found in the sources: check the evidence.** The answer below does not state what "
+                    f"the top source [{evidence['source']}] says.")
+    return f"{headline}\n\n{evidence_note(evidence)}"
 
 
 def evidence_note(evidence: dict[str, Any]) -> str:
-    """Markdown showing an :meth:`Evidence.to_dict` under an answer that does not repeat its top source."""
+    """Markdown showing an :meth:`Evidence.to_dict`: the top source's sentence closest to the question."""
     # the sentence and the file name are the documents' own text: shown, never fetched or linked
     sentence = " ".join(safe_markdown(str(evidence["sentence"])).split())
-    return (f"**Evidence** from source [{evidence['source']}] {safe_markdown(str(evidence['file']))} · "
-            f"{evidence['position']}:\n\n> {sentence}\n\nThe answer above does not repeat the top source; this is its "
-            "sentence closest to the question.")
+    return (f"Evidence from source [{evidence['source']}] {safe_markdown(str(evidence['file']))} · "
+            f"{evidence['position']} (its sentence closest to the question):\n\n> {sentence}")
 
 
 def source_title(number: int, hit: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ process's whole resident memory; on a GPU the device memory the process takes, i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,16 +263,34 @@ def estimate_for_config(config: Any, summary: Any = None, device: str | torch.de
     footprint = footprint or model_footprint(config.model, trust_remote_code=getattr(config, "trust_remote_code", False))
     seq_len = config.max_length
     trained = None
-    if summary is not None:
+    objective = getattr(config, "objective", "sft")
+    if summary is not None and getattr(summary, "chosen_lengths", None) is not None:
+        # a preference summary (mactuner.data.preference): prompt + the longer answer
+        answers = max(summary.chosen_lengths + summary.rejected_lengths, default=1)
+        seq_len = min(config.max_length, max(summary.prompt_lengths, default=0) + answers)
+        trained = min(answers, config.max_length)
+    elif summary is not None:
         seq_len = min(config.max_length, max(summary.max_tokens, 1))
         if getattr(summary, "trained_lengths", None):
             trained = max(min(n, config.max_length) for n in summary.trained_lengths)
-    return estimate_memory(
-        footprint, method=config.method, dtype=dtype, batch_size=config.batch_size, seq_len=seq_len,
+    # DPO and ORPO run a pair's two sequences in one forward pass: twice the rows
+    sequences = config.batch_size * (2 if objective in ("dpo", "orpo") else 1)
+    estimate = estimate_memory(
+        footprint, method=config.method, dtype=dtype, batch_size=sequences, seq_len=seq_len,
         lora_rank=config.lora_rank, target_modules=config.target_modules,
         gradient_checkpointing=config.gradient_checkpointing, trained_tokens_per_row=trained,
         device_type=device.type, engine=choose_engine(getattr(config, "engine", "torch"), config.method).engine,
     )
+    if objective in ("dpo", "kto"):
+        # the reference pass (no gradient: one layer's activations at a time, and its log-probabilities);
+        # full fine-tuning also holds a frozen copy of the weights in the compute dtype
+        b = dtype.itemsize
+        h, i = footprint.hidden_size, footprint.intermediate_size or 4 * footprint.hidden_size
+        reference = sequences * seq_len * (2 * h + i) * b
+        copy = footprint.num_parameters * b if config.method == "full" else 0
+        estimate = dataclasses.replace(estimate, weights=estimate.weights + copy,
+                                       activations=estimate.activations + int(reference))
+    return estimate
 
 
 # --------------------------------------------------------------------------------------

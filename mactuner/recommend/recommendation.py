@@ -196,10 +196,18 @@ def _summarize(model: str, dataset: str | os.PathLike, trust_remote_code: bool):
     """The dataset's summary under the model's tokenizer (loads the tokenizer only)."""
     from transformers import AutoTokenizer
 
-    from mactuner.data import load_dataset_file, summarize_dataset
+    from mactuner.data import DatasetError, load_dataset_file, summarize_dataset
+    from mactuner.data.preference import as_dataset_summary, is_preference_file, load_preference_file, summarize_preferences
     from mactuner.models import model_path
 
     _, path = model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if is_preference_file(dataset):
+        # pairs (or labelled answers): a row holds both sequences of a pair
+        try:
+            load = load_preference_file(dataset, "dpo")
+        except DatasetError:  # labelled single answers
+            load = load_preference_file(dataset, "kto")
+        return as_dataset_summary(summarize_preferences(load, tokenizer, 1_000_000))
     return summarize_dataset(load_dataset_file(dataset), tokenizer, max_length=1_000_000)
 

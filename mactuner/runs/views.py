@@ -40,15 +40,32 @@ def runs_table(all_runs: Sequence[RunInfo]) -> list[dict[str, Any]]:
             for r in all_runs]
 
 
+# what the runs table shows at a glance (narrow enough for an 800 px window beside the sidebar); the rest of
+# each row is in run_details, under the picker, for the selected run
+RUNS_TABLE_SHOWN = ("run", "state", "step", "loss", "val loss")
+
+
+def run_details(run: RunInfo) -> str:
+    """The selected run's facts the runs table leaves out: method, device, model, start time and folder,
+    e.g. ``lora on cpu · SmolLM2-135M · started 2026-12-06 20:14 · folder 20261206-1-quenmark``."""
+    parts = [f"{run.method or '?'} on {run.device or '?'}", Path(run.model or "?").name]
+    if run.started_at:
+        parts.append(f"started {datetime.fromtimestamp(run.started_at):%Y-%m-%d %H:%M}")
+    parts.append(f"folder {run.id}")
+    return " · ".join(parts)
+
+
 def progress_headline(run: RunInfo, tail: MetricsTail) -> str:
     """The live view's headline: the trainer's stage ("Loading the model…") until the first step, then step and ETA.
 
     The ETA comes from the pace of ``tail``'s latest train records since the run last
-    (re)started; a run that is not training shows ``–``.
+    (re)started; a run that is not training shows no ETA.
     """
     if run.is_running and not run.step:
         return f"{run.state} · {run.message or 'Starting…'}"
-    eta = format_duration(eta_seconds(tail.train, run.total_steps, since=run.started_at)) if run.is_running else "–"
+    if not run.is_running:  # a run that is not training has no time left to show
+        return f"{run.state} · step {steps_text(run)}"
+    eta = format_duration(eta_seconds(tail.train, run.total_steps, since=run.started_at))
     return f"{run.state} · step {steps_text(run)} · ETA {eta}"
 
 
@@ -125,10 +142,13 @@ def list_adapters() -> list[AdapterChoice]:
         name = run_display_name(run.path)
         shown = run.id if name == run.id else f"{name} ({run.id})"
         final = run.path / "adapter"
-        if run.state == "finished" and is_adapter(final):
+        has_final = run.state == "finished" and is_adapter(final)
+        if has_final:
             choices.append(AdapterChoice(f"{shown} · final", final, run.id, run.model, None))
         for checkpoint in reversed(list_checkpoints(run.path)):
             if is_adapter(checkpoint.path):
                 label = f"{shown} · step {checkpoint.step}"
+                if has_final and checkpoint.step == run.step:  # saved at the last step: what final/ holds
+                    label += " (same weights as final)"
                 choices.append(AdapterChoice(label, checkpoint.path, run.id, run.model, checkpoint.step))
     return choices

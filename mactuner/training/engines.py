@@ -90,6 +90,9 @@ def make_trainer(
 ):
     """The trainer of ``config``'s engine (``.run()`` → ``TrainResult``; the same run folder either way)."""
     choice = choose_engine(config.engine, config.method)
+    if choice.engine == "mlx" and config.engine == "auto" and getattr(config, "objective", "sft") != "sft":
+        # preference tuning (DPO, ORPO, KTO) is the torch trainer's
+        choice = EngineChoice("torch", f"PyTorch: {config.objective} preference tuning runs on the PyTorch engine.")
     if choice.engine == "mlx":
         from mactuner.training.mlx_engine import MLXTrainer
 

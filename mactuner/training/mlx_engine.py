@@ -236,6 +236,11 @@ class MLXTrainer:
             raise TrainingError("No dataset: set `dataset` to the path of a JSON, JSONL, CSV, Parquet or TXT file.")
         if config.method == "full":
             raise TrainingError("The MLX engine trains LoRA and QLoRA adapters: for full fine-tuning set engine: torch.")
+        if getattr(config, "objective", "sft") != "sft":
+            raise TrainingError(
+                f"The MLX engine trains supervised fine-tuning (objective: sft); {config.objective} runs on the PyTorch "
+                "engine: set engine: torch."
+            )
         if config.packing:
             raise TrainingError(
                 "packing is not available with the MLX engine (its models take no position ids, so packed rows "

@@ -147,6 +147,8 @@ class Trainer:
         self._lock: RunLock | None = None
         self._ended = False
         self._non_finite: list[int] = []  # the steps of the current run of non-finite losses
+        self.objective = None  # a PreferenceObjective for dpo / orpo / kto (set up with the model)
+        self.eval_extras: dict[str, float] = {}  # held-out reward statistics of the last evaluation
         self._set_up = False
 
     # -- public controls
@@ -222,6 +224,14 @@ class Trainer:
                 fingerprint.record(self.run_dir, config)
             self._writer = RunFolderWriter(self.run_dir)
             self.callbacks.insert(0, self._writer)
+            if config.trackers:
+                # TensorBoard / MLflow (training.trackers): a missing package stops the run here, with the fix
+                from mactuner.training.trackers import TrackerMissing, tracker_callbacks
+
+                try:
+                    self.callbacks += tracker_callbacks(config, self.run_dir, self.resume)
+                except TrackerMissing as error:
+                    raise TrainingError(str(error)) from error
         if self.verbose and self.dist.is_main:
             self.callbacks.append(PrintProgress())
 
@@ -242,6 +252,12 @@ class Trainer:
         self._stage("loading", f"Loading {config.model} ({config.method}, {dtype_name(self.compute_dtype)} on {device})…")
         torch.manual_seed(config.seed)
         self._load_model()
+        # dpo / orpo / kto: the loss of a micro-batch comes from the objective (training.objectives)
+        self.objective = None
+        if config.preference:
+            from mactuner.training.objectives import PreferenceObjective
+
+            self.objective = PreferenceObjective(config, self)
         self._compiler = LayerCompiler(
             config.compile, self.causal_lm, device.type, self._compile_key(), self._info, self._stage
         )
@@ -374,10 +390,47 @@ class Trainer:
         from mactuner.training.rows import prepare_units
 
         config = self.config
+        if self.objective is not None:
+            self._prepare_preference_data()
+            return
         data = prepare_units(config, self.tokenizer, self._info, self._stage)
         self.data_format = data.format
         self.train_units = data.train_units
         self.val_units = data.val_units
+        self._plan_steps()
+
+    def _prepare_preference_data(self) -> None:
+        """Pairs (DPO, ORPO) or labelled answers (KTO) as units (see training.objectives)."""
+        from mactuner.data import DatasetError, train_validation_split
+        from mactuner.data.preference import load_preference_file
+
+        config = self.config
+        try:
+            load = load_preference_file(config.dataset, config.objective, config.dataset_format)
+        except DatasetError as error:
+            raise TrainingError(f"The dataset cannot be used for {config.objective}: {error}") from error
+        self._stage("tokenising", f"Tokenising {len(load.examples):,} {config.objective} rows of {Path(config.dataset).name}…")
+        for problem in load.problems[:20]:
+            self._info(f"Skipped a row: {problem}")
+        if len(load.problems) > 20:
+            self._info(f"… and {len(load.problems) - 20} more unusable rows ({len(load.problems)} in all).")
+        if config.packing:
+            self._info(f"packing is for sft: {config.objective} keeps each pair's sequences apart.")
+        if config.objective == "kto" and config.batch_size < 2:
+            raise TrainingError("KTO estimates its KL term from mismatched answers of a micro-batch: set batch_size to 2 or more.")
+        train_examples, val_examples = train_validation_split(load.examples, config.val_fraction, config.seed)
+        self.train_units, self.val_units, problems, dropped = self.objective.prepare(load, train_examples, val_examples)
+        for problem in problems[:20]:
+            self._info(f"Skipped a row: {problem}")
+        if dropped:
+            self._info(f"{dropped} rows have no answer token left after truncation to {config.max_length} tokens; raise max_length to keep them.")
+        if not self.train_units:
+            raise TrainingError(f"{config.dataset}: no usable training rows ({len(load.problems)} unusable).")
+        self.data_format = load.format
+        self._plan_steps()
+
+    def _plan_steps(self) -> None:
+        config = self.config
         self.global_batch = config.batch_size * config.grad_accum * self.dist.world_size
         self.steps_per_epoch = math.ceil(len(self.train_units) / self.global_batch)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
@@ -495,6 +548,8 @@ class Trainer:
                     }
                     if outcome.skipped:
                         record["skipped"] = True
+                    if self.objective is not None:
+                        record.update(self.objective.pop_stats())
                     self._emit("on_train_report", record)
                     report_tokens, report_seconds = 0, 0.0
                 self._check_finite(outcome)
@@ -502,7 +557,8 @@ class Trainer:
                 stopping = self._agree_to_stop()
                 if self.val_units and ((config.eval_every and self.step % config.eval_every == 0) or last):
                     self.last_val_loss = self.evaluate()
-                    self._emit("on_eval_report", {"type": "eval", "step": self.step, "val_loss": self.last_val_loss, "time": time.time()})
+                    self._emit("on_eval_report", {"type": "eval", "step": self.step, "val_loss": self.last_val_loss,
+                                                  **self.eval_extras, "time": time.time()})
                 if (config.save_every and self.step % config.save_every == 0) or last or stopping:
                     self._save_checkpoint()
                 if stopping:
@@ -575,9 +631,10 @@ class Trainer:
 
     def _plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
-            self._plans = {
-                epoch: plan_epoch(self.train_units, self.global_batch, self.config.seed, epoch, not self.config.packing)
-            }
+            # KTO's batches must mix its labels (its KL estimate pairs answers of a micro-batch), and
+            # length grouping would sort the (often longer) good answers away from the bad ones
+            grouped = (not self.config.packing or self.objective is not None) and self.config.objective != "kto"
+            self._plans = {epoch: plan_epoch(self.train_units, self.global_batch, self.config.seed, epoch, grouped)}
         return self._plans[epoch]
 
     def _train_step(self) -> StepOutcome:
@@ -591,6 +648,8 @@ class Trainer:
         mine = global_batch[self.dist.rank :: self.dist.world_size]
         rng_state = torch.get_rng_state()
         while True:
+            if self.objective is not None:
+                self.objective.begin_step(global_batch)
             try:
                 loss_sum = self._accumulate(mine, trained_tokens)
                 failed = False
@@ -652,6 +711,8 @@ class Trainer:
         self.scheduler.step()
         if self.master_weights is not None and not skipped:
             self.master_weights.copy_to_model()
+        if self.objective is not None and not skipped:
+            self.objective.end_step()
         self._memory_sample()  # the optimizer's state is allocated at its first step
         # flush the gradients as soon as we can, no need for this memory anymore
         self._zero_grad()
@@ -669,8 +730,12 @@ class Trainer:
         """
         loss_total = torch.zeros((), dtype=torch.float32, device=self.device)
         for start in range(0, len(units), self.micro_batch_size):
-            batch = collate(units[start : start + self.micro_batch_size], self.pad_id, self.device)
-            loss_sum = self._loss_sum(batch)
+            chunk = units[start : start + self.micro_batch_size]
+            if self.objective is not None:
+                batch, loss_sum = None, self.objective.loss_sum(chunk)
+            else:
+                batch = collate(chunk, self.pad_id, self.device)
+                loss_sum = self._loss_sum(batch)
             # the activations are all alive here: the step's memory peak
             self._memory_sample()
             # dividing by the global batch's trained tokens (not this micro-batch's mean) makes
@@ -683,7 +748,7 @@ class Trainer:
             if self.master_weights is not None:
                 self.master_weights.collect_gradients()
             loss_total += loss_sum.detach()
-            del batch, loss_sum, loss
+            del batch, chunk, loss_sum, loss
         return loss_total
 
     def _memory_sample(self) -> None:
@@ -722,6 +787,8 @@ class Trainer:
         self.model.eval()
         units = sorted(self.val_units, key=lambda u: len(u.input_ids))
         mine = units[self.dist.rank :: self.dist.world_size]
+        if self.objective is not None:
+            return self._evaluate_preferences(mine)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         count = 0
         # compiled layers would compile again for no_grad: evaluation runs them eagerly
@@ -735,6 +802,21 @@ class Trainer:
         self.dist.sum_(stats)
         loss_sum, tokens = stats.tolist()
         return loss_sum / max(1.0, tokens)
+
+    def _evaluate_preferences(self, mine: list) -> float:
+        """Validation loss per row; the held-out rewards and accuracy go to ``self.eval_extras``."""
+        from mactuner.training.objectives import stats_means
+
+        with LayerCompiler.eager():
+            stats = self.objective.evaluate(mine, self.micro_batch_size)
+        self.model.train()
+        keys = sorted(stats)
+        flat = torch.cat([stats[k].reshape(-1).float() for k in keys])
+        self.dist.sum_(flat)
+        summed = dict(zip(keys, flat.reshape(len(keys), 2)))
+        loss_sum, rows = summed.pop("loss_sum").tolist()
+        self.eval_extras = {f"val_{k}": v for k, v in stats_means(summed).items()}
+        return loss_sum / max(1.0, rows)
 
     # -- distributed helpers
 
