@@ -27,6 +27,7 @@ METHODS = ("lora", "qlora", "full")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_CHOICES = ("auto", "on", "off")
+ENGINES = ("auto", "torch", "mlx")
 OBJECTIVES = ("sft", "dpo", "orpo", "kto")
 DPO_LOSSES = ("sigmoid", "ipo")
 TRACKERS = ("none", "tensorboard", "mlflow")
@@ -143,6 +144,14 @@ class TrainConfig:
         },
     )
 
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "What trains: auto (MLX on an Apple-silicon Mac where mlx is installed, PyTorch elsewhere), "
+            "torch (PyTorch on the chosen device) or mlx (Apple's MLX: LoRA and QLoRA on a 4-bit base)."
+        },
+    )
+
     # evaluation and checkpoints
     eval_every: int = field(default=50, metadata={"help": "Steps between validation losses (0: only at the end)."})
     save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (0: only at the end)."})
@@ -197,6 +206,8 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {short_repr(self.lr_scheduler)}")
         if self.compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {short_repr(self.compile)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {short_repr(self.engine)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {short_repr(self.objective)}")
         if self.dpo_loss not in DPO_LOSSES:

@@ -13,6 +13,7 @@ import streamlit as st
 from mactuner import data, runs
 from mactuner.config import TrainConfig
 from mactuner.models import ModelSourceError
+from mactuner.training.engines import choose_engine
 from mactuner.training.multi_gpu import cuda_count, gpus_problem
 from mactuner.training.qlora import qlora_problem
 from ui import finetune_preference as preference
@@ -20,6 +21,7 @@ from ui.common import device_or_stop, ensure_frame
 from ui.finetune_runs import runs_ui
 from ui.finetune_setup import (
     dataset_ui,
+    engine_ui,
     footprint_for,
     memory_ui,
     model_ui,
@@ -33,7 +35,7 @@ from ui.preflight_ui import check_fit_ui
 
 ensure_frame()  # opened by its URL on a fresh server: run inside app.py's frame
 
-METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA, int8 on CPU)", "full": "Full fine-tuning"}
+METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit on CUDA and MLX, int8 on CPU)", "full": "Full fine-tuning"}
 TABS = ("New run", "Runs")
 TAB_KEY = "finetune_tab"
 START_PROBLEM = "finetune_start_problem"  # why the last Start did not start, shown under the button
@@ -109,7 +111,12 @@ def setup_ui() -> None:
         st.warning(warning)
     method = st.radio("Method", list(METHODS), index=list(METHODS).index(recommended.method), horizontal=True,
                       format_func=METHODS.get, help=recommended.reasons.get("method"))
-    if method == "qlora" and (problem := qlora_problem(device.split(":")[0])):
+    engine = engine_ui(method)
+    mlx = choose_engine(engine, method).engine == "mlx"  # MLX's QLoRA is a 4-bit base on any Mac
+    if mlx and method == "full":
+        st.error("The MLX engine trains LoRA and QLoRA adapters: for full fine-tuning choose the PyTorch engine.")
+        st.stop()
+    if method == "qlora" and not mlx and (problem := qlora_problem(device.split(":")[0])):
         st.error(problem)
         st.stop()
     defaults = {**TrainConfig().to_dict(), **recommended.train_config_values()}
@@ -122,7 +129,7 @@ def setup_ui() -> None:
     settings.update(preference.trackers_ui())
     try:
         config = TrainConfig(**{**defaults, **settings, "model": model, "dataset": str(dataset), "method": method,
-                                "device": device, "gpus": gpus})
+                                "device": device, "gpus": gpus, "engine": engine})
     except ValueError as exc:
         st.error(str(exc))
         st.stop()

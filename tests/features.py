@@ -58,7 +58,9 @@ FEATURES = {
     "int8_weight_only": (lambda: _torch_op("_weight_int8pack_mm"), "a torch build with the CPU int8 weight-only kernel"),
     "int4_weight_only": (lambda: _torch_op("_weight_int4pack_mm_for_cpu"), "a torch build with the CPU int4 weight-only kernel"),
     "onednn": (lambda: __import__("torch").backends.mkldnn.is_available(), "a torch build with oneDNN"),
-    "mlx": (lambda: importlib.util.find_spec("mlx") is not None, "`pip install \"mlx[cpu]\"` (Linux) or `mlx` (Apple silicon)"),
+    "mlx": (lambda: importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None,
+            '`pip install "mlx[cpu]==0.32.4" mlx-lm==0.32.2` (Linux) or `mlx==0.32.4 mlx-lm==0.32.2` (Apple silicon); '
+            "`make setup` installs them from requirements.txt"),
 }
 
 

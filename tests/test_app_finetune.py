@@ -282,3 +282,22 @@ def runs_names() -> dict[str, str]:
     from mactuner.runs.names import run_display_name
 
     return {r.id: run_display_name(r.id) for r in runs.list_runs()}
+
+
+def test_the_engine_choice_says_what_auto_picks_and_mlx_offers_qlora(monkeypatch):
+    from mactuner.training import int8_base
+
+    at = open_page()
+    engine = at.radio(key="finetune_engine")
+    assert engine.value == "auto" and "not an Apple-silicon Mac" in engine.help
+    assert any("PyTorch: this is not an Apple-silicon Mac" in c.value for c in at.caption)
+    # where PyTorch cannot run QLoRA, the MLX engine can (a 4-bit base)
+    monkeypatch.setattr(int8_base, "int8_matmul_available", lambda device_type: False)
+    by_label(at.radio, "Method").set_value("qlora").run()
+    assert any("VNNI or AMX" in e.value for e in at.error)
+    at.radio(key="finetune_engine").set_value("mlx").run()
+    assert not at.exception and not at.error
+    assert any("MLX, as asked" in c.value for c in at.caption) and at.button(key="finetune_start")
+    by_label(at.radio, "Method").set_value("full").run()
+    assert any("MLX engine trains LoRA and QLoRA" in e.value for e in at.error)
+    assert "finetune_start" not in [b.key for b in at.button]

@@ -38,6 +38,7 @@ NON_DEFAULT = dict(
     max_grad_norm=None,
     gradient_checkpointing=True,
     compile="off",
+    engine="mlx",
     eval_every=0,
     save_every=25,
     keep_last=0,

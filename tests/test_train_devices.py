@@ -116,8 +116,18 @@ def test_several_processes_on_mps_are_refused_with_the_reason(tiny_model_dir, fa
 # --- MPS memory --------------------------------------------------------------------
 
 
+def _free_ram(monkeypatch, available: int) -> None:
+    import collections
+
+    import psutil
+
+    vm = collections.namedtuple("svmem", "total available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: vm(32 * GiB, available))
+
+
 def test_mps_training_is_capped_at_the_recommended_working_set(monkeypatch):
     fake_mps_mac(monkeypatch, recommended_max=16 * GiB)
+    _free_ram(monkeypatch, 20 * GiB)
     fractions = []
     monkeypatch.setattr(torch.mps, "set_per_process_memory_fraction", fractions.append)
     monkeypatch.delenv(memory.MPS_WATERMARK_ENV, raising=False)
@@ -127,8 +137,20 @@ def test_mps_training_is_capped_at_the_recommended_working_set(monkeypatch):
     assert limit_mps_memory() is None and fractions == [1.0]
 
 
+def test_mps_training_is_capped_at_the_memory_free_when_that_is_less(monkeypatch):
+    # 16 GiB recommended, but other programs leave 6 GiB free (+ the 3 GiB Metal holds for us):
+    # above 9 GiB the Mac would swap instead of raising out-of-memory
+    fake_mps_mac(monkeypatch, recommended_max=16 * GiB)
+    _free_ram(monkeypatch, 6 * GiB)
+    fractions = []
+    monkeypatch.setattr(torch.mps, "set_per_process_memory_fraction", fractions.append)
+    monkeypatch.delenv(memory.MPS_WATERMARK_ENV, raising=False)
+    assert limit_mps_memory() == 9 * GiB and fractions == [9 / 16]
+
+
 def test_the_trainer_caps_mps_memory_before_loading_the_model(tiny_model_dir, facts_file, tmp_path, monkeypatch):
     fake_mps_mac(monkeypatch)
+    _free_ram(monkeypatch, 20 * GiB)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv(memory.MPS_WATERMARK_ENV, raising=False)
     calls = []

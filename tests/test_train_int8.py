@@ -118,7 +118,7 @@ def test_qlora_on_a_cpu_trains_on_an_int8_base_and_saves_a_plain_adapter(
 
 def test_qlora_on_mps_is_refused_with_the_alternative(tiny_model_dir, facts_file, tmp_path, monkeypatch):
     fake_mps_mac(monkeypatch)
-    with pytest.raises(TrainingError, match="QLoRA runs on an NVIDIA GPU.*or a CPU.*method: lora"):
+    with pytest.raises(TrainingError, match="QLoRA with PyTorch runs on an NVIDIA GPU.*or a CPU.*engine: mlx.*method: lora"):
         train(tiny_config(tiny_model_dir, facts_file, method="qlora", device="mps"), tmp_path / "run")
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
 

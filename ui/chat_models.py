@@ -1,7 +1,8 @@
 """Chat models shared by the chat and RAG pages: one copy of a model in memory,
 released when the person switches device. Not a page itself.
 
-Besides base + adapter (the torch engine), a chat "adapter" may be a ``.gguf`` file
+Base + adapter runs on the torch engine, or on MLX where ``engine: auto`` picks MLX (an
+Apple-silicon Mac with MLX installed, :mod:`mactuner.chat.mlx`). A chat "adapter" may also be a ``.gguf`` file
 (answered by llama.cpp, :mod:`mactuner.chat.llamacpp`), a merged or quantized variant
 folder, or a full fine-tuning run's model folder (both through ``quantize.load_variant``).
 """
@@ -14,6 +15,7 @@ import streamlit as st
 
 from mactuner.adapters import is_adapter
 from mactuner.chat import load_chat_model, stream_chat
+from mactuner.chat.mlx import mlx_chat_wanted
 from mactuner.devices import dtype_name, get_optimal_dtype
 from mactuner.models import release_model
 
@@ -36,20 +38,26 @@ def _load(model: str, adapter: str, device, progress):
         from mactuner.chat.llamacpp import load_gguf_chat_model
 
         progress("loading the GGUF file in llama.cpp…", None)
-        return load_gguf_chat_model(path)
+        return load_gguf_chat_model(path, device=device)
     if path is not None and path.is_dir() and not is_adapter(path):
         from mactuner.quantize import load_variant
 
         progress(f"loading {path.name}…", None)
         return load_variant(path, device=device)
+    if mlx_chat_wanted():
+        from mactuner.chat.mlx import load_mlx_chat_model
+
+        progress("loading the model with MLX…", None)
+        return load_mlx_chat_model(model or None, adapter or None)
     return load_chat_model(model or None, adapter or None, device=device, progress=progress)
 
 
 def _release(loaded) -> None:
     from mactuner.chat.llamacpp import GGUFModel
+    from mactuner.chat.mlx import MLXChatModel
 
-    if isinstance(loaded, GGUFModel):
-        loaded.close()  # llama.cpp frees its model and context at once
+    if isinstance(loaded, (GGUFModel, MLXChatModel)):
+        loaded.close()  # llama.cpp frees its model and context at once; MLX drops its arrays
     else:
         release_model(loaded)
 
@@ -77,9 +85,12 @@ def loaded_model(model: str, adapter: str, device, label: str):
 def answer_stream(loaded, messages, settings):
     """A streaming answer from either engine (the same ``text`` / ``stats`` / ``close()`` interface)."""
     from mactuner.chat.llamacpp import GGUFModel, stream_gguf_chat
+    from mactuner.chat.mlx import MLXChatModel, stream_mlx_chat
 
     if isinstance(loaded, GGUFModel):
         return stream_gguf_chat(loaded, messages, settings)
+    if isinstance(loaded, MLXChatModel):
+        return stream_mlx_chat(loaded, messages, settings)
     return stream_chat(loaded, messages, settings)
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import streamlit as st
 
 from mactuner import data
-from mactuner.config import COMPILE_CHOICES, TrainConfig
+from mactuner.config import COMPILE_CHOICES, ENGINES, TrainConfig
 from mactuner.devices import optimal_dtype_reason
 from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
 from mactuner.recommend import estimate_for_config, free_memory_bytes, reasons_markdown, recommend_hyperparameters
 from mactuner.runs.views import effective_batch_text
+from mactuner.training.engines import choose_engine
 
 SUMMARY_MAX_LENGTH = 1_000_000  # summarize untruncated; truncation is counted for the chosen max length
 INPUT_WIDTH = 190  # px per setting: rows of inputs wrap to fit the window (two per row at 800 px, +/- kept)
@@ -130,6 +131,16 @@ def settings_ui(recommended: dict, reasons: dict, method: str, device: str = "cp
     with st.expander("Why these settings"):
         st.markdown(reasons_markdown(reasons))
     return chosen
+
+
+def engine_ui(method: str) -> str:
+    """Which engine trains: ``auto`` (shown with what it picks here and why), ``torch`` or ``mlx``."""
+    auto = choose_engine("auto", method)
+    engine = st.radio("Engine", ENGINES, horizontal=True, key="finetune_engine", help=f"auto = {auto.reason}",
+                      format_func=lambda e: f"auto ({'MLX' if auto.engine == 'mlx' else 'PyTorch'})" if e == "auto" else
+                      {"torch": "PyTorch", "mlx": "MLX"}[e])
+    st.caption(choose_engine(engine, method).reason)
+    return engine
 
 
 def dtype_ui(row, device: str) -> str:

@@ -10,8 +10,10 @@ The prompt is rendered with the chat template stored in the file's own metadata
 (``tokenizer.chat_template``, as llama.cpp's chat handlers do), so what is tested
 here is what Ollama, LM Studio and ``llama-cli`` see. Sampling follows the torch
 engine: greedy at temperature 0, else temperature, top-k 50 and top-p, no repeat
-penalty. llama.cpp always runs on the CPU in this build (``GGML_NATIVE=OFF``; a
-Metal or CUDA build of llama-cpp-python offloads with ``n_gpu_layers``).
+penalty. On an MPS or CUDA device, every layer is offloaded to the GPU (``n_gpu_layers=-1``)
+where the llama.cpp build supports it (``llama_supports_gpu_offload()``: the macOS wheel
+build of llama-cpp-python uses Metal by default; for CUDA build it with
+``CMAKE_ARGS="-DGGML_CUDA=on"``); a CPU-only build, like the Linux set-up's, runs on the CPU.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ def llama_cpp_missing_reason() -> str | None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError as exc:
-        return (f"Chatting with a .gguf file needs llama-cpp-python (not importable: {exc}). Install it with: "
-                'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python==0.3.36 (builds llama.cpp, ~10 min).')
+        return (f"Chatting with a .gguf file needs llama.cpp (llama-cpp-python is not importable: {exc}). Build it with "
+                "`make llamacpp` in MacTuner's folder, or: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install "
+                "llama-cpp-python==0.3.36 (builds llama.cpp from source, ~10 min; on a Mac it uses Metal). The rest "
+                "of MacTuner works without it.")
     return None
 
 
@@ -59,8 +63,20 @@ class GGUFModel:
             self.llama = None
 
 
+def gpu_layers(device: Any = None, supports_offload: bool | None = None) -> int:
+    """``n_gpu_layers`` for llama.cpp: all (-1) on an MPS or CUDA device when the build can offload, else 0."""
+    kind = str(device or "cpu").split(":")[0]
+    if kind not in ("mps", "cuda"):
+        return 0
+    if supports_offload is None:
+        import llama_cpp
+
+        supports_offload = bool(llama_cpp.llama_supports_gpu_offload())
+    return -1 if supports_offload else 0
+
+
 def load_gguf_chat_model(path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-                         seed: int = 0) -> GGUFModel:
+                         seed: int = 0, device: Any = None) -> GGUFModel:
     """Open a ``.gguf`` file with llama.cpp for chatting.
 
     Args:
@@ -68,6 +84,8 @@ def load_gguf_chat_model(path: str | os.PathLike, *, n_ctx: int | None = None, n
         n_ctx: context length; default the file's training context, at most :data:`DEFAULT_CONTEXT`.
         n_threads: CPU threads; default chosen per answer like the torch engine.
         seed: the sampler's seed (answers at temperature > 0 repeat with the same seed).
+        device: the selected device; on ``mps`` or ``cuda`` the layers are offloaded to the GPU
+            where the llama.cpp build supports it (:func:`gpu_layers`).
 
     Raises:
         RuntimeError: llama-cpp-python is missing (the message says how to install it).
@@ -86,21 +104,23 @@ def load_gguf_chat_model(path: str | os.PathLike, *, n_ctx: int | None = None, n
 
     check_gguf_header(path)  # lengths no file could hold are refused here, not handed to llama.cpp
     threads = n_threads or generation_threads(_cpu()) or 1
+    offload = gpu_layers(device)
     try:
         llama = Llama(model_path=str(path), n_ctx=n_ctx or DEFAULT_CONTEXT, n_threads=threads, n_threads_batch=threads,
-                      seed=seed, verbose=False)
+                      seed=seed, verbose=False, n_gpu_layers=offload)
     except ValueError as exc:
         raise ValueError(f"llama.cpp could not load {path}: {exc}") from exc
     train_ctx = int(llama.metadata.get(f"{llama.metadata.get('general.architecture', 'llama')}.context_length", 0) or 0)
     if n_ctx is None and train_ctx and train_ctx < llama.n_ctx():
         llama.close()
         llama = Llama(model_path=str(path), n_ctx=train_ctx, n_threads=threads, n_threads_batch=threads,
-                      seed=seed, verbose=False)
+                      seed=seed, verbose=False, n_gpu_layers=offload)
     model = llama._model
     eos, bos = llama.token_eos(), llama.token_bos()
     return GGUFModel(
         llama, path, str(path), llama.metadata.get("tokenizer.chat_template"), llama.n_ctx(),
         model.token_get_text(bos) if bos != -1 else "", model.token_get_text(eos) if eos != -1 else "",
+        device=f"{str(device).split(':')[0]} (llama.cpp, all layers offloaded)" if offload else "cpu (llama.cpp)",
     )
 
 

@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if getattr(args, "preflight", False):
         return _preflight(config, args.json)
-    from mactuner.train import Trainer, TrainingError
+    from mactuner.train import TrainingError
+    from mactuner.training.engines import make_trainer
 
     if args.run_dir:
         from mactuner.run_folder import NotARunFolder, check_run_folder
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"Run folder: {run_dir}", flush=True)
     try:
-        result = Trainer(config, run_dir, resume=args.resume, verbose=not args.quiet).run()
+        result = make_trainer(config, run_dir, resume=args.resume, verbose=not args.quiet).run()
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -147,8 +147,9 @@ def health(devices: list[DeviceInfo] | None = None, *, probe: bool = True) -> di
                 "If an operation is not implemented on MPS, set PYTORCH_ENABLE_MPS_FALLBACK=1 so it falls back to the CPU."
             )
         advice.append(
-            "MPS computes in bfloat16 on macOS 14 and later, float16 before; if training is slow or gives NaN losses, "
-            "use float32 (the original's advice)."
+            f"MPS computes in {dtype_name(get_optimal_dtype('mps'))} by default here (bfloat16 from macOS 14, float16 "
+            "before); if training gives NaN losses in float16, use bfloat16 or float32; if it is slow, float32 (the "
+            "original's advice). On Apple silicon the MLX engine (engine: mlx) trains faster and runs QLoRA."
         )
     if not cuda_ok and not mps_ok:
         advice.append(
@@ -169,7 +170,8 @@ def health(devices: list[DeviceInfo] | None = None, *, probe: bool = True) -> di
         "tips": [
             'Check CUDA: `python -c "import torch; print(torch.cuda.is_available(), torch.version.cuda)"` and `nvidia-smi`.',
             'Check MPS: `python -c "import torch; print(torch.backends.mps.is_available())"` (macOS 12.3+, arm64 Python).',
-            "On MPS the default is bfloat16 (macOS 14+) or float16 (before); switch to float32 if it is slow or unstable.",
+            "On MPS MacTuner computes in bfloat16 on macOS 14+ and float16 before; switch to float32 if it is slow "
+            "or unstable, and to bfloat16 if float16 overflows (NaN losses).",
             OOM_ADVICE,
         ],
     }

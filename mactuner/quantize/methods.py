@@ -83,7 +83,9 @@ def unsupported_reason(method: str, device: str | torch.device) -> str | None:
         where = " or ".join(d.upper() for d in spec.devices)
         extra = ""
         if device.type == "mps":
-            extra = " PyTorch, torchao and bitsandbytes have no quantized kernels for MPS; export the merged model instead."
+            extra = (" This method's quantized kernels (torchao, bitsandbytes, PyTorch's int8) do not run on MPS; on a Mac, "
+                     "export the merged model to GGUF (llama.cpp runs it on Metal), or train QLoRA with the MLX engine "
+                     "(a 4-bit MLX base).")
         return f"{method} needs {where}; the selected device is {device}.{extra}"
     if method.startswith("bnb-"):
         import importlib.util

@@ -125,6 +125,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     trained_tokens_per_row: int | None = None,
     device_type: str = "cpu",
+    engine: str = "torch",
 ) -> MemoryEstimate:
     """Predict the peak memory of training ``footprint`` with these settings.
 
@@ -140,6 +141,8 @@ def estimate_memory(
         trained_tokens_per_row: tokens per row that take the loss (logits are
             computed only there); ``None``: every token.
         device_type: ``"cpu"``, ``"cuda"`` or ``"mps"`` (the runtime overhead differs).
+        engine: ``"torch"`` or ``"mlx"`` (:mod:`mactuner.training.mlx_engine`: QLoRA's base is 4-bit
+            everywhere, embeddings included; the adapter is float32; logits are float32 at every position).
     """
     if method not in ("lora", "qlora", "full"):
         raise ValueError(f"method must be lora, qlora or full, got {method!r}")
@@ -155,6 +158,8 @@ def estimate_memory(
     trained = batch_size * min(seq_len, trained_tokens_per_row if trained_tokens_per_row is not None else seq_len)
 
     # weights and what training adds per trainable parameter
+    if engine == "mlx" and method != "full":
+        return _estimate_mlx(footprint, method, compute, tokens, lora_rank, target_modules, gradient_checkpointing)
     if method == "full":
         # float32 master weights; gradients in float32, two AdamW moments; under
         # autocast each weight also gets a low-precision copy while it is in use
@@ -185,6 +190,10 @@ def estimate_memory(
         kept = tokens * (layers * b * h + block)
     else:
         kept = tokens * layers * block
+    if device_type == "mps":
+        # MPS runs training attention on the math path: each layer keeps its batch x heads x seq^2
+        # attention probabilities for the backward pass (checkpointed: one layer at a time)
+        kept += mps_attention_bytes(footprint, batch_size, seq_len, b) * (1 if gradient_checkpointing else layers)
     # the LM head's loss runs where a token is trained, one chunk of tokens at a time
     loss = min(trained, LOSS_CHUNK_TOKENS) * footprint.vocab_size * (4 * _LOSS_FLOAT32_COPIES + b)
     # the final norm and the embedding output
@@ -196,6 +205,37 @@ def estimate_memory(
         # CPU, and MPS whose unified memory is the same RAM the process lives in
         overhead = _RUNTIME_IMPORTS + _CPU_WORKSPACE
     return MemoryEstimate(int(weights), int(trainable), activations, overhead)
+
+
+def mps_attention_bytes(footprint: ModelFootprint, batch_size: int, seq_len: int, itemsize: int) -> int:
+    """One layer's attention probabilities kept for backward on MPS (no fused attention there)."""
+    return batch_size * footprint.num_attention_heads * seq_len * seq_len * itemsize
+
+
+# MLX's 4-bit affine quantization: half a byte per weight plus a 16-bit scale and bias per group of 64
+_MLX_4BIT_BYTES = 0.5 + 4 / 64
+
+
+def _estimate_mlx(footprint: ModelFootprint, method: str, compute: torch.dtype, tokens: int, lora_rank: int,
+                  target_modules: Any, gradient_checkpointing: bool) -> MemoryEstimate:
+    """LoRA / QLoRA with the MLX engine: ``mlx_lm.utils.quantize_model`` makes every linear layer and the
+    embeddings 4-bit; the adapter, its gradient and AdamW's moments are float32; the loss takes float32
+    logits at every position (no chunking)."""
+    b = compute.itemsize
+    h = footprint.hidden_size
+    i = footprint.intermediate_size or 4 * h
+    layers = footprint.num_layers
+    if method == "qlora":
+        embeddings = footprint.vocab_size * h
+        weights = int(footprint.weight_bytes(compute, quantized_4bit=True) - embeddings * b + embeddings * _MLX_4BIT_BYTES)
+    else:
+        weights = footprint.weight_bytes(compute)
+    trainable = footprint.lora_parameters(lora_rank, target_modules) * (4 + 4 + _ADAM_BYTES)
+    block = b * (_ACT_HIDDEN * h + _ACT_INTERMEDIATE * i) + 4 * _ACT_FLOAT32_HIDDEN * h
+    kept = tokens * (layers * b * h + block) if gradient_checkpointing else tokens * layers * block
+    loss = tokens * footprint.vocab_size * (4 * _LOSS_FLOAT32_COPIES + b)
+    activations = int(kept + loss + tokens * h * (4 + b))
+    return MemoryEstimate(int(weights), int(trainable), activations, _RUNTIME_IMPORTS + _CPU_WORKSPACE)
 
 
 def estimate_for_config(config: Any, summary: Any = None, device: str | torch.device | None = None,
@@ -216,6 +256,7 @@ def estimate_for_config(config: Any, summary: Any = None, device: str | torch.de
         footprint: the model's footprint if already read (else read from ``config.model``).
     """
     from mactuner.models import model_footprint
+    from mactuner.training.engines import choose_engine
 
     device = torch.device(device if device is not None else (config.device or "cpu"))
     dtype = resolve_dtype(config.dtype, device)
@@ -238,7 +279,7 @@ def estimate_for_config(config: Any, summary: Any = None, device: str | torch.de
         footprint, method=config.method, dtype=dtype, batch_size=sequences, seq_len=seq_len,
         lora_rank=config.lora_rank, target_modules=config.target_modules,
         gradient_checkpointing=config.gradient_checkpointing, trained_tokens_per_row=trained,
-        device_type=device.type,
+        device_type=device.type, engine=choose_engine(getattr(config, "engine", "torch"), config.method).engine,
     )
     if objective in ("dpo", "kto"):
         # the reference pass (no gradient: one layer's activations at a time, and its log-probabilities);

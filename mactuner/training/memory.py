@@ -40,7 +40,9 @@ MPS_WATERMARK_ENV = "PYTORCH_MPS_HIGH_WATERMARK_RATIO"
 
 
 def limit_mps_memory(fraction: float = MPS_MEMORY_FRACTION) -> int | None:
-    """Cap this process's MPS allocations at ``fraction`` of the recommended working set.
+    """Cap this process's MPS allocations at ``fraction`` of the recommended working set, or at the
+    memory free now (RAM available plus what Metal already holds for this process) when that is less:
+    past the RAM that is free, a Mac swaps instead of failing, and the micro-batch never halves.
 
     A person's own ``PYTORCH_MPS_HIGH_WATERMARK_RATIO`` wins: then nothing changes.
 
@@ -49,9 +51,15 @@ def limit_mps_memory(fraction: float = MPS_MEMORY_FRACTION) -> int | None:
     """
     if os.environ.get(MPS_WATERMARK_ENV):
         return None
-    torch.mps.set_per_process_memory_fraction(float(fraction))
     recommended = getattr(torch.mps, "recommended_max_memory", None)
-    return int(recommended() * fraction) if recommended is not None else None
+    if recommended is None:
+        torch.mps.set_per_process_memory_fraction(float(fraction))
+        return None
+    working_set = int(recommended())
+    free = psutil.virtual_memory().available + int(torch.mps.driver_allocated_memory())
+    cap = min(int(working_set * fraction), free)
+    torch.mps.set_per_process_memory_fraction(cap / working_set)
+    return cap
 
 
 def lifetime_peak_rss() -> int | None:

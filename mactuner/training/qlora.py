@@ -39,6 +39,10 @@ def qlora_problem(device_type: str) -> str | None:
             return ("QLoRA on a CPU needs an exact int8 matmul (torch._int_mm with VNNI or AMX instructions); on this "
                     "CPU or PyTorch build it is missing or rounds wrong. Use method: lora: it trains at the same quality.")
         return None
+    if device_type == "mps":
+        return ("QLoRA with PyTorch runs on an NVIDIA GPU (4-bit base, bitsandbytes) or a CPU (int8 base), not on MPS. "
+                "On a Mac, train it with the MLX engine (engine: mlx; a 4-bit base on the Mac's GPU), "
+                "or use method: lora: on a small model it fits in memory and trains at the same quality.")
     return (f"QLoRA runs on an NVIDIA GPU (4-bit base, bitsandbytes) or a CPU (int8 base); this run is on {device_type}. "
             "Use method: lora instead: on a small model it fits in memory and trains at the same quality.")
 

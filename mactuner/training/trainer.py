@@ -51,7 +51,6 @@ import torch.nn.functional as F
 
 from mactuner import checkpoints, fingerprint
 from mactuner.config import TrainConfig
-from mactuner.data import IGNORE_INDEX
 from mactuner.devices import (
     dtype_name,
     empty_device_cache,
@@ -64,7 +63,7 @@ from mactuner.devices import (
 from mactuner.devices.cpu_threads import CpuThreads
 from mactuner.locks import LockBusy, RunLock
 from mactuner.run_folder import NotARunFolder, check_run_folder, mark_run_folder
-from mactuner.training.batching import MicroBatch, Unit, collate, make_units, plan_epoch
+from mactuner.training.batching import MicroBatch, Unit, collate, plan_epoch
 from mactuner.training.callbacks import PrintProgress, RunFolderWriter, TrainingCallback
 from mactuner.training.compiled import LayerCompiler, decoder_layers
 from mactuner.training.distributed import Distributed, init_distributed
@@ -207,7 +206,7 @@ class Trainer:
             # what acts on "the current device" (bitsandbytes, Triton kernels under compile, the peak
             # counters, new tensors without a device) must act on this run's GPU, not on cuda:0
             torch.cuda.set_device(device)
-        self.compute_dtype = resolve_dtype(config.dtype, device)
+        self.compute_dtype = resolve_dtype(config.dtype, device, _checkpoint_dtype(config) if device.type == "mps" else None)
         # from now on, so that the first steps are judged over the seconds of loading
         self._threads = CpuThreads() if device.type == "cpu" else None
         if device.type == "cpu":
@@ -260,7 +259,8 @@ class Trainer:
             cap = limit_mps_memory()
             if cap is not None:
                 self._info(
-                    f"MPS memory capped at the GPU's recommended working set ({cap / 2**30:.1f} GiB), so running out "
+                    f"MPS memory capped at {cap / 2**30:.1f} GiB (the GPU's recommended working set, or the memory "
+                    "free at the start when that is less), so running out "
                     "of memory halves the micro-batch instead of swapping."
                 )
 
@@ -402,47 +402,17 @@ class Trainer:
         }
 
     def _prepare_data(self) -> None:
-        from mactuner.data import DatasetError, load_dataset_file, tokenize_examples, train_validation_split
+        from mactuner.training.rows import prepare_units
 
         config = self.config
         if self.objective is not None:
             self._prepare_preference_data()
             return
-        try:
-            load = load_dataset_file(config.dataset, config.dataset_format)
-        except DatasetError as error:
-            raise TrainingError(f"The dataset cannot be used: {error}") from error
-        self._stage("tokenising", f"Tokenising {len(load.examples):,} rows of {Path(config.dataset).name}…")
-        for problem in load.problems[:20]:
-            self._info(f"Skipped a row: {problem}")
-        if len(load.problems) > 20:
-            self._info(f"… and {len(load.problems) - 20} more unusable rows ({len(load.problems)} in all).")
-        train_examples, val_examples = train_validation_split(load.examples, config.val_fraction, config.seed)
-        problems: list = []
-        train_rows = tokenize_examples(train_examples, self.tokenizer, config.max_length, config.assistant_only_loss, problems)
-        val_rows = tokenize_examples(val_examples, self.tokenizer, config.max_length, config.assistant_only_loss, problems)
-        if config.replay_rows:
-            replay = self._replay_examples()
-            train_rows += tokenize_examples(replay, self.tokenizer, config.max_length, config.assistant_only_loss, problems)
-        for problem in problems[:20]:
-            self._info(f"Skipped a row: {problem}")
-
-        def trained(rows):
-            kept = [r for r in rows if any(x != IGNORE_INDEX for x in r["labels"][1:])]
-            return kept, len(rows) - len(kept)
-
-        train_rows, dropped_train = trained(train_rows)
-        val_rows, dropped_val = trained(val_rows)
-        if dropped_train + dropped_val:
-            self._info(
-                f"{dropped_train + dropped_val} rows have no trained token left after truncation to "
-                f"{config.max_length} tokens and are left out; raise max_length to keep them."
-            )
-        if not train_rows:
-            raise TrainingError(f"{config.dataset}: no usable training rows ({len(load.problems)} unusable).")
-        self.data_format = load.format
-        self.train_units = make_units(train_rows, config.packing, config.max_length, config.seed)
-        self.val_units = make_units(val_rows, config.packing, config.max_length, config.seed)
+        data = prepare_units(config, self.tokenizer, self._info, self._stage,
+                             self._replay_examples if config.replay_rows else None)
+        self.data_format = data.format
+        self.train_units = data.train_units
+        self.val_units = data.val_units
         self._plan_steps()
 
     def _prepare_preference_data(self) -> None:
@@ -514,6 +484,8 @@ class Trainer:
         if info is None:
             raise TrainingError("Nothing to resume: no complete checkpoint.")
         state, tensors = checkpoints.load_checkpoint_state(info.path)
+        if tensors.get("engine") == "mlx":
+            raise TrainingError(f"{info.path.name} was written by the MLX engine: resume this run with engine: mlx.")
         checkpoints.load_adapter_weights(self.model, info.path)
         if self.master_weights is not None:
             saved = tensors.get("master") or [p.detach().float() for p in self.trainable]
@@ -809,8 +781,9 @@ class Trainer:
         # a float16 scaler skips steps with infinite gradients itself (and lowers its scale)
         skipped = not math.isfinite(loss) or (self._scaler is None and not math.isfinite(norm_value))
         if skipped:
-            # no update from a non-finite loss; the gradients are dropped below. The scaler has
-            # unscaled this step: it must close it (and lower its scale), or the next step's unscale fails
+            # no update from a non-finite loss; the gradients are dropped below. The scaler's step still
+            # ends: update() lowers the scale after the overflow and resets unscale_()'s per-step record
+            # (without it the next step's unscale_() raises "already been called ... since the last update()")
             if self._scaler is not None:
                 self._scaler.update()
         elif self._scaler is not None:
@@ -1085,6 +1058,19 @@ def adamw_options(device: torch.device) -> dict[str, Any]:
     """AdamW's implementation for ``device``: on CUDA the fused kernel (one launch for every
     tensor; GradScaler supports it too, so float16 runs keep it), elsewhere torch's default."""
     return {"fused": True} if device.type == "cuda" else {}
+
+
+def _checkpoint_dtype(config: TrainConfig) -> torch.dtype | None:
+    """The dtype the model's weights are stored in (config.json), where it says; None otherwise."""
+    from mactuner.models import ModelSourceError, load_config
+
+    try:
+        stored = getattr(load_config(config.model, trust_remote_code=config.trust_remote_code), "dtype", None)
+    except ModelSourceError:
+        return None
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else None
 
 
 def _device_type(device: str | None) -> str:
