@@ -1,5 +1,5 @@
 """The Quenmark demo run shared by slow tests: the built-in model taught the demo facts in 30 LoRA steps
-(the settings of tests/test_chat.py's slow demo test), and the facts to ask about."""
+(the settings of tests/chat/test_engine.py's slow demo test), and the facts to ask about."""
 
 from __future__ import annotations
 

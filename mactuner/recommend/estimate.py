@@ -7,7 +7,7 @@ adapters in the compute dtype with float32 master weights only when that dtype i
 where a token is trained and at most ``LOSS_CHUNK_TOKENS`` at a time, and on the CPU a heap that returns large
 freed blocks (``devices.limit_host_heap_growth``). What it predicts is what a person sees: on the CPU the training
 process's whole resident memory; on a GPU the device memory the process takes, its CUDA context included.
-``tests/test_recommend.py`` checks it against the peak of real runs (±25 %).
+``tests/recommend/test_recommend.py`` checks it against the peak of real runs (±25 %).
 """
 
 from __future__ import annotations

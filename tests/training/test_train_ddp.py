@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from mactuner.train import train
+from tests.locations import ROOT
 from tests.train_support import tiny_config, train_losses, write_fact_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_path):

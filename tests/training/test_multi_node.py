@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from mactuner.train import train
+from tests.locations import ROOT
 from tests.train_support import read_metrics, tiny_config, train_losses
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 

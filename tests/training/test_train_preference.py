@@ -15,8 +15,8 @@ import torch
 
 from mactuner.train import Trainer, TrainingCallback, train
 from tests.preference_support import COLOURS, preference_pairs, write_jsonl
-from tests.test_train import _allocate_impossibly
 from tests.train_support import read_metrics, tiny_config, train_losses
+from tests.training.test_train import _allocate_impossibly
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

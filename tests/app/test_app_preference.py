@@ -7,10 +7,10 @@ from __future__ import annotations
 from mactuner import data, paths
 from mactuner.config import TrainConfig
 from mactuner.train import train
+from tests.app.test_app_finetune import by_label, estimate_gb, open_tab, select_run
 from tests.app_pages import open_app_page
 from tests.locations import DPO_DEMO
 from tests.preference_support import preference_pairs, write_jsonl
-from tests.test_app_finetune import by_label, estimate_gb, open_tab, select_run
 from tests.train_support import tiny_config
 
 

@@ -22,8 +22,8 @@ from mactuner import paths, runs
 from mactuner.config import TrainConfig
 from mactuner.data import DEMO_DATASETS, uploads_dir
 from tests.app_pages import open_app_page
+from tests.locations import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(DEMO_DATASETS["quenmark-alpaca"])
 
 

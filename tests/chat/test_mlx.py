@@ -11,8 +11,8 @@ import torch
 
 from mactuner.chat import GenerationSettings
 from tests.mlx_support import build_small_vocab_model, require_mlx
-from tests.test_mlx_engine import CHATML, mlx_config
 from tests.train_support import write_fact_dataset
+from tests.training.test_mlx_engine import CHATML, mlx_config
 
 pytestmark = pytest.mark.mlx
 
@@ -87,7 +87,7 @@ def test_the_chat_page_answers_with_mlx_on_apple_silicon(trained, monkeypatch):
 
     import ui.chat_models
     from mactuner.chat.mlx import load_mlx_chat_model, stream_mlx_chat
-    from tests.test_app_chat import ask, open_page
+    from tests.app.test_app_chat import ask, open_page
 
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     monkeypatch.setattr(platform, "machine", lambda: "arm64")

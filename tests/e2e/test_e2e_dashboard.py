@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import re
 import time
-from pathlib import Path
 
 import pytest
-from browser import browser_page, running_app, wait_for_app
+
+from tests.browser import browser_page, running_app, wait_for_app
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.locations import ROOT  # noqa: E402
+
 # url paths of every page app.py registers (pages are added as their issues land);
 # the default page is served at "/" whatever its url_path says
 URL_PATHS = [

@@ -249,7 +249,7 @@ def test_a_background_run_starts_with_expandable_segments(tiny_model_dir, facts_
 
 def test_a_7b_model_on_a_24_gb_gpu_gets_bf16_lora_with_checkpointing_not_qlora(two_cuda_gpus, monkeypatch):
     from mactuner.recommend import recommend_hyperparameters
-    from tests.test_recommend import big_footprint
+    from tests.recommend.test_recommend import big_footprint
 
     monkeypatch.setattr("mactuner.recommend.rules.method_available", lambda method, device_type="cuda": True)
     rec = recommend_hyperparameters(footprint=big_footprint(), device="cuda:0", free_memory=22 * GB)

@@ -13,8 +13,8 @@ import torch
 
 from mactuner.training.multi_gpu import gpus_problem
 from tests.fake_hardware import GPUS, fake_two_cuda_gpus
-from tests.test_train_safety import float16_overflow_model  # noqa: F401 - the fixture
 from tests.train_support import read_metrics, tiny_config, train_losses
+from tests.training.test_train_safety import float16_overflow_model  # noqa: F401 - the fixture
 
 TWIN = SimpleNamespace(**{**vars(GPUS[0]), "uuid": "3090bbbb-0000-0000-0000-000000000000"})
 

@@ -8,16 +8,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from mactuner.checkpoints import list_checkpoints
 from mactuner.train import OutOfMemory, Trainer, TrainingCallback, TrainingError, is_out_of_memory, train
+from tests.locations import ROOT
 from tests.train_support import read_metrics, tiny_config, train_losses
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Recorder(TrainingCallback):

@@ -10,11 +10,9 @@ import sys
 
 import pytest
 
-from mactuner import paths
 from mactuner.cli import main
 from mactuner.settings import load_settings
-
-ROOT = paths.Path(__file__).resolve().parents[1]
+from tests.locations import ROOT
 
 
 def run_json(capsys, *argv) -> tuple[int, dict]:

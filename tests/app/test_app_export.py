@@ -7,9 +7,9 @@ from __future__ import annotations
 import re
 
 from mactuner.quantize import compare as quantize_compare
+from tests.app.test_app_quantize import TEXT, make_run
 from tests.app_pages import open_app_page
 from tests.features import requires
-from tests.test_app_quantize import TEXT, make_run
 from ui.export_ui import verdict_badge
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from mactuner.settings import load_settings, remember_device
+from tests.locations import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 # every page app.py registers (others add theirs as their issues land)
 PAGES = list(dict.fromkeys(re.findall(r'"(pages/\w+\.py)"', (ROOT / "app.py").read_text())))

@@ -67,7 +67,7 @@ def test_the_preflight_peak_is_the_demo_runs_peak(smollm2_path, tmp_path):
     from mactuner.commands.train import recommended_values
     from mactuner.config import TrainConfig
     from mactuner.training.preflight import preflight
-    from tests.test_preflight import run_peak
+    from tests.training.test_preflight import run_peak
 
     values = recommended_values(None, str(DEMO_DATASETS["quenmark-alpaca"]), "cpu")
     config = TrainConfig.from_dict({**values, "max_steps": 6, "compile": "off", "replay_rows": 0})

@@ -15,9 +15,9 @@ import psutil
 
 from mactuner import evaluate, paths
 from mactuner.runs.views import list_adapters
+from tests.app.test_app_chat import ask, finished_run_with_adapter
+from tests.app.test_app_finetune import copy_run, open_tab, progress_texts, trained_run  # noqa: F401 (a fixture)
 from tests.app_pages import open_app_page
-from tests.test_app_chat import ask, finished_run_with_adapter
-from tests.test_app_finetune import copy_run, open_tab, progress_texts, trained_run  # noqa: F401 (a fixture)
 
 
 def test_a_reload_reopens_the_last_conversation_and_its_model_choice(varied_model_dir, tiny_adapter, mactuner_home):
