@@ -22,9 +22,8 @@ from mactuner.recommend.estimate import DEFAULT_TARGET_MODULES, GB, MemoryEstima
 SMALL_DATASET_ROWS = 100
 # a run gets about this many checkpoints and validation losses, whatever its length
 CHECKPOINTS_PER_RUN = 4
-# below SMALL_DATASET_ROWS rows, this many general questions answered by the base model itself train
-# beside the rows (mactuner.evaluation.replay): a few facts said many times otherwise pull every
-# similar answer toward them (the demo answered "the capital of France?" with "Londanna")
+# what a person may set as replay_rows for a small dataset (mactuner.evaluation.replay): general questions
+# answered by the base model itself, trained beside the rows (not recommended by default: see choose_schedule)
 REPLAY_ROWS = 32
 # optimizer steps that teach a small dataset its facts (with the replay rows among them)
 SMALL_DATASET_STEPS = 48
@@ -95,8 +94,7 @@ def trained_per_row(summary: Any, max_length: int) -> int | None:
 def choose_lora_shape(rows: int | None, footprint: ModelFootprint) -> Choice:
     """LoRA rank, alpha and target modules: the adapter's size grows with how much there is to learn."""
     if rows is None or rows < 2000:
-        # below SMALL_DATASET_ROWS a small adapter learns the facts and disturbs the rest less
-        rank = 8 if rows is None or rows >= 200 or rows < SMALL_DATASET_ROWS else 16
+        rank = 8 if rows is None or rows >= 200 else 16
     elif rows < 20000:
         rank = 16
     else:
@@ -261,12 +259,13 @@ def choose_schedule(rows: int | None, batch: int, grad_accum: int, gpus: int = 1
         if small
         else "2e-4: the usual LoRA rate, stable across model sizes"
     )
-    replay_rows = REPLAY_ROWS if rows is not None and rows < SMALL_DATASET_ROWS else 0
+    # replay rows are the person's choice: measured on the demo (docs/benchmarks.md#forgetting) 32 of them kept
+    # more of what the base knew but left facts unlearnt at the same steps, and the facts are the point
+    replay_rows = 0
     reasons["replay_rows"] = (
-        f"{replay_rows}: general questions answered by the base model itself train beside your {rows} rows, so the "
-        "model keeps what it knew while it learns them (a small set said many times otherwise leaks into unrelated "
-        "answers); the end-of-run forgetting check measures what it kept" if replay_rows
-        else "0: enough varied rows to keep what the model knew (the end-of-run forgetting check measures it)"
+        "0: every step trains on your rows. Set replay_rows (e.g. 32) to mix in general questions answered by the "
+        "base model itself: on the demo it kept more of what the base knew, but learnt fewer of the facts; the "
+        "end-of-run forgetting check says what this run kept"
     )
     growth = batch_growth(batch, grad_accum, gpus, rows)
     if growth > 1:

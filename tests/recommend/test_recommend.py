@@ -117,12 +117,12 @@ def test_recommendation_for_the_demo_data(tiny_model_dir):
     rec = recommend_hyperparameters(str(tiny_model_dir), DEMO_DATASETS["quenmark-alpaca"], "cpu", free_memory=8 * GB)
     assert rec.dataset_rows == 63 and rec.method == "lora" and not rec.use_qlora
     assert rec.max_length == 128  # the longest demo row is under 128 tokens: nothing truncated
-    assert rec.learning_rate == 1e-3 and rec.lora_rank == 8 and rec.lora_alpha == 16
+    assert rec.learning_rate == 1e-3 and rec.lora_rank == 16 and rec.lora_alpha == 32
     assert rec.batch_size * rec.grad_accum == 8 and not rec.gradient_checkpointing
-    # the base model's own answers to general questions train beside the facts (keeps what it knew)
-    assert rec.replay_rows == 32 and "keeps what it knew" in rec.reasons["replay_rows"]
-    # enough steps to learn a small dataset, with the replay rows among them; not many more
-    assert 45 <= rec.epochs * -(-(63 + 32) // 8) <= 60
+    # replay rows are the person's choice (they cost the demo facts at the same steps): off, with the reason
+    assert rec.replay_rows == 0 and "replay_rows" in rec.reasons["replay_rows"]
+    # enough steps to learn a small dataset
+    assert rec.epochs * -(-63 // 8) >= 50
     values = rec.train_config_values()
     for key in values:
         assert rec.reasons[key].strip(), f"no reason for {key}"
