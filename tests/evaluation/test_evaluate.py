@@ -110,12 +110,13 @@ def test_app_evaluate_button_and_compare_view(fact_runs, mactuner_home):
     summary = frame(at, "perplexity")
     assert summary["model"].tolist() == ["base", "tuned"]
     assert summary["loss"].iloc[1] < summary["loss"].iloc[0]
-    assert len(frame(at, "tuned answer")) == 1
+    # one prompt, its base and tuned answers side by side as wrapping text (ui.eval_ui.answers_ui)
+    assert [c.value.split(" ·")[0] for c in at.caption if c.value.split(" ·")[0] in ("base", "tuned")] == ["base", "tuned"]
     assert (mactuner_home / "runs" / ids[0] / "eval.json").is_file()
 
     at.multiselect(key="finetune_compare").set_value(ids).run()
     assert not at.exception, at.exception
     table = frame(at, ids[1])
-    assert list(table.columns) == ids and "learning_rate" in table.index
-    assert table.loc["eval tuned loss", ids[0]] != "–" and table.loc["eval tuned loss", ids[1]] == "–"
+    assert list(table.columns) == ids and "learning rate" in table.index  # keys in words, no snake_case
+    assert table.loc["eval tuned loss", ids[0]] != "—" and table.loc["eval tuned loss", ids[1]] == "—"
     assert at.get("plotly_chart")
