@@ -207,7 +207,9 @@ def test_demo_run_exports_state_the_tuned_fact_in_llama_cpp(installed_demo_run, 
     assert facts[0]["answer_keyword"] in AutoTokenizer.from_pretrained(merged).decode(theirs)
 
     capsys.readouterr()
-    assert main(["eval", "--adapter", str(run / "adapter"), "--json", "--max-prompts", "3", "--device", "cpu"]) == 0
+    # the demo run holds no rows out: evaluate on its training rows, as asked (the result says so)
+    assert main(["eval", "--adapter", str(run / "adapter"), "--rows", "training", "--json", "--max-prompts", "3",
+                 "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tuned_loss"] < out["base_loss"] / 2, (out["base_loss"], out["tuned_loss"])
     assert out["tuned_keyword_hit"] > out["base_keyword_hit"]
