@@ -71,9 +71,11 @@ def test_compiled_layers_train_like_eager_and_save_a_plain_adapter(
     trainer.run()
     assert trainer._compiler.compiled
     assert any("Compiling the 2 decoder layers" in line for line in infos.lines), infos.lines
-    # the compile cost was measured and kept for the next run's decision
+    # the compile cost was measured and kept for the next run's decision: the planted record is replaced by a
+    # measured one (with the step-time saving). The cost itself is ~0 when an earlier test of this process
+    # compiled the same graphs (TorchInductor's in-process cache), so only its sign is checked.
     record = json.loads((compile_dir() / f"{trainer._compiler.key}.json").read_text())
-    assert record["compile_seconds"] > 0 and 0 <= record["saving"] < 1
+    assert "saving" in record and record["compile_seconds"] >= 0 and 0 <= record["saving"] < 1
     assert any(inductor_cache.rglob("*")), "TorchInductor wrote nothing: the layers did not compile"
 
     expected, got = train_losses(tmp_path / "eager"), train_losses(compiled_run)
