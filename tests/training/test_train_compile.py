@@ -20,10 +20,13 @@ from tests.train_support import InfoLines, tiny_config, train_losses
 
 @pytest.fixture
 def inductor_cache(tmp_path, monkeypatch):
-    """A cold TorchInductor cache of this test's own."""
+    """A cold TorchInductor cache of this test's own, and Dynamo's in-process cache emptied: a decoder layer
+    compiled by an earlier test of this process is otherwise reused without tracing, and writes nothing here."""
     folder = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
-    return folder
+    torch._dynamo.reset()
+    yield folder
+    torch._dynamo.reset()
 
 
 def test_the_decoder_stack_is_found(tiny_model_dir):
