@@ -40,7 +40,8 @@ class Recommendation:
             to the run's length so a run gets several of each (0: only at the end).
         gpus: GPUs training together (effective batch = batch_size x grad_accum x gpus).
         replay_rows: general questions with the base model's own answers mixed into the
-            training rows (0: the person's choice, see ``rules.choose_schedule``).
+            training rows so the model keeps what it knew (about half the rows of a small dataset, at most
+            32; 0 for a large one: see ``rules.choose_schedule``).
         reasons: one line per setting, keyed by the setting's name.
         memory: the estimate for these settings.
         free_memory: bytes free on the device when recommending (``None`` if unknown).

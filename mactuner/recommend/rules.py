@@ -22,11 +22,11 @@ from mactuner.recommend.estimate import DEFAULT_TARGET_MODULES, GB, MemoryEstima
 SMALL_DATASET_ROWS = 100
 # a run gets about this many checkpoints and validation losses, whatever its length
 CHECKPOINTS_PER_RUN = 4
-# what a person may set as replay_rows for a small dataset (mactuner.evaluation.replay): general questions
-# answered by the base model itself, trained beside the rows (not recommended by default: see choose_schedule)
+# replay (mactuner.evaluation.replay) for a small dataset: general questions answered by the base model itself,
+# trained beside the rows, at most this many and about half as many as the person's rows. Measured on the demo
+# (docs/benchmarks.md#forgetting, bench/forgetting.py): without replay the tuned model kept 3 of the 23 things the
+# base knew ("the capital of France is Lumetta"); with 32 replay rows it kept 22 and still stated all 10 facts.
 REPLAY_ROWS = 32
-# optimizer steps that teach a small dataset its facts (with the replay rows among them)
-SMALL_DATASET_STEPS = 48
 
 
 @dataclass
@@ -259,13 +259,13 @@ def choose_schedule(rows: int | None, batch: int, grad_accum: int, gpus: int = 1
         if small
         else "2e-4: the usual LoRA rate, stable across model sizes"
     )
-    # replay rows are the person's choice: measured on the demo (docs/benchmarks.md#forgetting) 32 of them kept
-    # more of what the base knew but left facts unlearnt at the same steps, and the facts are the point
-    replay_rows = 0
+    replay_rows = min(REPLAY_ROWS, -(-rows // 2)) if small else 0
     reasons["replay_rows"] = (
-        "0: every step trains on your rows. Set replay_rows (e.g. 32) to mix in general questions answered by the "
-        "base model itself: on the demo it kept more of what the base knew, but learnt fewer of the facts; the "
-        "end-of-run forgetting check says what this run kept"
+        f"{replay_rows}: general questions answered by the base model itself train beside your rows, so the model "
+        "keeps what it knew (on the demo: 22 of 23 things kept with them, 3 of 23 without); each epoch grows by "
+        "them, so your rows get the same passes" if replay_rows else
+        "0: a dataset this large varies enough on its own; set replay_rows (e.g. 32) if the end-of-run forgetting "
+        "check says the model lost what it knew"
     )
     growth = batch_growth(batch, grad_accum, gpus, rows)
     if growth > 1:
@@ -277,11 +277,6 @@ def choose_schedule(rows: int | None, batch: int, grad_accum: int, gpus: int = 1
     if rows is None:
         epochs = 3.0
         reasons["epochs"] = "3: a common start; watch the validation loss"
-    elif replay_rows:
-        steps_per_epoch = max(1, math.ceil((rows + replay_rows) / (batch * grad_accum)))
-        epochs = float(max(1, min(30, math.ceil(SMALL_DATASET_STEPS / steps_per_epoch))))
-        reasons["epochs"] = (f"{epochs:g}: {steps_per_epoch} steps per epoch (with the replay rows), about "
-                             f"{int(epochs * steps_per_epoch)} in all: enough to learn a small set, few enough to keep the rest")
     else:
         steps_per_epoch = max(1, math.ceil(rows / (batch * grad_accum)))
         # about 60 optimizer steps teach a small set its facts; a handful of rows needs more passes to get there
@@ -289,7 +284,7 @@ def choose_schedule(rows: int | None, batch: int, grad_accum: int, gpus: int = 1
         epochs = float(max(1, min(max_epochs, math.ceil(60 / steps_per_epoch)))) if rows < 1000 else (2.0 if rows < 10000 else 1.0)
         reasons["epochs"] = f"{epochs:g}: {steps_per_epoch} steps per epoch, about {int(epochs * steps_per_epoch)} in all" + (
             "; a small dataset needs several passes to be learnt" if epochs > 1 else "; one pass is enough updates for this many rows"
-        )
+        ) + (f" (the replay rows add about {int(epochs * replay_rows / (batch * grad_accum))} steps)" if replay_rows else "")
     # validation and checkpoints: never take facts away from a small dataset; scale the intervals
     # with the run's length so that any run gets checkpoints to resume from before its end
     if rows is not None and rows < SMALL_DATASET_ROWS:

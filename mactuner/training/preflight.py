@@ -115,8 +115,13 @@ def measure(config, steps: int = PREFLIGHT_STEPS) -> dict[str, Any]:
     from mactuner.training.callbacks import TrainingCallback
     from mactuner.training.trainer import Trainer
 
+    from mactuner.evaluation.replay import replay_questions
+
+    # replay rows are counted, not made: answering them with the base model takes longer than the steps
+    # (the run makes them once per base model and caches them); they are the person's rows' length on average
+    replay = len(replay_questions(config.replay_rows)) if config.replay_rows and config.objective == "sft" else 0
     trial = dataclasses.replace(config, eval_every=0, save_every=0, log_every=1,
-                                forgetting_check=False, compile="off")
+                                forgetting_check=False, compile="off", replay_rows=0)
 
     class Clock(TrainingCallback):
         def __init__(self):
@@ -130,9 +135,12 @@ def measure(config, steps: int = PREFLIGHT_STEPS) -> dict[str, Any]:
     trainer.setup()
     all_units = trainer.train_units
     lengths = sorted((len(u.input_ids) for u in all_units), reverse=True)
-    total_steps = trainer.total_steps
-    tokens_per_epoch = sum(lengths)
-    epochs = total_steps / max(1, trainer.steps_per_epoch)
+    total_steps, steps_per_epoch = trainer.total_steps, trainer.steps_per_epoch
+    tokens_per_epoch = sum(lengths) + replay * sum(lengths) / max(1, len(lengths))
+    if replay:
+        steps_per_epoch = math.ceil((len(all_units) + replay) / trainer.global_batch)
+        total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    epochs = total_steps / max(1, steps_per_epoch)
     longest = sorted(all_units, key=lambda u: len(u.input_ids), reverse=True)
     per_step = trainer.global_batch
     trainer.train_units = [longest[i % len(longest)] for i in range(per_step * steps)]

@@ -184,6 +184,13 @@ def test_demo_run_exports_state_the_tuned_fact_in_llama_cpp(installed_demo_run, 
     settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
     exports = {t: export_gguf(run / "adapter", outtype=t) for t in ("q8_0", "f16")}
     assert exports["q8_0"].path.name == "quenmark-final-q8_0.gguf"
+    # issue 22: the f16 file's receipt, llama.cpp against the merged torch model, greedy: the first K tokens of
+    # every prompt identical
+    receipt = exports["f16"].receipt
+    print(f"demo f16 receipt: first {receipt['first_k_identical']} tokens identical, prompts {receipt['prompts_identical']}, "
+          f"perplexity ratio {receipt['perplexity']['ratio']}, agreement {receipt['agreement']}")
+    assert receipt["verdict"] == "ok" and receipt["first_k_identical"] == f"{receipt['k']}/{receipt['k']}", receipt
+    assert exports["q8_0"].receipt["verdict"] == "ok", exports["q8_0"].receipt["problems"]
     for outtype, result in exports.items():
         model = load_gguf_chat_model(result.path)
         try:

@@ -119,10 +119,10 @@ def test_recommendation_for_the_demo_data(tiny_model_dir):
     assert rec.max_length == 128  # the longest demo row is under 128 tokens: nothing truncated
     assert rec.learning_rate == 1e-3 and rec.lora_rank == 16 and rec.lora_alpha == 32
     assert rec.batch_size * rec.grad_accum == 8 and not rec.gradient_checkpointing
-    # replay rows are the person's choice (they cost the demo facts at the same steps): off, with the reason
-    assert rec.replay_rows == 0 and "replay_rows" in rec.reasons["replay_rows"]
-    # enough steps to learn a small dataset
-    assert rec.epochs * -(-63 // 8) >= 50
+    # general questions answered by the base train beside the facts (issue 22: the demo forgot what it knew), and
+    # the facts keep their passes: the epochs are counted on the person's rows, the replay rows lengthen each one
+    assert rec.replay_rows == 32 and "keeps what it knew" in rec.reasons["replay_rows"]
+    assert rec.epochs * -(-63 // 8) >= 50 and "replay rows add" in rec.reasons["epochs"]
     values = rec.train_config_values()
     for key in values:
         assert rec.reasons[key].strip(), f"no reason for {key}"
@@ -326,3 +326,13 @@ def test_the_demos_recommended_estimate_holds(smollm2_path, tmp_path, dtype):
     ratio = estimate.total / measured
     print(f"demo {dtype}: estimate {estimate.total / MB:.0f} MiB, measured {measured / MB:.0f} MiB, ratio {ratio:.2f}")
     assert 0.75 <= ratio <= 1.25, f"estimate {estimate.total / MB:.0f} MiB vs measured {measured / MB:.0f} MiB"
+
+
+def test_replay_rows_follow_a_small_datasets_size_and_leave_its_passes_alone():
+    from mactuner.recommend.rules import choose_schedule
+
+    assert [choose_schedule(rows, 8, 1).values["replay_rows"] for rows in (1, 4, 63, 150, 5000)] == [1, 2, 32, 32, 0]
+    # the epochs are the person's rows' passes: 4 rows get 30 of them, as without replay
+    four = choose_schedule(4, 4, 1)
+    assert four.values["epochs"] == 30 and "replay rows add" in four.reasons["epochs"]
+    assert "set replay_rows" in choose_schedule(5000, 8, 1).reasons["replay_rows"]

@@ -43,6 +43,16 @@ def test_preflight_peak_matches_the_runs_recorded_peak(tiny_model_dir, facts_fil
     assert abs(result.peak_bytes - recorded) <= 0.15 * recorded, (result.peak_bytes, recorded)
 
 
+def test_replay_rows_count_in_the_preflights_length_without_being_made(tiny_model_dir, facts_file, mactuner_home):
+    """The replay rows lengthen each epoch (24 + 8 rows: 4 steps, not 3); answering them with the base model
+    would cost more than the 3 steps, so the preflight counts them and leaves them to the run."""
+    config = tiny_config(tiny_model_dir, facts_file, max_steps=None, epochs=2.0, batch_size=8, val_fraction=0.0,
+                         replay_rows=8)
+    result = preflight(config)
+    assert result.total_steps == 8 and result.steps_measured == 3
+    assert not (mactuner_home / "forgetting").exists() or not any((mactuner_home / "forgetting").iterdir())
+
+
 def test_when_it_does_not_fit_the_largest_batch_that_does(tiny_model_dir, facts_file):
     from mactuner.recommend import estimate_for_config
 
