@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPLAY_QUESTIONS = Path(__file__).resolve().parent.parent / "demo" / "general_replay.jsonl"
 REPLAY_MAX_NEW_TOKENS = 48
@@ -26,10 +26,14 @@ def replay_questions(count: int) -> list[str]:
     return [json.loads(line)["question"] for line in lines if line.strip()][:count]
 
 
-def replay_examples(model, tokenizer, count: int, base_key: dict[str, Any]) -> list:
+def replay_examples(model, tokenizer, count: int, base_key: dict[str, Any],
+                    answer: Callable[[list[str]], list[str]] | None = None) -> list:
     """``count`` (at most the set's size) general questions with the base model's own greedy answers,
     as training :class:`mactuner.data.Example` rows. ``model`` must answer as the base does (LoRA at
-    its zero start). Answers cut off mid-sentence end at their last full sentence."""
+    its zero start). Answers cut off mid-sentence end at their last full sentence.
+
+    ``answer`` answers the questions greedily (at most :data:`REPLAY_MAX_NEW_TOKENS` tokens each) for an engine
+    other than torch (the MLX engine's); by default the torch ``model`` does."""
     from mactuner.data import Example
     from mactuner.evaluation.forgetting import cached_base_answers, greedy_answers, record_base_answers
 
@@ -37,7 +41,10 @@ def replay_examples(model, tokenizer, count: int, base_key: dict[str, Any]) -> l
     key = {**base_key, "replay": questions, "max_new_tokens": REPLAY_MAX_NEW_TOKENS}
     answers = cached_base_answers(key)
     if answers is None:
-        answers = greedy_answers(model, tokenizer, questions, max_new_tokens=REPLAY_MAX_NEW_TOKENS)
+        if answer is None:
+            answers = greedy_answers(model, tokenizer, questions, max_new_tokens=REPLAY_MAX_NEW_TOKENS)
+        else:
+            answers = answer(questions)
         record_base_answers(key, answers)
     rows = []
     for question, answer in zip(questions, answers):

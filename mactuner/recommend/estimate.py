@@ -47,6 +47,16 @@ _RUNTIME_IMPORTS = 457 * MB
 _CPU_WORKSPACE = 96 * MB
 _CUDA_CONTEXT = 500 * MB
 _GPU_WORKSPACE = 64 * MB
+# a CPU run whose micro-batches vary in length grows its resident memory past one step's peak: glibc's
+# heap keeps the freed blocks (below the 4 MiB mmap threshold, devices.limit_host_heap_growth) of every
+# shape it met. Measured on the README demo (SmolLM2-135M, bfloat16, batch 8 x 28-65 tokens, 64 steps,
+# 2-core AMD EPYC): one step on the longest rows 1.28-1.29 GiB, the whole run 1.56 GiB, 0.27 GiB more for
+# 0.35 GiB of estimated activations. Trimming the heap after every step kept 0.1 GiB of it, 10 % slower.
+_CPU_HEAP_GROWTH = 0.75
+# a replay row: a general question and the base model's answer of at most 48 tokens; with SmolLM2's
+# template (its default system turn included) the 32 demo replay rows measured 55-89 tokens, 73 on average
+_REPLAY_ROW_TOKENS = 90
+_REPLAY_TRAINED_TOKENS = 50
 # AdamW: two float32 moments per trainable parameter
 _ADAM_BYTES = 8
 
@@ -68,27 +78,30 @@ class MemoryEstimate:
             and one chunk of the LM-head loss.
         overhead: the runtime's own memory: on the CPU and MPS the imported libraries,
             the tokenizer, the data and kernel workspaces; on CUDA the context and workspaces.
+        heap: on the CPU, what the process's heap keeps over a run whose micro-batches vary in
+            length (freed blocks of one shape do not fit the next); 0 for one step or one shape.
     """
 
     weights: int
     trainable: int
     activations: int
     overhead: int
+    heap: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("weights", "trainable", "activations", "overhead"):
+        for name in ("weights", "trainable", "activations", "overhead", "heap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 bytes, got {getattr(self, name)}")
 
     @property
     def total(self) -> int:
         """The predicted peak, in bytes."""
-        return self.weights + self.trainable + self.activations + self.overhead
+        return self.weights + self.trainable + self.activations + self.overhead + self.heap
 
     def to_dict(self) -> dict[str, Any]:
         """Bytes and GB of every part and the total."""
         parts = {"weights": self.weights, "trainable": self.trainable, "activations": self.activations,
-                 "overhead": self.overhead, "total": self.total}
+                 "overhead": self.overhead, "heap": self.heap, "total": self.total}
         return {**{f"{k}_bytes": v for k, v in parts.items()}, **{f"{k}_gb": round(v / GB, 3) for k, v in parts.items()}}
 
     def summary(self, free: int | None, device: str) -> tuple[str, str | None]:
@@ -98,7 +111,8 @@ class MemoryEstimate:
         ``free`` of ``None`` or 0 (unknown) leaves the free memory unsaid and warns of nothing.
         """
         parts = " · ".join(f"{name} {getattr(self, name) / GB:.2f} GB"
-                           for name in ("weights", "trainable", "activations", "overhead"))
+                           for name in ("weights", "trainable", "activations", "overhead", "heap")
+                           if name != "heap" or self.heap)
         free_text = f" of {free / GB:.1f} GB free on {device}" if free else ""
         headline = f"**Estimated peak memory: {self.total / GB:.2f} GB**{free_text}  \n{parts}"
         if not free or self.total <= free:
@@ -246,7 +260,7 @@ def estimate_for_config(config: Any, summary: Any = None, device: str | torch.de
     config's, or the device's best on ``"auto"``; the sequence length is the config's
     ``max_length`` capped by the longest row of ``summary`` (a
     :class:`mactuner.data.DatasetSummary`); logits are counted only for the trained tokens of
-    the longest row.
+    the longest row; on the CPU, rows of several lengths add the heap's growth over a run.
 
     Args:
         config: the training config.
@@ -273,13 +287,19 @@ def estimate_for_config(config: Any, summary: Any = None, device: str | torch.de
         seq_len = min(config.max_length, max(summary.max_tokens, 1))
         if getattr(summary, "trained_lengths", None):
             trained = max(min(n, config.max_length) for n in summary.trained_lengths)
+    if getattr(config, "replay_rows", 0) and objective == "sft":
+        # replay rows (mactuner.evaluation.replay) are a general question and the base model's answer
+        if seq_len < config.max_length:
+            seq_len = min(config.max_length, max(seq_len, _REPLAY_ROW_TOKENS))
+        trained = None if trained is None else min(config.max_length, max(trained, _REPLAY_TRAINED_TOKENS))
     # DPO and ORPO run a pair's two sequences in one forward pass: twice the rows
     sequences = config.batch_size * (2 if objective in ("dpo", "orpo") else 1)
+    engine = choose_engine(getattr(config, "engine", "torch"), config.method).engine
     estimate = estimate_memory(
         footprint, method=config.method, dtype=dtype, batch_size=sequences, seq_len=seq_len,
         lora_rank=config.lora_rank, target_modules=config.target_modules,
         gradient_checkpointing=config.gradient_checkpointing, trained_tokens_per_row=trained,
-        device_type=device.type, engine=choose_engine(getattr(config, "engine", "torch"), config.method).engine,
+        device_type=device.type, engine=engine,
     )
     if objective in ("dpo", "kto"):
         # the reference pass (no gradient: one layer's activations at a time, and its log-probabilities);
@@ -290,6 +310,10 @@ def estimate_for_config(config: Any, summary: Any = None, device: str | torch.de
         copy = footprint.num_parameters * b if config.method == "full" else 0
         estimate = dataclasses.replace(estimate, weights=estimate.weights + copy,
                                        activations=estimate.activations + int(reference))
+    shortest = getattr(summary, "min_tokens", None)
+    if device.type == "cpu" and engine == "torch" and shortest is not None and shortest < seq_len:
+        # rows of several lengths: micro-batches of several shapes over the run (see _CPU_HEAP_GROWTH)
+        estimate = dataclasses.replace(estimate, heap=int(_CPU_HEAP_GROWTH * estimate.activations))
     return estimate
 
 

@@ -402,14 +402,50 @@ class MLXTrainer:
 
         return dict(tree_flatten(self.model.trainable_parameters()))
 
+    def _replay_examples(self) -> list:
+        """``replay_rows`` general questions answered greedily by the base model with MLX (the adapter is at its
+        zero start): :mod:`mactuner.evaluation.replay`, as the torch engine does."""
+        from mactuner.evaluation.replay import replay_examples
+
+        self._stage("replaying", f"Answering {self.config.replay_rows} general questions with the base model, to train "
+                    "on beside the new rows (keeps what it knew; cached for the next run)…")
+        key = {"model": str(self.config.model), "engine": "mlx", "device": self.device_name, "quantized": self.quantized}
+        try:
+            rows = replay_examples(self.model, self.tokenizer, self.config.replay_rows, key, answer=self._greedy_answers)
+        except ValueError as error:  # no chat template
+            self._info(f"No replay rows: {error}.")
+            return []
+        self._info(f"{len(rows)} replay rows (general questions with the base model's own answers) train beside "
+                   "the dataset's rows.")
+        return rows
+
+    def _greedy_answers(self, questions: list[str]) -> list[str]:
+        """Each question alone through the chat template, answered greedily by the MLX model."""
+        from mlx_lm.generate import generate
+        from mlx_lm.sample_utils import make_sampler
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+        from mactuner.evaluation.replay import REPLAY_MAX_NEW_TOKENS
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template")
+        wrapper, greedy = TokenizerWrapper(self.tokenizer), make_sampler(0.0)
+        answers = []
+        for question in questions:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                     return_dict=True)["input_ids"]
+            answers.append(generate(self.model, wrapper, list(ids), max_tokens=REPLAY_MAX_NEW_TOKENS, sampler=greedy).strip())
+        return answers
+
     def _prepare_data(self) -> None:
         from mactuner.training.rows import prepare_units
 
         config = self.config
-        if config.replay_rows:
-            self._info(f"replay_rows: {config.replay_rows} is not used by the MLX engine (the torch engine mixes in the "
-                       "base model's own answers); the end-of-run forgetting check is torch-only too.")
-        data = prepare_units(config, self.tokenizer, self._info, self._stage)
+        if config.replay_rows and config.forgetting_check:
+            self._info("The end-of-run forgetting check runs on the PyTorch engine only: this MLX run is not checked "
+                       "(`mactuner eval RUN` checks it afterwards).")
+        data = prepare_units(config, self.tokenizer, self._info, self._stage,
+                             self._replay_examples if config.replay_rows else None)
         self.data_format = data.format
         self.train_units = data.train_units
         self.val_units = data.val_units

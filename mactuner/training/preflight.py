@@ -203,7 +203,8 @@ def preflight(config, *, steps: int = PREFLIGHT_STEPS, timeout: float = 600) -> 
     free, _ = free_memory_bytes(device)
     # the static estimate of the same settings, with the rows' real longest lengths
     shape = SimpleNamespace(max_tokens=figures["longest_tokens"], trained_lengths=[figures["longest_trained"]])
-    estimate = estimate_for_config(config, shape, device)
+    # the rows measured: the person's longest, without replay rows (counted in the ETA, not made): the estimate alike
+    estimate = estimate_for_config(dataclasses.replace(config, replay_rows=0), shape, device)
     fits = None if not free else figures["peak_bytes"] <= free
     suggestion = {} if fits is not False else suggest_fit(config, figures["peak_bytes"], free, device, shape)
     tps = figures["tokens_per_second"]

@@ -318,14 +318,18 @@ def test_the_demos_recommended_estimate_holds(smollm2_path, tmp_path, dtype):
 
     dataset = DEMO_DATASETS["quenmark-alpaca"]
     rec = recommend_hyperparameters(None, dataset, "cpu", free_memory=16 * GB)
+    # two steps of the demo's own rows: no replay rows, and no heap growth yet (that takes a run of many shapes:
+    # tests/evaluation/test_demo_forgetting.py checks the whole run's peak)
     values = {**rec.train_config_values(), "dtype": dtype, "dataset": str(dataset), "device": "cpu", "max_steps": 2,
-              "save_every": 0, "eval_every": 0}
+              "save_every": 0, "eval_every": 0, "replay_rows": 0}
     measured, _ = measured_peak(values)
     summary = summarize_dataset(load_dataset_file(dataset), AutoTokenizer.from_pretrained(smollm2_path), max_length=10**6)
     estimate = estimate_for_config(TrainConfig.from_dict(values), summary, "cpu")
-    ratio = estimate.total / measured
-    print(f"demo {dtype}: estimate {estimate.total / MB:.0f} MiB, measured {measured / MB:.0f} MiB, ratio {ratio:.2f}")
-    assert 0.75 <= ratio <= 1.25, f"estimate {estimate.total / MB:.0f} MiB vs measured {measured / MB:.0f} MiB"
+    assert estimate.heap > 0  # the demo's rows vary in length
+    predicted = estimate.total - estimate.heap
+    ratio = predicted / measured
+    print(f"demo {dtype}: estimate {predicted / MB:.0f} MiB, measured {measured / MB:.0f} MiB, ratio {ratio:.2f}")
+    assert 0.75 <= ratio <= 1.25, f"estimate {predicted / MB:.0f} MiB vs measured {measured / MB:.0f} MiB"
 
 
 def test_replay_rows_follow_a_small_datasets_size_and_leave_its_passes_alone():

@@ -92,6 +92,30 @@ def test_mlx_training_lowers_the_loss_and_writes_the_torch_run_contract(mlx_mode
     assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
+def test_replay_rows_are_the_mlx_base_models_own_answers(facts, tmp_path, mactuner_home):
+    """The recommendation's replay rows (issue 22) on the MLX engine too: the base model's greedy answers made with
+    MLX (the torch engine's answers, token for token), cached, trained beside the rows (they lengthen the epoch).
+    The model's weights are drawn wide, so that it answers something other than newlines."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mactuner.evaluation.forgetting import greedy_answers
+    from mactuner.evaluation.replay import REPLAY_MAX_NEW_TOKENS, replay_questions
+
+    model_dir = build_small_vocab_model(tmp_path / "varied", CHATML, initializer_range=0.5, seed=1)
+    plain = _trainer(mlx_config(model_dir, facts, max_steps=None, epochs=1.0, batch_size=2))
+    plain.setup()
+    trainer = _trainer(mlx_config(model_dir, facts, max_steps=None, epochs=1.0, batch_size=2, replay_rows=2))
+    trainer.setup()
+    assert len(trainer.train_units) == len(plain.train_units) + 2
+    assert trainer.total_steps == plain.total_steps + 1
+    [cached] = list((mactuner_home / "forgetting").iterdir())
+    record = json.loads(cached.read_text())
+    assert record["key"]["engine"] == "mlx" and record["key"]["replay"] == replay_questions(2)
+    torch_answers = greedy_answers(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir),
+                                   replay_questions(2), max_new_tokens=REPLAY_MAX_NEW_TOKENS)
+    assert record["answers"] == torch_answers and all(torch_answers)
+
+
 def test_the_mlx_engine_trains_on_the_torch_engines_token_ids(mlx_model_dir, tmp_path):
     """Same reader, chat template, max length and assistant-only rule: identical units (CSV, both loss modes)."""
     import csv
