@@ -2,7 +2,11 @@
 
 After :func:`mactuner.export.export_gguf` writes ``NAME.gguf``, :func:`make_receipt` runs the
 same prompts greedily through the merged torch model (float32, transformers) and through
-llama.cpp on the file (llama-cpp-python), and writes ``NAME.receipt.json`` beside it:
+llama.cpp on the file (llama-cpp-python), and writes ``NAME.receipt.json`` beside it. For a
+16-bit file (f16, bf16) the torch model's weights are first rounded to that type, as the file
+stores them: the comparison then finds what the conversion changed, not the rounding the person
+chose (on the demo's f16 file: 16/16 tokens on all 4 prompts against the rounded weights, one
+prompt parting at token 11 against the float32 ones, a near-tie):
 
 - for each of :data:`RECEIPT_PROMPTS` (chat questions through the model's template): the first
   ``k`` greedy token ids of both, and how many of them agree from the start;
@@ -34,6 +38,8 @@ RECEIPT_TOKENS = 16
 MIN_AGREEMENT = {"f16": 0.9, "bf16": 0.85, "q8_0": 0.75}
 # llama.cpp's perplexity / torch's, at most (16-bit files compute nearly alike; 8-bit blocks lose a little)
 MAX_PERPLEXITY_RATIO = {"f16": 1.02, "bf16": 1.05, "q8_0": 1.10}
+# the file types that store every weight in a 16-bit float (the reference model's weights are rounded alike)
+STORED_DTYPES = {"f16": "float16", "bf16": "bfloat16"}
 PERPLEXITY_ROWS = 4
 PERPLEXITY_TOKENS = 256
 
@@ -233,6 +239,7 @@ def make_receipt(gguf_path: str | os.PathLike, torch_dir: str | os.PathLike, *, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mactuner.chat.llamacpp import llama_cpp_missing_reason
+    from mactuner.devices import parse_dtype
 
     if reason := llama_cpp_missing_reason():
         raise RuntimeError(reason)
@@ -242,6 +249,14 @@ def make_receipt(gguf_path: str | os.PathLike, torch_dir: str | os.PathLike, *, 
     gguf_path, torch_dir = Path(gguf_path), Path(torch_dir)
     tokenizer = AutoTokenizer.from_pretrained(torch_dir)
     model = AutoModelForCausalLM.from_pretrained(torch_dir, dtype=torch.float32).eval()
+    stored = STORED_DTYPES.get(outtype)
+    if stored is not None:
+        rounded = parse_dtype(stored)
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.to(rounded).to(torch.float32))
+    reference = f"torch float32, weights rounded to {outtype} as the file stores them" if stored else "torch float32"
     rows, rows_source = _validation_texts(tokenizer, Path(adapter) if adapter else None)
     n_ctx = max(512, max((len(r) for r in rows), default=0) + 8)
     llama = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False,
@@ -281,6 +296,7 @@ def make_receipt(gguf_path: str | os.PathLike, torch_dir: str | os.PathLike, *, 
         "rule": (f"failed when llama.cpp, fed the torch model's greedy tokens, picks the same next token in fewer "
                  f"than the type's share of the choices ({MIN_AGREEMENT}), or its perplexity exceeds torch's by more "
                  f"than the type's limit ({MAX_PERPLEXITY_RATIO}), or the Modelfile's template renders another prompt"),
+        "reference": reference,
         "agreement": round(agreement, 4),
         "k": k,
         "prompts_identical": f"{full}/{len(compared)}",

@@ -52,6 +52,8 @@ def test_every_export_writes_a_receipt_and_f16_agrees_with_torch(exported):
     assert receipt["agreement"] >= 0.9 and all(p["identical_tokens"] >= 1 for p in receipt["prompts"])
     assert receipt["perplexity"]["ratio"] == pytest.approx(1.0, abs=0.02) and receipt["perplexity"]["rows"] > 0
     assert receipt["modelfile_template_matches"] is True and receipt["quant_type"] == "f16"
+    # the torch side holds the file's own f16-rounded weights: what differs is the conversion, not the rounding
+    assert "rounded to f16" in receipt["reference"]
     assert receipt["gguf_bytes"] == exported.path.stat().st_size and receipt["torch_bytes"] > 0
     assert {"torch", "transformers", "llama_cpp_python", "converter"} <= set(receipt["versions"])
     assert json.loads(json.dumps(exported.to_dict()))["failed"] is False
