@@ -13,8 +13,9 @@ with the adapter at its zero start) and cached under ``MACTUNER_HOME/forgetting`
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPLAY_QUESTIONS = Path(__file__).resolve().parent.parent / "demo" / "general_replay.jsonl"
 REPLAY_MAX_NEW_TOKENS = 48

@@ -112,10 +112,9 @@ def measure(config, steps: int = PREFLIGHT_STEPS) -> dict[str, Any]:
     The run's schedule, batch and settings are kept; only the rows are the longest ones (the
     memory peak of a run is at its longest micro-batch) and nothing is written.
     """
+    from mactuner.evaluation.replay import replay_questions
     from mactuner.training.callbacks import TrainingCallback
     from mactuner.training.trainer import Trainer
-
-    from mactuner.evaluation.replay import replay_questions
 
     # replay rows are counted, not made: answering them with the base model takes longer than the steps
     # (the run makes them once per base model and caches them); they are the person's rows' length on average
