@@ -12,6 +12,7 @@ import streamlit as st
 from mactuner import data
 from mactuner.config import COMPILE_CHOICES, ENGINES, TrainConfig
 from mactuner.devices import optimal_dtype_reason
+from mactuner.evaluation.replay import REPLAY_SET_SIZE
 from mactuner.models import DEFAULT_MODEL, model_footprint, model_path
 from mactuner.recommend import estimate_for_config, free_memory_bytes, reasons_markdown, recommend_hyperparameters
 from mactuner.runs.views import effective_batch_text
@@ -119,6 +120,8 @@ def settings_ui(recommended: dict, reasons: dict, method: str, device: str = "cp
         "max_steps": number("Max steps", "max_steps", 0, 10**6) or None,
         "save_every": number("Checkpoint every", "save_every", 0, 10**6),
         "eval_every": number("Validate every", "eval_every", 0, 10**6),
+        # general questions the base model answers itself, trained beside the rows (mactuner.evaluation.replay)
+        "replay_rows": number("Replay rows", "replay_rows", 0, REPLAY_SET_SIZE),
     }
     if method != "full":
         chosen["lora_rank"] = number("LoRA rank", "lora_rank", 1, 1024)

@@ -20,12 +20,15 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mactuner.evaluation.matching import phrase_match
 
+# asks questions greedily: (questions, max_new_tokens) -> answers
+Answerer = Callable[[list[str], int], list[str]]
 GENERAL_KNOWLEDGE = Path(__file__).resolve().parent.parent / "demo" / "general_knowledge.jsonl"
 FORGETTING_FILE = "forgetting.json"
 # a run that loses more than this share of what the base model knew is flagged
@@ -167,7 +170,7 @@ def greedy_chat(model, tokenizer, conversations: list[list[dict[str, str]]], *, 
 
 def check_forgetting(model, tokenizer, *, base_answers: list[str] | None = None,
                      questions: list[GeneralQuestion] | None = None, base_context=None,
-                     max_new_tokens: int = MAX_NEW_TOKENS) -> ForgettingResult:
+                     max_new_tokens: int = MAX_NEW_TOKENS, answer: Answerer | None = None) -> ForgettingResult:
     """Ask the general set of the base model and of the tuned ``model``; count what was kept.
 
     Args:
@@ -177,6 +180,8 @@ def check_forgetting(model, tokenizer, *, base_answers: list[str] | None = None,
             inside ``base_context`` (default for a PEFT model: ``model.disable_adapter()``).
         questions: the set; default :data:`GENERAL_KNOWLEDGE`.
         max_new_tokens: longest answer.
+        answer: asks questions greedily of a model that is not torch (the MLX engine's): ``answer(questions,
+            max_new_tokens)``; ``base_context`` must then switch its adapter off. Default: ``model`` in torch.
 
     Raises:
         ValueError: no way to get the base model's answers, or no chat template.
@@ -184,16 +189,19 @@ def check_forgetting(model, tokenizer, *, base_answers: list[str] | None = None,
     started = time.perf_counter()
     questions = questions if questions is not None else load_general_set()
     texts = [q.question for q in questions]
+    if answer is None:
+        def answer(asked: list[str], longest: int) -> list[str]:
+            return greedy_answers(model, tokenizer, asked, max_new_tokens=longest)
     if base_answers is None:
         if base_context is None:
             if not hasattr(model, "disable_adapter"):
                 raise ValueError("give base_answers (or base_context) for a model that is not a PEFT model")
             base_context = model.disable_adapter()
         with base_context if base_context is not None else contextlib.nullcontext():
-            base_answers = greedy_answers(model, tokenizer, texts, max_new_tokens=max_new_tokens)
+            base_answers = answer(texts, max_new_tokens)
     knew = known_by_base(questions, base_answers)
     # only what the base knew is asked again: that is all the check counts
-    tuned = greedy_answers(model, tokenizer, [texts[i] for i in knew], max_new_tokens=max_new_tokens) if knew else []
+    tuned = answer([texts[i] for i in knew], max_new_tokens) if knew else []
     return score_forgetting(questions, base_answers, dict(zip(knew, tuned)), seconds=time.perf_counter() - started)
 
 
@@ -262,12 +270,15 @@ def record_base_answers(key: dict[str, Any], answers: list[str]) -> None:
 
 
 def forgetting_after_training(model, tokenizer, run_dir: str | os.PathLike, *, base_key: dict[str, Any],
-                              peft: bool, eager=None) -> ForgettingResult | None:
+                              peft: bool, eager=None, answer: Answerer | None = None,
+                              adapter_off=None) -> ForgettingResult | None:
     """The trainer's end-of-run check: ask, compare, write ``RUN/forgetting.json``.
 
     The base model's answers come from ``model`` with its adapter switched off (LoRA, QLoRA), or from
     an earlier run of the same base (``base_key``: model, dtype, device kind, the set's content);
-    a full fine-tune without such a record returns ``None`` (its base weights are gone).
+    a full fine-tune without such a record returns ``None`` (its base weights are gone). Another
+    engine's model (MLX) gives ``answer`` (see :func:`check_forgetting`) and ``adapter_off``, a
+    context manager that switches its adapter off.
     """
     questions = load_general_set()
     key = {**base_key, "set": [asdict(q) for q in questions], "max_new_tokens": MAX_NEW_TOKENS}
@@ -276,9 +287,11 @@ def forgetting_after_training(model, tokenizer, run_dir: str | os.PathLike, *, b
         return None
     with eager if eager is not None else contextlib.nullcontext():
         if base_answers is None:
-            with model.disable_adapter():
-                base_answers = greedy_answers(model, tokenizer, [q.question for q in questions])
+            with adapter_off if adapter_off is not None else model.disable_adapter():
+                texts = [q.question for q in questions]
+                base_answers = (answer(texts, MAX_NEW_TOKENS) if answer is not None else
+                                greedy_answers(model, tokenizer, texts))
             record_base_answers(key, base_answers)
-        result = check_forgetting(model, tokenizer, base_answers=base_answers, questions=questions)
+        result = check_forgetting(model, tokenizer, base_answers=base_answers, questions=questions, answer=answer)
     save_forgetting(result, run_dir)
     return result

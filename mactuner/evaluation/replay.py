@@ -19,6 +19,8 @@ from typing import Any
 
 REPLAY_QUESTIONS = Path(__file__).resolve().parent.parent / "demo" / "general_replay.jsonl"
 REPLAY_MAX_NEW_TOKENS = 48
+# questions in the shipped set: replay_rows beyond it get the whole set
+REPLAY_SET_SIZE = 32
 
 
 def replay_questions(count: int) -> list[str]:

@@ -37,6 +37,7 @@ models take no position ids, so packed rows would see each other).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -405,13 +406,14 @@ class MLXTrainer:
     def _replay_examples(self) -> list:
         """``replay_rows`` general questions answered greedily by the base model with MLX (the adapter is at its
         zero start): :mod:`mactuner.evaluation.replay`, as the torch engine does."""
-        from mactuner.evaluation.replay import replay_examples
+        from mactuner.evaluation.replay import REPLAY_MAX_NEW_TOKENS, replay_examples
 
         self._stage("replaying", f"Answering {self.config.replay_rows} general questions with the base model, to train "
                     "on beside the new rows (keeps what it knew; cached for the next run)…")
         key = {"model": str(self.config.model), "engine": "mlx", "device": self.device_name, "quantized": self.quantized}
         try:
-            rows = replay_examples(self.model, self.tokenizer, self.config.replay_rows, key, answer=self._greedy_answers)
+            rows = replay_examples(self.model, self.tokenizer, self.config.replay_rows, key,
+                                   answer=lambda questions: self._greedy_answers(questions, REPLAY_MAX_NEW_TOKENS))
         except ValueError as error:  # no chat template
             self._info(f"No replay rows: {error}.")
             return []
@@ -419,31 +421,63 @@ class MLXTrainer:
                    "the dataset's rows.")
         return rows
 
-    def _greedy_answers(self, questions: list[str]) -> list[str]:
-        """Each question alone through the chat template, answered greedily by the MLX model."""
+    def _greedy_answers(self, questions: list[str], max_new_tokens: int) -> list[str]:
+        """Each question alone through the chat template, answered greedily by the MLX model (dropout off)."""
         from mlx_lm.generate import generate
         from mlx_lm.sample_utils import make_sampler
         from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-        from mactuner.evaluation.replay import REPLAY_MAX_NEW_TOKENS
-
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template")
+            raise ValueError("the model's tokenizer has no chat template: chat questions cannot be asked")
         wrapper, greedy = TokenizerWrapper(self.tokenizer), make_sampler(0.0)
         answers = []
-        for question in questions:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                                     return_dict=True)["input_ids"]
-            answers.append(generate(self.model, wrapper, list(ids), max_tokens=REPLAY_MAX_NEW_TOKENS, sampler=greedy).strip())
+        self.model.eval()
+        try:
+            for question in questions:
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                         add_generation_prompt=True, return_dict=True)["input_ids"]
+                answers.append(generate(self.model, wrapper, list(ids), max_tokens=max_new_tokens, sampler=greedy).strip())
+        finally:
+            self.model.train()
         return answers
+
+    @contextlib.contextmanager
+    def _adapter_off(self):
+        """The base model's answers: every LoRA layer's update scaled to zero, then restored."""
+        from mlx_lm.tuner.lora import LoRALinear
+
+        layers = [m for _, m in self.model.named_modules() if isinstance(m, LoRALinear)]
+        scales = [layer.scale for layer in layers]
+        for layer in layers:
+            layer.scale = 0.0
+        try:
+            yield
+        finally:
+            for layer, scale in zip(layers, scales):
+                layer.scale = scale
+
+    def _check_forgetting(self) -> str | None:
+        """After the last step, as the torch engine: what the tuned model kept of what the base knew
+        (``RUN/forgetting.json``); its headline, or None when not checked. Never fails the run."""
+        if self.run_dir is None or not self.config.forgetting_check:
+            return None
+        from mactuner.evaluation.forgetting import forgetting_after_training
+
+        self._stage("checking", "Checking what the tuned model kept of what the base model knew (general questions)…")
+        key = {"model": str(self.config.model), "engine": "mlx", "device": self.device_name, "quantized": self.quantized}
+        try:
+            result = forgetting_after_training(self.model, self.tokenizer, self.run_dir, base_key=key, peft=True,
+                                               answer=self._greedy_answers, adapter_off=self._adapter_off())
+        except Exception as error:  # noqa: BLE001 - a check that cannot run must not fail a finished run
+            self._info(f"The forgetting check could not run: {type(error).__name__}: {error}")
+            return None
+        self._info(result.headline())
+        return result.headline()
 
     def _prepare_data(self) -> None:
         from mactuner.training.rows import prepare_units
 
         config = self.config
-        if config.replay_rows and config.forgetting_check:
-            self._info("The end-of-run forgetting check runs on the PyTorch engine only: this MLX run is not checked "
-                       "(`mactuner eval RUN` checks it afterwards).")
         data = prepare_units(config, self.tokenizer, self._info, self._stage,
                              self._replay_examples if config.replay_rows else None)
         self.data_format = data.format
@@ -637,8 +671,10 @@ class MLXTrainer:
                     state = "cancelled"
                     break
             adapter = self._save_final() if self.step >= self.total_steps else None
+            forgetting = None
             if self.step >= self.total_steps:
                 state = "finished"
+                forgetting = self._check_forgetting()
         finally:
             restore_handler()
         if state == "finished":
@@ -648,6 +684,8 @@ class MLXTrainer:
             if self.last_val_loss is not None:
                 message += f", validation loss {self.last_val_loss:.4f}"
             message += "."
+            if forgetting:
+                message += " " + forgetting
         else:
             message = f"Stopped at step {self.step} of {self.total_steps}; a checkpoint was saved, resume to continue."
         self._end(state, message)

@@ -100,6 +100,9 @@ def test_page_renders_with_no_runs_and_recommends_settings():
     batch = by_label(at.number_input, "Batch size")
     assert batch.value >= 1 and "micro-batch" in batch.help
     assert "tokens" in by_label(at.number_input, "Max length").help
+    # the demo's 63 rows get 32 replay rows (the base model's own answers), shown and changeable
+    replay = by_label(at.number_input, "Replay rows")
+    assert replay.value == 32 and "keeps what it knew" in replay.help
     first = estimate_gb(at)
     assert 0.1 < first < 100
     assert not at.warning

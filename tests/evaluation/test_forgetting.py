@@ -38,6 +38,15 @@ def test_the_shipped_general_set_is_small_and_answers_are_not_in_the_questions()
         assert not matching.phrase_match(q.question, q.expected), q
 
 
+def test_the_replay_set_is_the_size_the_page_offers_and_none_of_it_is_checked():
+    from mactuner.evaluation.replay import REPLAY_SET_SIZE, replay_questions
+
+    replayed = replay_questions(10**6)
+    assert len(replayed) == len(set(replayed)) == REPLAY_SET_SIZE
+    # the check measures what was not rehearsed
+    assert not {q.question for q in load_general_set()} & set(replayed)
+
+
 def test_a_broken_set_line_names_the_file_and_line(tmp_path):
     path = tmp_path / "set.jsonl"
     path.write_text('{"question": "Q?", "expected": ["A"]}\n{"question": "no answer"}\n')

@@ -47,7 +47,9 @@ def facts(tmp_path) -> Path:
 
 
 def mlx_config(model_dir: Path, dataset: Path, **changes):
-    values = dict(engine="mlx", max_length=128, target_modules=TARGETS, max_steps=6, val_fraction=0.25)
+    # the end-of-run forgetting check asks 24 questions twice: mlx[cpu] is slow, one test below runs it
+    values = dict(engine="mlx", max_length=128, target_modules=TARGETS, max_steps=6, val_fraction=0.25,
+                  forgetting_check=False)
     values.update(changes)
     return tiny_config(model_dir, dataset, **values)
 
@@ -114,6 +116,28 @@ def test_replay_rows_are_the_mlx_base_models_own_answers(facts, tmp_path, mactun
     torch_answers = greedy_answers(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir),
                                    replay_questions(2), max_new_tokens=REPLAY_MAX_NEW_TOKENS)
     assert record["answers"] == torch_answers and all(torch_answers)
+
+
+def test_an_mlx_run_ends_with_the_forgetting_check_of_its_base(facts, tmp_path, mactuner_home):
+    """As the torch engine: the run's last message says what it kept, ``forgetting.json`` is written, and the base
+    answers come from the trained model with its adapter switched off: the torch base model's answers, token for
+    token (the wide-weight model of the replay test, so that they are not empty)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mactuner.evaluation.forgetting import MAX_NEW_TOKENS, greedy_answers, load_forgetting, load_general_set
+
+    model_dir = build_small_vocab_model(tmp_path / "varied", CHATML, initializer_range=0.5, seed=1)
+    run_dir = tmp_path / "run"
+    result = _trainer(mlx_config(model_dir, facts, max_steps=2, forgetting_check=True), run_dir).run()
+    kept = load_forgetting(run_dir)
+    assert result.state == "finished" and kept is not None and kept.asked == len(load_general_set())
+    assert kept.headline() in json.loads((run_dir / "status.json").read_text())["message"]
+    [cached] = list((mactuner_home / "forgetting").iterdir())
+    record = json.loads(cached.read_text())
+    assert record["key"]["engine"] == "mlx"
+    torch_base = greedy_answers(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir),
+                                [q.question for q in load_general_set()], max_new_tokens=MAX_NEW_TOKENS)
+    assert record["answers"] == torch_base
 
 
 def test_the_mlx_engine_trains_on_the_torch_engines_token_ids(mlx_model_dir, tmp_path):
