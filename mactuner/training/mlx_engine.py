@@ -403,23 +403,18 @@ class MLXTrainer:
 
         return dict(tree_flatten(self.model.trainable_parameters()))
 
+    def _base_key(self) -> dict[str, Any]:
+        """What makes two MLX runs' base models answer alike (their cached base answers are shared)."""
+        return {"model": str(self.config.model), "engine": "mlx", "device": self.device_name, "quantized": self.quantized}
+
     def _replay_examples(self) -> list:
         """``replay_rows`` general questions answered greedily by the base model with MLX (the adapter is at its
-        zero start): :mod:`mactuner.evaluation.replay`, as the torch engine does."""
-        from mactuner.evaluation.replay import REPLAY_MAX_NEW_TOKENS, replay_examples
+        zero start), as the torch engine does."""
+        from mactuner.evaluation.replay import REPLAY_MAX_NEW_TOKENS
+        from mactuner.training.rows import replay_rows
 
-        self._stage("replaying", f"Answering {self.config.replay_rows} general questions with the base model, to train "
-                    "on beside the new rows (keeps what it knew; cached for the next run)…")
-        key = {"model": str(self.config.model), "engine": "mlx", "device": self.device_name, "quantized": self.quantized}
-        try:
-            rows = replay_examples(self.model, self.tokenizer, self.config.replay_rows, key,
-                                   answer=lambda questions: self._greedy_answers(questions, REPLAY_MAX_NEW_TOKENS))
-        except ValueError as error:  # no chat template
-            self._info(f"No replay rows: {error}.")
-            return []
-        self._info(f"{len(rows)} replay rows (general questions with the base model's own answers) train beside "
-                   "the dataset's rows.")
-        return rows
+        return replay_rows(self.config.replay_rows, self.model, self.tokenizer, self._base_key(), self._info, self._stage,
+                           answer=lambda questions: self._greedy_answers(questions, REPLAY_MAX_NEW_TOKENS))
 
     def _greedy_answers(self, questions: list[str], max_new_tokens: int) -> list[str]:
         """Each question alone through the chat template, answered greedily by the MLX model (dropout off)."""
@@ -464,9 +459,8 @@ class MLXTrainer:
         from mactuner.evaluation.forgetting import forgetting_after_training
 
         self._stage("checking", "Checking what the tuned model kept of what the base model knew (general questions)…")
-        key = {"model": str(self.config.model), "engine": "mlx", "device": self.device_name, "quantized": self.quantized}
         try:
-            result = forgetting_after_training(self.model, self.tokenizer, self.run_dir, base_key=key, peft=True,
+            result = forgetting_after_training(self.model, self.tokenizer, self.run_dir, base_key=self._base_key(), peft=True,
                                                answer=self._greedy_answers, adapter_off=self._adapter_off())
         except Exception as error:  # noqa: BLE001 - a check that cannot run must not fail a finished run
             self._info(f"The forgetting check could not run: {type(error).__name__}: {error}")

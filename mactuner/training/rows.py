@@ -87,3 +87,21 @@ def prepare_units(
         train_units=make_units(train_rows, config.packing, config.max_length, config.seed),
         val_units=make_units(val_rows, config.packing, config.max_length, config.seed),
     )
+
+
+def replay_rows(count: int, model: Any, tokenizer: Any, base_key: dict[str, Any], info: Callable[[str], None],
+                stage: Callable[[str, str], None], answer: Callable[[list[str]], list[str]] | None = None) -> list:
+    """``count`` general questions answered by the base model itself, as training examples, for either engine
+    (:func:`mactuner.evaluation.replay.replay_examples`: ``answer`` asks an MLX model, else the torch ``model``
+    does); said as a stage and an info line. A tokenizer without a chat template gives none, with the reason."""
+    from mactuner.evaluation.replay import replay_examples
+
+    stage("replaying", f"Answering {count} general questions with the base model, to train on beside the new rows "
+          "(keeps what it knew; cached for the next run)…")
+    try:
+        rows = replay_examples(model, tokenizer, count, base_key, answer=answer)
+    except ValueError as error:  # no chat template
+        info(f"No replay rows: {error}.")
+        return []
+    info(f"{len(rows)} replay rows (general questions with the base model's own answers) train beside the dataset's rows.")
+    return rows

@@ -635,18 +635,9 @@ class Trainer:
     def _replay_examples(self) -> list:
         """``replay_rows`` general questions answered by the base model itself (:mod:`mactuner.evaluation.replay`);
         the adapter is still at its zero start, so the model answers as the base does."""
-        from mactuner.evaluation.replay import replay_examples
+        from mactuner.training.rows import replay_rows
 
-        self._stage("replaying", f"Answering {self.config.replay_rows} general questions with the base model, to train "
-                    "on beside the new rows (keeps what it knew; cached for the next run)…")
-        try:
-            rows = replay_examples(self.model, self.tokenizer, self.config.replay_rows, self._base_key())
-        except ValueError as error:  # no chat template
-            self._info(f"No replay rows: {error}.")
-            return []
-        self._info(f"{len(rows)} replay rows (general questions with the base model's own answers) train beside "
-                   "the dataset's rows.")
-        return rows
+        return replay_rows(self.config.replay_rows, self.model, self.tokenizer, self._base_key(), self._info, self._stage)
 
     def _check_forgetting(self) -> str | None:
         """After the last step: what the tuned model kept of what the base model knew (``RUN/forgetting.json``,
