@@ -19,6 +19,7 @@ A compile that fails is reported and the run goes on eagerly: it never ends a ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -244,9 +245,15 @@ class LayerCompiler:
             return step_fn()
 
     @staticmethod
+    @contextlib.contextmanager
     def eager():
-        """A context in which compiled layers run eagerly (evaluation: no second compile for no_grad)."""
-        return torch.compiler.set_stance("force_eager")
+        """A context in which compiled layers run eagerly (evaluation: no second compile for no_grad).
+
+        The stance changes on entering, not on the call: ``torch.compiler.set_stance`` called alone sets the
+        process's stance for good, so a context made and never entered (a check that returned early) left
+        every later compile of the process running eagerly."""
+        with torch.compiler.set_stance("force_eager"):
+            yield
 
 
 def is_compile_failure(error: BaseException) -> bool:

@@ -44,6 +44,19 @@ def test_mps_and_a_missing_compiler_are_named(monkeypatch):
     assert missing_compiler("cuda") is None
 
 
+def test_the_eager_context_changes_nothing_until_entered():
+    """The last CI run: a forgetting check that returned before entering ``eager()`` left the whole process's
+    compiles running eagerly (``torch.compiler.set_stance`` called alone is global)."""
+    from torch._dynamo import eval_frame
+
+    before = eval_frame._stance.stance
+    unused = LayerCompiler.eager()
+    assert eval_frame._stance.stance == before
+    with unused:
+        assert eval_frame._stance.stance == "force_eager"
+    assert eval_frame._stance.stance == before
+
+
 def test_auto_leaves_a_short_run_eager_and_says_why(tiny_model_dir, facts_file):
     infos = InfoLines()
     trainer = Trainer(tiny_config(tiny_model_dir, facts_file, max_steps=4, compile="auto"), callbacks=[infos])
