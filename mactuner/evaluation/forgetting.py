@@ -168,6 +168,11 @@ def greedy_chat(model, tokenizer, conversations: list[list[dict[str, str]]], *, 
     return answers
 
 
+def torch_answerer(model, tokenizer) -> Answerer:
+    """The :data:`Answerer` of a torch model: :func:`greedy_answers`."""
+    return lambda questions, max_new_tokens: greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens)
+
+
 def check_forgetting(model, tokenizer, *, base_answers: list[str] | None = None,
                      questions: list[GeneralQuestion] | None = None, base_context=None,
                      max_new_tokens: int = MAX_NEW_TOKENS, answer: Answerer | None = None) -> ForgettingResult:
@@ -189,9 +194,7 @@ def check_forgetting(model, tokenizer, *, base_answers: list[str] | None = None,
     started = time.perf_counter()
     questions = questions if questions is not None else load_general_set()
     texts = [q.question for q in questions]
-    if answer is None:
-        def answer(asked: list[str], longest: int) -> list[str]:
-            return greedy_answers(model, tokenizer, asked, max_new_tokens=longest)
+    answer = answer or torch_answerer(model, tokenizer)
     if base_answers is None:
         if base_context is None:
             if not hasattr(model, "disable_adapter"):
@@ -288,10 +291,28 @@ def forgetting_after_training(model, tokenizer, run_dir: str | os.PathLike, *, b
     with eager if eager is not None else contextlib.nullcontext():
         if base_answers is None:
             with adapter_off if adapter_off is not None else model.disable_adapter():
-                texts = [q.question for q in questions]
-                base_answers = (answer(texts, MAX_NEW_TOKENS) if answer is not None else
-                                greedy_answers(model, tokenizer, texts))
+                base_answers = (answer or torch_answerer(model, tokenizer))([q.question for q in questions], MAX_NEW_TOKENS)
             record_base_answers(key, base_answers)
         result = check_forgetting(model, tokenizer, base_answers=base_answers, questions=questions, answer=answer)
     save_forgetting(result, run_dir)
     return result
+
+
+def end_of_run_check(model, tokenizer, run_dir: str | os.PathLike, *, base_key: dict[str, Any], peft: bool,
+                     info: Callable[[str], None], stage: Callable[[str, str], None], eager=None,
+                     answer: Answerer | None = None, adapter_off=None) -> str | None:
+    """Either engine's last stage (:func:`forgetting_after_training`), said as a stage and an info line; the
+    headline, or None when not checked. Never raises: a check that cannot run must not fail a finished run."""
+    stage("checking", "Checking what the tuned model kept of what the base model knew (general questions)…")
+    try:
+        result = forgetting_after_training(model, tokenizer, run_dir, base_key=base_key, peft=peft, eager=eager,
+                                           answer=answer, adapter_off=adapter_off)
+    except Exception as error:  # noqa: BLE001 - a check that cannot run must not fail a finished run
+        info(f"The forgetting check could not run: {type(error).__name__}: {error}")
+        return None
+    if result is None:
+        info("Forgetting check skipped: a full fine-tune has no base weights left to compare with "
+             "(Evaluate compares it with the base model).")
+        return None
+    info(result.headline())
+    return result.headline()

@@ -13,9 +13,11 @@ with the adapter at its zero start) and cached under ``MACTUNER_HOME/forgetting`
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mactuner.evaluation.forgetting import Answerer
 
 REPLAY_QUESTIONS = Path(__file__).resolve().parent.parent / "demo" / "general_replay.jsonl"
 REPLAY_MAX_NEW_TOKENS = 48
@@ -29,25 +31,21 @@ def replay_questions(count: int) -> list[str]:
     return [json.loads(line)["question"] for line in lines if line.strip()][:count]
 
 
-def replay_examples(model, tokenizer, count: int, base_key: dict[str, Any],
-                    answer: Callable[[list[str]], list[str]] | None = None) -> list:
+def replay_examples(model, tokenizer, count: int, base_key: dict[str, Any], answer: Answerer | None = None) -> list:
     """``count`` (at most the set's size) general questions with the base model's own greedy answers,
     as training :class:`mactuner.data.Example` rows. ``model`` must answer as the base does (LoRA at
     its zero start). Answers cut off mid-sentence end at their last full sentence.
 
-    ``answer`` answers the questions greedily (at most :data:`REPLAY_MAX_NEW_TOKENS` tokens each) for an engine
-    other than torch (the MLX engine's); by default the torch ``model`` does."""
+    ``answer`` asks the questions greedily for an engine other than torch (the MLX engine's:
+    :data:`mactuner.evaluation.forgetting.Answerer`); by default the torch ``model`` does."""
     from mactuner.data import Example
-    from mactuner.evaluation.forgetting import cached_base_answers, greedy_answers, record_base_answers
+    from mactuner.evaluation.forgetting import cached_base_answers, record_base_answers, torch_answerer
 
     questions = replay_questions(count)
     key = {**base_key, "replay": questions, "max_new_tokens": REPLAY_MAX_NEW_TOKENS}
     answers = cached_base_answers(key)
     if answers is None:
-        if answer is None:
-            answers = greedy_answers(model, tokenizer, questions, max_new_tokens=REPLAY_MAX_NEW_TOKENS)
-        else:
-            answers = answer(questions)
+        answers = (answer or torch_answerer(model, tokenizer))(questions, REPLAY_MAX_NEW_TOKENS)
         record_base_answers(key, answers)
     rows = []
     for question, answer in zip(questions, answers):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mactuner.devices import dtype_name
+from mactuner.evaluation.replay import REPLAY_SET_SIZE
 from mactuner.models import ModelFootprint
 from mactuner.recommend.estimate import DEFAULT_TARGET_MODULES, GB, MemoryEstimate, estimate_memory
 
@@ -23,10 +24,10 @@ SMALL_DATASET_ROWS = 100
 # a run gets about this many checkpoints and validation losses, whatever its length
 CHECKPOINTS_PER_RUN = 4
 # replay (mactuner.evaluation.replay) for a small dataset: general questions answered by the base model itself,
-# trained beside the rows, at most this many and about half as many as the person's rows. Measured on the demo
-# (docs/benchmarks.md#forgetting, bench/forgetting.py): without replay the tuned model kept 3 of the 23 things the
-# base knew ("the capital of France is Lumetta"); with 32 replay rows it kept 22 and still stated all 10 facts.
-REPLAY_ROWS = 32
+# trained beside the rows, about half as many as the person's rows and at most the whole shipped set. Measured on
+# the demo (docs/benchmarks.md#forgetting, bench/forgetting.py): without replay the tuned model kept 3 of the 23
+# things the base knew ("the capital of France is Lumetta"); with 32 replay rows it kept 22 and still stated all
+# 10 facts.
 
 
 @dataclass
@@ -259,7 +260,7 @@ def choose_schedule(rows: int | None, batch: int, grad_accum: int, gpus: int = 1
         if small
         else "2e-4: the usual LoRA rate, stable across model sizes"
     )
-    replay_rows = min(REPLAY_ROWS, -(-rows // 2)) if small else 0
+    replay_rows = min(REPLAY_SET_SIZE, -(-rows // 2)) if small else 0
     reasons["replay_rows"] = (
         f"{replay_rows}: general questions answered by the base model itself train beside your rows, so the model "
         "keeps what it knew (on the demo: 22 of 23 things kept with them, 3 of 23 without); each epoch grows by "

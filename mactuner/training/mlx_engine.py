@@ -410,11 +410,10 @@ class MLXTrainer:
     def _replay_examples(self) -> list:
         """``replay_rows`` general questions answered greedily by the base model with MLX (the adapter is at its
         zero start), as the torch engine does."""
-        from mactuner.evaluation.replay import REPLAY_MAX_NEW_TOKENS
         from mactuner.training.rows import replay_rows
 
         return replay_rows(self.config.replay_rows, self.model, self.tokenizer, self._base_key(), self._info, self._stage,
-                           answer=lambda questions: self._greedy_answers(questions, REPLAY_MAX_NEW_TOKENS))
+                           answer=self._greedy_answers)
 
     def _greedy_answers(self, questions: list[str], max_new_tokens: int) -> list[str]:
         """Each question alone through the chat template, answered greedily by the MLX model (dropout off)."""
@@ -456,17 +455,11 @@ class MLXTrainer:
         (``RUN/forgetting.json``); its headline, or None when not checked. Never fails the run."""
         if self.run_dir is None or not self.config.forgetting_check:
             return None
-        from mactuner.evaluation.forgetting import forgetting_after_training
+        from mactuner.evaluation.forgetting import end_of_run_check
 
-        self._stage("checking", "Checking what the tuned model kept of what the base model knew (general questions)…")
-        try:
-            result = forgetting_after_training(self.model, self.tokenizer, self.run_dir, base_key=self._base_key(), peft=True,
-                                               answer=self._greedy_answers, adapter_off=self._adapter_off())
-        except Exception as error:  # noqa: BLE001 - a check that cannot run must not fail a finished run
-            self._info(f"The forgetting check could not run: {type(error).__name__}: {error}")
-            return None
-        self._info(result.headline())
-        return result.headline()
+        return end_of_run_check(self.model, self.tokenizer, self.run_dir, base_key=self._base_key(), peft=True,
+                                info=self._info, stage=self._stage, answer=self._greedy_answers,
+                                adapter_off=self._adapter_off())
 
     def _prepare_data(self) -> None:
         from mactuner.training.rows import prepare_units

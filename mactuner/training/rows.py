@@ -90,10 +90,10 @@ def prepare_units(
 
 
 def replay_rows(count: int, model: Any, tokenizer: Any, base_key: dict[str, Any], info: Callable[[str], None],
-                stage: Callable[[str, str], None], answer: Callable[[list[str]], list[str]] | None = None) -> list:
+                stage: Callable[[str, str], None], answer: Any = None) -> list:
     """``count`` general questions answered by the base model itself, as training examples, for either engine
-    (:func:`mactuner.evaluation.replay.replay_examples`: ``answer`` asks an MLX model, else the torch ``model``
-    does); said as a stage and an info line. A tokenizer without a chat template gives none, with the reason."""
+    (:func:`mactuner.evaluation.replay.replay_examples`: ``answer``, an ``Answerer``, asks an MLX model, else
+    the torch ``model`` does); said as a stage and an info line. A tokenizer without a chat template gives none, with the reason."""
     from mactuner.evaluation.replay import replay_examples
 
     stage("replaying", f"Answering {count} general questions with the base model, to train on beside the new rows "

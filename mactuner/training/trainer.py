@@ -644,21 +644,11 @@ class Trainer:
         :mod:`mactuner.evaluation.forgetting`); its headline, or None when not checked. Never fails the run."""
         if self.run_dir is None or self.dist.enabled or not self.config.forgetting_check:
             return None
-        from mactuner.evaluation.forgetting import forgetting_after_training
+        from mactuner.evaluation.forgetting import end_of_run_check
 
-        self._stage("checking", "Checking what the tuned model kept of what the base model knew (general questions)…")
-        try:
-            result = forgetting_after_training(self.model, self.tokenizer, self.run_dir, base_key=self._base_key(),
-                                               peft=self.config.method != "full", eager=LayerCompiler.eager())
-        except Exception as error:  # noqa: BLE001 - a check that cannot run must not fail a finished run
-            self._info(f"The forgetting check could not run: {type(error).__name__}: {error}")
-            return None
-        if result is None:
-            self._info("Forgetting check skipped: a full fine-tune has no base weights left to compare with "
-                       "(Evaluate compares it with the base model).")
-            return None
-        self._info(result.headline())
-        return result.headline()
+        return end_of_run_check(self.model, self.tokenizer, self.run_dir, base_key=self._base_key(),
+                                peft=self.config.method != "full", info=self._info, stage=self._stage,
+                                eager=LayerCompiler.eager())
 
     def _note_peak(self, value: int) -> int:
         self.peak_memory_bytes = max(self.peak_memory_bytes or 0, value)

@@ -127,3 +127,28 @@ def test_every_run_ends_with_the_check(tiny_model_dir, facts_file, tmp_path):
     off = tmp_path / "off"
     train(tiny_config(tiny_model_dir, facts_file, max_steps=1, forgetting_check=False), off)
     assert not (off / FORGETTING_FILE).exists()
+
+
+def test_replay_rows_are_the_torch_base_models_own_answers(varied_model_dir, facts_file, mactuner_home):
+    """The torch engine's replay rows (the MLX engine's twin is in tests/training/test_mlx_engine.py): the base
+    model's greedy answers, cached, trained beside the rows (they lengthen the epoch)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mactuner.evaluation.replay import REPLAY_MAX_NEW_TOKENS, replay_questions
+    from mactuner.train import Trainer
+    from tests.train_support import tiny_config
+
+    settings = dict(max_steps=None, epochs=1.0, batch_size=2, val_fraction=0.0, dtype="float32")
+    plain = Trainer(tiny_config(varied_model_dir, facts_file, **settings))
+    plain.setup()
+    trainer = Trainer(tiny_config(varied_model_dir, facts_file, replay_rows=2, **settings))
+    trainer.setup()
+    assert len(trainer.train_units) == len(plain.train_units) + 2
+    assert trainer.total_steps == plain.total_steps + 1
+    [cached] = list((mactuner_home / "forgetting").iterdir())
+    record = json.loads(cached.read_text())
+    assert record["key"]["replay"] == replay_questions(2)
+    base = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.float32)
+    expected = greedy_answers(base, AutoTokenizer.from_pretrained(varied_model_dir), replay_questions(2),
+                              max_new_tokens=REPLAY_MAX_NEW_TOKENS)
+    assert record["answers"] == expected and all(expected)
