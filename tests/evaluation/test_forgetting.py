@@ -152,3 +152,20 @@ def test_replay_rows_are_the_torch_base_models_own_answers(varied_model_dir, fac
     expected = greedy_answers(base, AutoTokenizer.from_pretrained(varied_model_dir), replay_questions(2),
                               max_new_tokens=REPLAY_MAX_NEW_TOKENS)
     assert record["answers"] == expected and all(expected)
+
+
+def test_a_full_fine_tune_without_a_base_record_says_it_was_not_checked(tiny_model_dir, facts_file, tmp_path,
+                                                                         mactuner_home):
+    """Its base weights are gone: the run says so, and leaves the process able to compile (the early return once
+    left torch's stance at force_eager for the rest of the process)."""
+    from torch._dynamo import eval_frame
+
+    from mactuner.train import Trainer
+    from tests.train_support import InfoLines, tiny_config
+
+    infos = InfoLines()
+    run = tmp_path / "run"
+    result = Trainer(tiny_config(tiny_model_dir, facts_file, method="full", max_steps=2), run, callbacks=[infos]).run()
+    assert result.state == "finished" and load_forgetting(run) is None
+    assert any(line.startswith("Forgetting check skipped: a full fine-tune") for line in infos.lines), infos.lines
+    assert eval_frame._stance.stance == "default"
