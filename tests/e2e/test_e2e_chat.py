@@ -126,8 +126,10 @@ def test_compare_base_never_states_the_tuned_fact(installed_demo_run, mactuner_h
         messages = page.locator('[data-testid="stChatMessage"]')
         assert messages.count() == 6, messages.all_inner_texts()
         base, tuned = messages.nth(5).locator('[data-testid="stColumn"]').all()[:2]
-        assert "Stopped before the end." in base.inner_text(), base.inner_text()
-        assert "Stopped before the end." in tuned.inner_text(), tuned.inner_text()
+        # a side whose answer ended before the click (a 14-token tuned answer once did) has nothing to stop
+        texts = [base.inner_text(), tuned.inner_text()]
+        assert any("Stopped before the end." in t for t in texts), texts
+        assert all("Stopped before the end." in t or "tokens/s" in t for t in texts), texts
         # ... and it is the turn that was saved, with its reason, once
         last = [t for t in load_history(saved.stem) if t["role"] == "assistant"][-1]
         assert len(load_history(saved.stem)) == 6
